@@ -1,0 +1,3 @@
+from minignext.cli import main
+
+main()

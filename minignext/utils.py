@@ -1,0 +1,89 @@
+"""Small shared helpers: config dataclasses from dicts, a progress bar, seeding."""
+
+import dataclasses
+import os
+import sys
+import time
+
+import torch
+
+
+def config_from_dict(cls, d: dict, renames: dict | None = None, **overrides):
+    """Build dataclass `cls` from the known fields of `d` (unknown keys are ignored).
+
+    `renames` maps a key of `d` to a field name. The dict is never modified.
+    """
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in d.items():
+        key = (renames or {}).get(key, key)
+        if key in names:
+            kwargs[key] = tuple(value) if isinstance(value, list) else value
+    kwargs.update(overrides)
+    return cls(**kwargs)
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def progress_enabled(flag=None) -> bool:
+    """Progress bars are on unless switched off by argument or MINIGNEXT_PROGRESS=0."""
+    if flag is not None:
+        return bool(flag)
+    return os.environ.get("MINIGNEXT_PROGRESS", "1") != "0"
+
+
+class progress:
+    """A dependency-free progress bar for loops: `for x in progress(xs, desc="sampling"):`.
+
+    Writes one updating line to stderr; `enabled=False` turns it into a plain iterator.
+    """
+
+    def __init__(self, iterable=None, total=None, desc="", enabled=None, every=0.1):
+        self.iterable = iterable
+        self.total = total if total is not None else (len(iterable) if hasattr(iterable, "__len__") else None)
+        self.desc, self.enabled, self.every = desc, progress_enabled(enabled), every
+        self.n, self.postfix = 0, ""
+        self._start = self._last = time.perf_counter()
+
+    def __iter__(self):
+        for item in self.iterable:
+            yield item
+            self.update()
+        self.close()
+
+    def update(self, n=1):
+        self.n += n
+        now = time.perf_counter()
+        if self.enabled and (now - self._last >= self.every or self.n == self.total):
+            self._last = now
+            self._draw(now)
+
+    def set_postfix(self, text: str):
+        self.postfix = text
+
+    def _draw(self, now):
+        elapsed = now - self._start
+        rate = self.n / elapsed if elapsed > 0 else 0.0
+        if self.total:
+            filled = int(20 * self.n / self.total)
+            bar = f"|{'#' * filled}{'.' * (20 - filled)}| {self.n}/{self.total}"
+        else:
+            bar = f"{self.n}"
+        post = f" {self.postfix}" if self.postfix else ""
+        sys.stderr.write(f"\r{self.desc}: {bar} [{elapsed:.1f}s, {rate:.2f} it/s]{post}   ")
+        sys.stderr.flush()
+
+    def close(self):
+        if self.enabled:
+            self._draw(time.perf_counter())
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

@@ -1,0 +1,41 @@
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+EXERCISES = ROOT / "exercises"
+
+os.environ.setdefault("MINIGNEXT_PROGRESS", "0")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--exercises", default="solutions",
+        help="which exercise code the tests in tests/exercises check: 'solutions' (default), "
+             "'stubs' (the untouched files in exercises/), or a folder with your own copies, e.g. 'mine'")
+
+
+def load_exercise_module(lesson: str, target: str):
+    if target == "solutions":
+        path = EXERCISES / "solutions" / f"{lesson}.py"
+    elif target == "stubs":
+        path = EXERCISES / f"{lesson}.py"
+    else:
+        folder = Path(target)
+        path = (folder if folder.is_absolute() else ROOT / folder) / f"{lesson}.py"
+    if not path.is_file():
+        pytest.fail(f"no exercise file {path}")
+    spec = importlib.util.spec_from_file_location(f"exercise_{target}_{lesson}".replace("/", "_"), path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def ex(request):
+    """The exercise module named by the test file's LESSON, from the chosen target."""
+    return load_exercise_module(request.module.LESSON, request.config.getoption("--exercises"))
