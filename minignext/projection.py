@@ -1,0 +1,157 @@
+"""The two projections that join the encoder, the LLM and the decoders (NExT-GPT §3,
+"LLM-centric alignment"; reference: NExT-GPT-Lagacy code/model/layers.py `TextFcLayer`
+and the `llama_proj` of anyToImageVideoAudio.py).
+
+InputProjection    one linear map: an ImageBind vector (1024) becomes ONE soft token
+                   in the LLM's embedding space (4096).
+OutputProjection   TextFcLayer in "transformer" mode. The hidden states at the signal
+                   tokens, plus those tokens' own input embeddings, go through
+                   fc (-> 512), a pre-norm encoder-decoder transformer whose decoder
+                   input is a set of learned queries, and `model` (-> out). The result
+                   has the shape of a decoder's text conditioning: 77x768 for SD-1.5,
+                   77x1024 for ZeroScope, 1x512 for AudioLDM.
+
+The encoder-decoder is written out here, but its parameter names are those of
+torch.nn.Transformer (`tfm.encoder.layers.N.self_attn.in_proj_weight`, `norm1`, ...),
+because that is what the official checkpoint stores.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from minignext.attention import attention
+from minignext.utils import config_from_dict
+
+
+class InputProjection(nn.Linear):
+    """Linear(encoder width -> LLM width); the official checkpoint calls it `llama_proj`."""
+
+    def __init__(self, enc_dim: int, llm_dim: int):
+        super().__init__(enc_dim, llm_dim)
+
+    def forward(self, x):               # (B, enc) -> (B, 1, llm): one soft token per input
+        return super().forward(x).unsqueeze(-2)
+
+
+@dataclass
+class OutputProjectionConfig:
+    in_dim: int = 64                 # LLM hidden size (4096 for Vicuna-7B)
+    out_dim: int = 32                # decoder conditioning width (768 / 1024 / 512)
+    num_queries: int = 8             # Q output tokens (77, or 1 for audio)
+    num_signal_tokens: int = 4       # signal tokens read from the LLM (4 / 24 / 8)
+    d_model: int = 32                # transformer width (512 official)
+    nhead: int = 4
+    num_encoder_layers: int = 2      # 4 official
+    num_decoder_layers: int = 2      # 4 official
+    dim_feedforward: int = 64        # 2048 official
+    layer_norm_eps: float = 1e-5
+
+    @classmethod
+    def official(cls, modality: str, in_dim: int = 4096) -> "OutputProjectionConfig":
+        q, out, n = {"image": (77, 768, 4), "video": (77, 1024, 24), "audio": (1, 512, 8)}[modality]
+        return cls(in_dim=in_dim, out_dim=out, num_queries=q, num_signal_tokens=n, d_model=512,
+                   nhead=4, num_encoder_layers=4, num_decoder_layers=4, dim_feedforward=2048)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "OutputProjectionConfig":
+        return config_from_dict(cls, d)
+
+
+class MultiheadAttention(nn.Module):
+    """nn.MultiheadAttention's parameters (packed q/k/v), attention through minignext.attention."""
+
+    def __init__(self, dim, nhead):
+        super().__init__()
+        self.nhead = nhead
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * dim, dim))
+        self.in_proj_bias = nn.Parameter(torch.empty(3 * dim))
+        self.out_proj = nn.Linear(dim, dim)
+        if self.in_proj_weight.device.type != "meta":
+            nn.init.xavier_uniform_(self.in_proj_weight)
+            nn.init.zeros_(self.in_proj_bias)
+            nn.init.zeros_(self.out_proj.bias)
+
+    def forward(self, x, memory):
+        w_q, w_k, w_v = self.in_proj_weight.chunk(3)
+        b_q, b_k, b_v = self.in_proj_bias.chunk(3)
+        q, k, v = F.linear(x, w_q, b_q), F.linear(memory, w_k, b_k), F.linear(memory, w_v, b_v)
+        b, tq, d = q.shape
+        heads = lambda t: t.view(b, t.shape[1], self.nhead, d // self.nhead).transpose(1, 2)
+        out = attention(heads(q), heads(k), heads(v))                  # (B, H, Tq, D/H)
+        return self.out_proj(out.transpose(1, 2).reshape(b, tq, d))
+
+
+class EncoderLayer(nn.Module):
+    def __init__(self, c: OutputProjectionConfig):
+        super().__init__()
+        self.self_attn = MultiheadAttention(c.d_model, c.nhead)
+        self.linear1 = nn.Linear(c.d_model, c.dim_feedforward)
+        self.linear2 = nn.Linear(c.dim_feedforward, c.d_model)
+        self.norm1 = nn.LayerNorm(c.d_model, eps=c.layer_norm_eps)
+        self.norm2 = nn.LayerNorm(c.d_model, eps=c.layer_norm_eps)
+
+    def forward(self, x):               # pre-norm (norm_first=True)
+        h = self.norm1(x)
+        x = x + self.self_attn(h, h)
+        return x + self.linear2(F.relu(self.linear1(self.norm2(x))))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, c: OutputProjectionConfig):
+        super().__init__()
+        self.self_attn = MultiheadAttention(c.d_model, c.nhead)
+        self.multihead_attn = MultiheadAttention(c.d_model, c.nhead)
+        self.linear1 = nn.Linear(c.d_model, c.dim_feedforward)
+        self.linear2 = nn.Linear(c.dim_feedforward, c.d_model)
+        self.norm1 = nn.LayerNorm(c.d_model, eps=c.layer_norm_eps)
+        self.norm2 = nn.LayerNorm(c.d_model, eps=c.layer_norm_eps)
+        self.norm3 = nn.LayerNorm(c.d_model, eps=c.layer_norm_eps)
+
+    def forward(self, x, memory):       # no masks: every query sees every query and every input
+        h = self.norm1(x)
+        x = x + self.self_attn(h, h)
+        x = x + self.multihead_attn(self.norm2(x), memory)
+        return x + self.linear2(F.relu(self.linear1(self.norm3(x))))
+
+
+class Stack(nn.Module):
+    """`layers` then a final LayerNorm `norm`, as nn.Transformer builds its encoder and decoder."""
+
+    def __init__(self, layer_cls, n, c: OutputProjectionConfig):
+        super().__init__()
+        self.layers = nn.ModuleList(layer_cls(c) for _ in range(n))
+        self.norm = nn.LayerNorm(c.d_model, eps=c.layer_norm_eps)
+
+    def forward(self, x, memory=None):
+        for layer in self.layers:
+            x = layer(x) if memory is None else layer(x, memory)
+        return self.norm(x)
+
+
+class EncoderDecoder(nn.Module):
+    def __init__(self, c: OutputProjectionConfig):
+        super().__init__()
+        self.encoder = Stack(EncoderLayer, c.num_encoder_layers, c)
+        self.decoder = Stack(DecoderLayer, c.num_decoder_layers, c)
+
+    def forward(self, src, tgt):
+        return self.decoder(tgt, self.encoder(src))
+
+
+class OutputProjection(nn.Module):
+    def __init__(self, config: OutputProjectionConfig):
+        super().__init__()
+        self.config = c = config
+        self.fc = nn.Linear(c.in_dim, c.d_model)
+        self.tfm = EncoderDecoder(c)
+        self.model = nn.Linear(c.d_model, c.out_dim)
+        self.query_embs = nn.Parameter(torch.randn(1, c.num_queries, c.d_model))
+
+    def forward(self, hidden, input_embs):
+        """hidden, input_embs: (B, N, in_dim) at the N signal tokens -> (B, Q, out_dim)."""
+        x = self.fc(hidden + input_embs)
+        x = self.tfm(x, self.query_embs.expand(x.shape[0], -1, -1))
+        return self.model(x)
