@@ -1,0 +1,119 @@
+"""HiFi-GAN: a mel spectrogram -> waveform vocoder.
+
+Kong, Kim and Bae, "HiFi-GAN: Generative Adversarial Networks for Efficient and
+High Fidelity Speech Synthesis" (NeurIPS 2020, arXiv 2010.05646). Only the
+generator (section 2.1, Figure 1) is needed at inference. AudioLDM decodes its
+mel spectrograms with it, stored in the layout of transformers'
+`SpeechT5HifiGan` (conv_pre, upsampler.N, resblocks.N.convs1/convs2,
+conv_post, mean, scale), with the weight norm already folded into the weights.
+
+The generator upsamples the mel frames with transposed convolutions until one
+frame becomes prod(upsample_rates) samples. After each upsampling a
+multi-receptive-field fusion (MRF) averages |resblock_kernel_sizes| residual
+blocks, each a stack of dilated convolutions with a different kernel size, so
+the output sees both short and long periodic patterns.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import weights
+from .utils import config_from_dict
+
+
+@dataclass
+class HifiGanConfig:
+    model_in_dim: int = 16                          # mel bins per frame
+    sampling_rate: int = 16000                      # of the output waveform
+    upsample_initial_channel: int = 32              # channels after conv_pre; halved at each upsampling
+    upsample_rates: tuple = (4, 4)                  # their product = samples per mel frame
+    upsample_kernel_sizes: tuple = (8, 8)
+    resblock_kernel_sizes: tuple = (3, 5)           # one residual block per kernel size (the MRF)
+    resblock_dilation_sizes: tuple = ((1, 3), (1, 3))
+    leaky_relu_slope: float = 0.1
+    normalize_before: bool = False                  # standardise the mel with the `mean`/`scale` buffers
+
+    def __post_init__(self):
+        self.upsample_rates = tuple(self.upsample_rates)
+        self.upsample_kernel_sizes = tuple(self.upsample_kernel_sizes)
+        self.resblock_kernel_sizes = tuple(self.resblock_kernel_sizes)
+        self.resblock_dilation_sizes = tuple(tuple(d) for d in self.resblock_dilation_sizes)
+        if len(self.upsample_rates) != len(self.upsample_kernel_sizes):
+            raise ValueError(f"upsample_rates {self.upsample_rates} and upsample_kernel_sizes "
+                             f"{self.upsample_kernel_sizes} must have the same length")
+        if len(self.resblock_kernel_sizes) != len(self.resblock_dilation_sizes):
+            raise ValueError(f"resblock_kernel_sizes {self.resblock_kernel_sizes} and resblock_dilation_sizes "
+                             f"{self.resblock_dilation_sizes} must have the same length")
+        self.hop_length = math.prod(self.upsample_rates)
+
+    @classmethod
+    def from_hf(cls, d: dict) -> "HifiGanConfig":
+        return config_from_dict(cls, d)
+
+
+class ResBlock(nn.Module):
+    """One branch of the MRF: for each dilation d, x += conv2(lrelu(conv1_d(lrelu(x)))).
+    Padding keeps the length, so the branches can be summed."""
+
+    def __init__(self, channels, kernel_size=3, dilations=(1, 3, 5), slope=0.1):
+        super().__init__()
+        self.slope = slope
+        self.convs1 = nn.ModuleList(nn.Conv1d(channels, channels, kernel_size, dilation=d,
+                                              padding=d * (kernel_size - 1) // 2) for d in dilations)
+        self.convs2 = nn.ModuleList(nn.Conv1d(channels, channels, kernel_size, padding=(kernel_size - 1) // 2)
+                                    for _ in dilations)
+
+    def forward(self, x):
+        for conv1, conv2 in zip(self.convs1, self.convs2):
+            x = x + conv2(F.leaky_relu(conv1(F.leaky_relu(x, self.slope)), self.slope))
+        return x
+
+
+class HifiGan(nn.Module):
+    def __init__(self, config: HifiGanConfig):
+        super().__init__()
+        self.config = c = config
+        ch = c.upsample_initial_channel
+        self.conv_pre = nn.Conv1d(c.model_in_dim, ch, 7, padding=3)
+        self.upsampler = nn.ModuleList(
+            nn.ConvTranspose1d(ch // 2 ** i, ch // 2 ** (i + 1), k, stride=r, padding=(k - r) // 2)
+            for i, (r, k) in enumerate(zip(c.upsample_rates, c.upsample_kernel_sizes)))
+        self.resblocks = nn.ModuleList(
+            ResBlock(ch // 2 ** (i + 1), k, d, c.leaky_relu_slope)
+            for i in range(len(c.upsample_rates))
+            for k, d in zip(c.resblock_kernel_sizes, c.resblock_dilation_sizes))
+        self.conv_post = nn.Conv1d(ch // 2 ** len(c.upsample_rates), 1, 7, padding=3)
+        # Per-bin statistics of the training mels; persistent, so they load with the weights.
+        self.register_buffer("mean", torch.zeros(c.model_in_dim))
+        self.register_buffer("scale", torch.ones(c.model_in_dim))
+
+    def forward(self, mel):
+        """mel (B, frames, model_in_dim) -> waveform (B, frames * hop_length); unbatched
+        (frames, model_in_dim) -> (frames * hop_length,)."""
+        c = self.config
+        if mel.dim() not in (2, 3) or mel.shape[-1] != c.model_in_dim:
+            raise ValueError(f"HifiGan expects a mel spectrogram of shape (batch, frames, {c.model_in_dim}) "
+                             f"or (frames, {c.model_in_dim}); got {tuple(mel.shape)}")
+        if c.normalize_before:
+            mel = (mel - self.mean) / self.scale
+        unbatched = mel.dim() == 2
+        x = self.conv_pre((mel.unsqueeze(0) if unbatched else mel).transpose(1, 2))   # (B, channels, frames)
+        n = len(c.resblock_kernel_sizes)
+        for i, up in enumerate(self.upsampler):
+            x = up(F.leaky_relu(x, c.leaky_relu_slope))
+            x = sum(self.resblocks[i * n + j](x) for j in range(n)) / n     # multi-receptive-field fusion
+        # The reference uses leaky_relu's default slope (0.01) here, not the config's.
+        x = torch.tanh(self.conv_post(F.leaky_relu(x)))                     # (B, 1, samples)
+        return x[0, 0] if unbatched else x[:, 0]
+
+    @classmethod
+    def from_pretrained(cls, path, dtype=None, device=None) -> "HifiGan":
+        folder = weights.resolve(path)
+        config = HifiGanConfig.from_hf(weights.read_config(folder))
+        model = weights.build_on_meta(cls, config)
+        weights.load_into(model, weights.load_safetensors(folder, stem="model"), dtype=dtype, device=device)
+        return model.eval()
