@@ -132,14 +132,21 @@ def _tiled(q, k, v, causal, key_padding_mask, attn_mask, scale, block_size):
         if attn_mask is not None:
             mb = attn_mask[..., start:stop].reshape(b, hkv, g, tq, stop - start)
             s = s.masked_fill(~mb, float("-inf")) if mb.dtype == torch.bool else s + mb.float()
-        m_new = torch.maximum(m, s.amax(dim=-1, keepdim=True))
-        m_safe = m_new.masked_fill(torch.isinf(m_new), 0.0)            # rows that saw nothing yet
-        p = torch.exp(s - m_safe)
-        correction = torch.exp(m - m_safe)
-        l = l * correction + p.sum(dim=-1, keepdim=True)
-        acc = acc * correction + p @ vb
-        m = m_new
+        m, l, acc = online_softmax_step(m, l, acc, s, vb)
     return (acc / l).to(q.dtype).reshape(b, hq, tq, d)
+
+
+def online_softmax_step(m, l, acc, scores, v_block):
+    """Fold one block of scores (..., Tq, Tb) and values (..., Tb, D) into the running
+    max m (..., Tq, 1), normaliser l (..., Tq, 1) and unnormalised output acc (..., Tq, D).
+
+    After the last block, softmax(all scores) @ V == acc / l.
+    """
+    m_new = torch.maximum(m, scores.amax(dim=-1, keepdim=True))
+    m_safe = m_new.masked_fill(torch.isinf(m_new), 0.0)                # rows that saw nothing yet
+    p = torch.exp(scores - m_safe)
+    correction = torch.exp(m - m_safe)                                 # rescale what came before
+    return m_new, l * correction + p.sum(dim=-1, keepdim=True), acc * correction + p @ v_block
 
 
 def _fused(q, k, v, causal, key_padding_mask, attn_mask, scale):
