@@ -1,0 +1,452 @@
+"""Media loading and preprocessing for the encoders: images, WAV audio, GIF/frame videos.
+
+Pillow, numpy, torch and the standard library only. The pipelines reproduce what the
+encoders were trained with:
+- images: transformers' CLIPImageProcessor / ImageBind `load_and_transform_vision_data`
+  (shortest side to `size` bicubic, centre crop, CLIP mean/std);
+- audio: ImageBind `load_and_transform_audio_data` and `waveform2melspec` (16 kHz mono,
+  3 evenly spaced 2-s clips, Kaldi fbank as torchaudio.compliance.kaldi.fbank computes it,
+  pad/crop to 204 frames, mean -4.268, std 9.138);
+- video: ImageBind `load_and_transform_video_data` (pytorchvideo's
+  ConstantClipsPerVideoSampler, UniformTemporalSubsample, ShortSideScale, SpatialCrop).
+
+Paper: ImageBind (Girdhar et al., CVPR 2023), code facebookresearch/ImageBind `data.py`.
+Every function checks its input and raises ValueError / FileNotFoundError with a message
+that says what was wrong and what is expected.
+"""
+
+import math
+import wave
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageSequence, UnidentifiedImageError
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGEBIND_AUDIO_MEAN, IMAGEBIND_AUDIO_STD = -4.268, 9.138
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+# 16-bit and float images ("I", "I;16", "F") have no faithful 8-bit RGB conversion in Pillow.
+RGB_CONVERTIBLE_MODES = {"1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"}
+
+
+def _existing_file(path) -> Path:
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file")
+    if path.is_file() and path.stat().st_size == 0:
+        raise ValueError(f"{path}: the file is empty (0 bytes)")
+    return path
+
+
+def _check_finite(x: torch.Tensor, what: str):
+    if x.numel() == 0:
+        raise ValueError(f"{what} is empty (shape {tuple(x.shape)}); expected at least one sample")
+    if not torch.isfinite(x).all():
+        raise ValueError(f"{what} contains NaN or infinite values; expected finite samples")
+
+
+# ---------------------------------------------------------------- images
+
+def load_image(path_or_pil) -> Image.Image:
+    """An RGB PIL image from a path or a PIL image (alpha is dropped, palettes expanded)."""
+    if isinstance(path_or_pil, Image.Image):
+        img, name = path_or_pil, "image"
+    else:
+        path = _existing_file(path_or_pil)
+        name = str(path)
+        try:
+            img = Image.open(path)
+            img.load()  # decode now, so a truncated file fails here and not later
+        except UnidentifiedImageError:
+            raise ValueError(f"{name}: not an image file Pillow can read (expected PNG, JPEG, GIF, ...)") from None
+        except (OSError, SyntaxError) as e:
+            raise ValueError(f"{name}: broken or truncated image file ({e})") from None
+    if img.width == 0 or img.height == 0:
+        raise ValueError(f"{name}: zero-size image ({img.width}x{img.height})")
+    if img.mode not in RGB_CONVERTIBLE_MODES:
+        raise ValueError(f"{name}: unsupported image mode {img.mode!r} (16-bit or float); "
+                         f"expected an 8-bit mode such as RGB, RGBA, L or P")
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def _as_pil(item) -> Image.Image:
+    if isinstance(item, (torch.Tensor, np.ndarray)):
+        arr = item.detach().cpu().numpy() if isinstance(item, torch.Tensor) else item
+        if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] != 3:
+            raise ValueError(f"an image array must be uint8 of shape (H, W, 3); got {arr.dtype} {arr.shape}")
+        item = Image.fromarray(arr, "RGB")
+    return load_image(item)
+
+
+def resize_short_side(img: Image.Image, size: int) -> Image.Image:
+    """Scale so the shorter side is `size` (bicubic, Pillow's antialiasing filter).
+
+    The long side is truncated, int(size * long / short), as torchvision and transformers do.
+    """
+    w, h = img.size
+    short, long = min(w, h), max(w, h)
+    new_long = int(size * long / short)
+    new = (size, new_long) if w <= h else (new_long, size)
+    return img if new == (w, h) else img.resize(new, Image.BICUBIC)
+
+
+def center_crop(img: Image.Image, size: int) -> Image.Image:
+    """A size x size crop; the offset rounds down, like transformers' center_crop.
+
+    torchvision rounds half to even instead, so the two differ by one pixel when the
+    excess is 3, 7, 11, ... pixels.
+    """
+    w, h = img.size
+    if w < size or h < size:
+        raise ValueError(f"cannot crop {size}x{size} from a {w}x{h} image; resize it first")
+    left, top = (w - size) // 2, (h - size) // 2
+    return img.crop((left, top, left + size, top + size))
+
+
+def preprocess_image(img, size=224, mean=CLIP_MEAN, std=CLIP_STD) -> torch.Tensor:
+    """CLIP / ImageBind image preprocessing: a (3, size, size) float tensor.
+
+    `img` is a path, a PIL image or a uint8 (H, W, 3) array; a list of those, or a uint8
+    (N, H, W, 3) array, gives (N, 3, size, size).
+    """
+    if isinstance(img, (list, tuple)) or (isinstance(img, (np.ndarray, torch.Tensor)) and img.ndim == 4):
+        if len(img) == 0:
+            raise ValueError("preprocess_image got an empty batch; expected at least one image")
+        return torch.stack([preprocess_image(i, size, mean, std) for i in img])
+    if size <= 0:
+        raise ValueError(f"size must be a positive number of pixels; got {size}")
+    pil = center_crop(resize_short_side(_as_pil(img), size), size)
+    x = torch.from_numpy(np.asarray(pil, dtype=np.float32) / 255.0).permute(2, 0, 1)
+    return (x - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+
+
+# ---------------------------------------------------------------- audio files
+
+def read_wav(path) -> tuple[torch.Tensor, int]:
+    """(waveform float32 (channels, n) in [-1, 1), sample_rate) from an integer-PCM WAV file.
+
+    Scaling follows torchaudio.load: int16 / 2**15, int24 / 2**23, int32 / 2**31,
+    and unsigned 8-bit (x - 128) / 128.
+    """
+    path = _existing_file(path)
+    try:
+        with wave.open(str(path), "rb") as f:
+            channels, width, sr, n = f.getnchannels(), f.getsampwidth(), f.getframerate(), f.getnframes()
+            raw = f.readframes(n)
+    except (wave.Error, EOFError) as e:
+        raise ValueError(f"{path}: not a readable integer-PCM WAV file ({e}); float and compressed WAVs "
+                         f"are unsupported, convert to 16-bit PCM first") from None
+    if width not in (1, 2, 3, 4):
+        raise ValueError(f"{path}: unsupported sample width {8 * width} bits; expected 8, 16, 24 or 32")
+    n = len(raw) // (width * channels)  # a truncated data chunk holds fewer frames than the header says
+    raw = raw[: n * width * channels]
+    if width == 1:
+        x = (np.frombuffer(raw, np.uint8).astype(np.float32) - 128.0) / 128.0
+    elif width == 3:  # little-endian 24-bit: place the 3 bytes in the top of an int32
+        b = np.frombuffer(raw, np.uint8).reshape(-1, 3).astype(np.int32)
+        x = ((b[:, 0] << 8) | (b[:, 1] << 16) | (b[:, 2] << 24)).astype(np.float32) / 2.0 ** 31
+    else:
+        x = np.frombuffer(raw, {2: "<i2", 4: "<i4"}[width]).astype(np.float32) / 2.0 ** (8 * width - 1)
+    return torch.from_numpy(x.reshape(n, channels).T.copy()), sr
+
+
+def write_wav(path, waveform, sample_rate: int, overwrite=False) -> Path:
+    """Write (channels, n) or (n,) float samples in [-1, 1] as 16-bit PCM; values outside clip."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+    x = torch.as_tensor(waveform, dtype=torch.float32).detach().cpu()
+    x = x[None] if x.ndim == 1 else x
+    if x.ndim != 2:
+        raise ValueError(f"waveform must be (n,) or (channels, n); got shape {tuple(x.shape)}")
+    _check_finite(x, "waveform")
+    if int(sample_rate) != sample_rate or sample_rate <= 0:
+        raise ValueError(f"sample_rate must be a positive integer; got {sample_rate}")
+    pcm = (x * 32768.0).round().clamp(-32768, 32767).to(torch.int16).T.contiguous().numpy()
+    with wave.open(str(path), "wb") as f:
+        f.setnchannels(x.shape[0])
+        f.setsampwidth(2)
+        f.setframerate(int(sample_rate))
+        f.writeframes(pcm.astype("<i2").tobytes())
+    return path
+
+
+def to_mono(waveform: torch.Tensor) -> torch.Tensor:
+    """(channels, n) -> (1, n) by averaging the channels; (n,) -> (1, n)."""
+    x = torch.as_tensor(waveform)
+    if x.ndim == 1:
+        return x[None]
+    if x.ndim != 2:
+        raise ValueError(f"waveform must be (n,) or (channels, n); got shape {tuple(x.shape)}")
+    return x.mean(0, keepdim=True)
+
+
+def load_audio(path, mono=True) -> tuple[torch.Tensor, int]:
+    """(waveform (channels, n), sample_rate) from a WAV file, checked.
+
+    mono=True mixes a stereo file down to (1, n), which is what every encoder here expects;
+    mono=False keeps the channels for the caller to handle.
+    """
+    path = Path(path)
+    if path.suffix.lower() not in (".wav", ".wave"):
+        raise ValueError(f"{path}: unsupported audio format {path.suffix or '(no suffix)'!r}; "
+                         f"only WAV (integer PCM) is read, convert other formats first (e.g. with ffmpeg)")
+    waveform, sr = read_wav(path)
+    if waveform.shape[1] == 0:
+        raise ValueError(f"{path}: the WAV file holds no samples (zero-length audio)")
+    _check_finite(waveform, f"{path}")
+    return (to_mono(waveform) if mono else waveform), sr
+
+
+# ---------------------------------------------------------------- resampling
+
+def resample(waveform, orig_sr: int, new_sr: int, width: int = 6, rolloff: float = 0.99) -> torch.Tensor:
+    """Band-limited resampling along the last axis with a Hann-windowed sinc (polyphase).
+
+    The rates are reduced by their gcd to orig -> new; output sample j of each block of `new`
+    is a dot product of the input with a sinc low-passed at rolloff * min(orig, new) / 2 Hz,
+    windowed over `width` zero crossings. This is the scheme torchaudio.functional.resample
+    uses by default (sinc_interp_hann, width 6, rolloff 0.99), which ImageBind ran.
+    """
+    x = torch.as_tensor(waveform, dtype=torch.float32)
+    if orig_sr <= 0 or new_sr <= 0 or int(orig_sr) != orig_sr or int(new_sr) != new_sr:
+        raise ValueError(f"sample rates must be positive integers; got {orig_sr} -> {new_sr}")
+    _check_finite(x, "waveform")
+    if orig_sr == new_sr:
+        return x.clone()
+    g = math.gcd(int(orig_sr), int(new_sr))
+    orig, new = int(orig_sr) // g, int(new_sr) // g
+    cutoff = min(orig, new) * rolloff  # in units where one input sample spacing is 1/orig
+    half = math.ceil(width * orig / cutoff)  # kernel half-length in input samples
+    # t[j, k]: distance (in cutoff periods) from output phase j to input tap k.
+    taps = torch.arange(-half, half + orig, dtype=torch.float64) / orig
+    t = (taps[None, :] - torch.arange(new, dtype=torch.float64)[:, None] / new) * cutoff
+    t = t.clamp(-width, width)
+    window = torch.cos(t * math.pi / (2 * width)) ** 2
+    sinc = torch.where(t == 0, torch.ones_like(t), torch.sin(math.pi * t) / (math.pi * t))
+    kernels = (sinc * window * cutoff / orig).to(x.dtype)[:, None, :]  # (new, 1, taps)
+
+    shape, n = x.shape[:-1], x.shape[-1]
+    flat = F.pad(x.reshape(-1, 1, n), (half, half + orig))
+    y = F.conv1d(flat, kernels, stride=orig)  # (batch, new, blocks): phase j of block b
+    y = y.transpose(1, 2).reshape(flat.shape[0], -1)
+    return y[:, : math.ceil(new * n / orig)].reshape(*shape, -1)
+
+
+# ---------------------------------------------------------------- Kaldi fbank
+
+def hz_to_mel(hz):
+    """Kaldi's (HTK) mel scale: 1127 ln(1 + f / 700)."""
+    return 1127.0 * torch.log1p(torch.as_tensor(hz, dtype=torch.float64) / 700.0)
+
+
+def mel_to_hz(mel):
+    return 700.0 * torch.expm1(torch.as_tensor(mel, dtype=torch.float64) / 1127.0)
+
+
+def mel_filterbank(num_bins: int, n_fft: int, sample_rate: float, low_freq: float = 20.0,
+                   high_freq: float = 0.0) -> torch.Tensor:
+    """Kaldi's triangular mel filters as a (num_bins, n_fft // 2 + 1) float64 matrix.
+
+    Filter b rises linearly in mel from edge b to its centre b + 1 and falls to edge b + 2,
+    the num_bins + 2 edges being equally spaced in mel between low_freq and high_freq
+    (high_freq <= 0 means Nyquist + high_freq). FFT bin i sits at i * sample_rate / n_fft Hz.
+    Kaldi uses bins 0 .. n_fft/2 - 1; the Nyquist column is kept (as zeros) so the matrix
+    multiplies a full rfft power spectrum. Low filters may be empty (all zeros) when
+    num_bins is large for the FFT size; Kaldi's torchaudio port allows that.
+    """
+    nyquist = 0.5 * sample_rate
+    high = high_freq if high_freq > 0 else nyquist + high_freq
+    if not (0 <= low_freq < high <= nyquist) or num_bins < 1 or n_fft < 2:
+        raise ValueError(f"need num_bins >= 1, n_fft >= 2 and 0 <= low_freq < high_freq <= Nyquist "
+                         f"({nyquist} Hz); got num_bins={num_bins}, n_fft={n_fft}, "
+                         f"low_freq={low_freq}, high_freq={high_freq} (-> {high})")
+    edges = torch.linspace(hz_to_mel(low_freq).item(), hz_to_mel(high).item(), num_bins + 2, dtype=torch.float64)
+    left, centre, right = edges[:-2, None], edges[1:-1, None], edges[2:, None]
+    mel = hz_to_mel(torch.arange(n_fft // 2, dtype=torch.float64) * sample_rate / n_fft)[None, :]
+    rising, falling = (mel - left) / (centre - left), (right - mel) / (right - centre)
+    bank = torch.minimum(rising, falling).clamp(min=0.0)
+    return F.pad(bank, (0, 1))
+
+
+def kaldi_fbank(waveform, sample_rate: int = 16000, num_mel_bins: int = 128, frame_length_ms: float = 25.0,
+                frame_shift_ms: float = 10.0, low_freq: float = 20.0, high_freq: float = 0.0) -> torch.Tensor:
+    """Log mel filterbank energies (num_frames, num_mel_bins), as torchaudio.compliance.kaldi.fbank
+    computes them with ImageBind's settings: Hanning window, dither 0, DC offset removed per frame,
+    pre-emphasis 0.97, FFT padded to a power of two, power spectrum, no energy term, snip_edges
+    (only whole frames), log floored at float32 epsilon. htk_compat only moves the energy term,
+    which is off, so it changes nothing here.
+    """
+    x = torch.as_tensor(waveform)
+    if x.ndim == 2 and x.shape[0] == 1:
+        x = x[0]
+    if x.ndim != 1:
+        raise ValueError(f"kaldi_fbank takes one channel, (n,) or (1, n); got shape {tuple(x.shape)}. "
+                         f"Mix stereo down with to_mono first")
+    _check_finite(x, "waveform")
+    length = int(sample_rate * frame_length_ms / 1000)
+    shift = int(sample_rate * frame_shift_ms / 1000)
+    if x.shape[0] < length:
+        raise ValueError(f"audio of {x.shape[0]} samples is shorter than one {frame_length_ms} ms frame "
+                         f"({length} samples at {sample_rate} Hz); expected a longer clip")
+    n_fft = 1 << (length - 1).bit_length()
+    frames = x.double().unfold(0, length, shift)  # (num_frames, length)
+    frames = frames - frames.mean(dim=1, keepdim=True)
+    previous = torch.cat([frames[:, :1], frames[:, :-1]], dim=1)  # first sample pre-emphasises itself
+    frames = frames - 0.97 * previous
+    frames = frames * torch.hann_window(length, periodic=False, dtype=torch.float64)
+    power = torch.fft.rfft(frames, n=n_fft).abs() ** 2  # (num_frames, n_fft // 2 + 1)
+    mel = power @ mel_filterbank(num_mel_bins, n_fft, sample_rate, low_freq, high_freq).T
+    return mel.clamp(min=torch.finfo(torch.float32).eps).log().float()
+
+
+# ---------------------------------------------------------------- ImageBind clip sampling
+
+def clip_timepoints(duration, clips: int, clip_seconds: float) -> list[tuple[Fraction, Fraction]]:
+    """`clips` windows of clip_seconds, starts evenly spaced from 0 to duration - clip_seconds.
+
+    pytorchvideo's ConstantClipsPerVideoSampler, in exact fractions as it computes them.
+    A recording shorter than one clip gives `clips` copies of (0, clip_seconds).
+    """
+    if clips < 1 or clip_seconds <= 0:
+        raise ValueError(f"need clips >= 1 and clip_seconds > 0; got {clips}, {clip_seconds}")
+    length = Fraction(clip_seconds)
+    step = Fraction(max(Fraction(duration) - length, 0)) / max(clips - 1, 1)
+    return [(step * i, step * i + length) for i in range(clips)]
+
+
+def waveform_to_imagebind_audio(waveform, sample_rate: int, clips: int = 3, clip_seconds: float = 2.0,
+                                target_length: int = 204, num_mel_bins: int = 128) -> torch.Tensor:
+    """ImageBind's audio input: (clips, 1, num_mel_bins, target_length).
+
+    Mono mix-down (stereo is averaged, never passed on as 2 channels; ImageBind's torchaudio
+    fbank silently used only the first channel), resample to 16 kHz, evenly spaced clips,
+    per-clip mean removal, Kaldi fbank, transpose to (mel, frames), zero-pad or crop the
+    frames to target_length, normalise with ImageBind's mean and std.
+    ImageBind subtracts each clip's mean in place on a view of the whole waveform, so
+    overlapping clips see earlier clips' means too; here every clip is centred on its own
+    (the difference is a step of the size of the DC offset, normally ~1e-4).
+    """
+    sr = 16000
+    x = to_mono(torch.as_tensor(waveform, dtype=torch.float32))[0]
+    _check_finite(x, "waveform")
+    x = resample(x, sample_rate, sr)
+    mels = []
+    for start, end in clip_timepoints(Fraction(x.shape[0], sr), clips, clip_seconds):
+        piece = x[int(start * sr): int(end * sr)]
+        fbank = kaldi_fbank(piece - piece.mean(), sr, num_mel_bins).T  # (mel, frames)
+        fbank = fbank[:, :target_length]
+        mels.append(F.pad(fbank, (0, target_length - fbank.shape[1]))[None])
+    return (torch.stack(mels) - IMAGEBIND_AUDIO_MEAN) / IMAGEBIND_AUDIO_STD
+
+
+# ---------------------------------------------------------------- video
+
+def _frames_from_array(arr) -> np.ndarray:
+    arr = arr.detach().cpu().numpy() if isinstance(arr, torch.Tensor) else np.asarray(arr)
+    if arr.ndim != 4 or arr.shape[-1] != 3:
+        raise ValueError(f"video frames must be (T, H, W, 3); got shape {arr.shape}")
+    if arr.dtype != np.uint8:
+        if not np.issubdtype(arr.dtype, np.floating) or not np.isfinite(arr).all() or arr.min() < 0 or arr.max() > 1:
+            raise ValueError(f"video frames must be uint8, or float in [0, 1] without NaN; got {arr.dtype}")
+        arr = np.round(arr * 255.0).astype(np.uint8)
+    if 0 in arr.shape:
+        raise ValueError(f"video has no frames or zero-size frames: shape {arr.shape}")
+    return arr
+
+
+def load_video(source) -> np.ndarray:
+    """uint8 frames (T, H, W, 3) from an animated GIF, a folder of images (sorted by name),
+    or an array / tensor (T, H, W, 3) of uint8 or float in [0, 1]."""
+    if isinstance(source, (np.ndarray, torch.Tensor)):
+        return _frames_from_array(source)
+    path = Path(source).expanduser()
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise ValueError(f"{path}: the folder holds no image files ({', '.join(IMAGE_SUFFIXES)})")
+        frames = [np.asarray(load_image(p)) for p in files]
+        if len({f.shape for f in frames}) > 1:
+            raise ValueError(f"{path}: frames differ in size {sorted({f.shape for f in frames})}; expected one size")
+        return np.stack(frames)
+    path = _existing_file(path)
+    try:
+        with Image.open(path) as gif:
+            if gif.format != "GIF":
+                raise ValueError(f"{path}: a {gif.format} file, not a GIF; a video is an animated GIF, "
+                                 f"a folder of frames or an array")
+            frames = [np.asarray(load_image(frame.copy())) for frame in ImageSequence.Iterator(gif)]
+    except UnidentifiedImageError:
+        raise ValueError(f"{path}: not an image file; expected an animated GIF") from None
+    except OSError as e:
+        raise ValueError(f"{path}: broken or truncated GIF ({e})") from None
+    return _frames_from_array(np.stack(frames))
+
+
+def write_gif(path, frames, fps: float = 8, overwrite=False) -> Path:
+    """Save frames (T, H, W, 3) as a looping GIF. GIF stores 256 colours per frame, and
+    Pillow merges identical consecutive frames, so reading back may differ slightly."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+    if fps <= 0:
+        raise ValueError(f"fps must be positive; got {fps}")
+    images = [Image.fromarray(f, "RGB") for f in load_video(frames)]
+    images[0].save(path, format="GIF", save_all=True, append_images=images[1:],
+                   duration=max(1, round(1000 / fps)), loop=0)
+    return path
+
+
+def _short_side_scale(video: torch.Tensor, size: int) -> torch.Tensor:
+    """pytorchvideo ShortSideScale: bilinear, no antialiasing, long side floored."""
+    h, w = video.shape[-2:]
+    new = (int(math.floor(h / w * size)), size) if w < h else (size, int(math.floor(w / h * size)))
+    return F.interpolate(video, size=new, mode="bilinear", align_corners=False)
+
+
+def _spatial_crop(video: torch.Tensor, size: int, index: int) -> torch.Tensor:
+    """SpatialCrop's uniform_crop: index 0/1/2 = left/centre/right for a wide frame,
+    top/centre/bottom for a tall one (centre offsets round up)."""
+    h, w = video.shape[-2:]
+    y, x = math.ceil((h - size) / 2), math.ceil((w - size) / 2)
+    if index != 1:
+        if h > w:
+            y = 0 if index == 0 else h - size
+        else:
+            x = 0 if index == 0 else w - size
+    return video[..., y: y + size, x: x + size]
+
+
+def video_to_imagebind_clips(frames, clips: int = 5, frames_per_clip: int = 2, size: int = 224, crops: int = 3,
+                             fps: float = 8.0, clip_seconds: float = 2.0, mean=CLIP_MEAN,
+                             std=CLIP_STD) -> torch.Tensor:
+    """ImageBind's video input: (clips * crops, 3, frames_per_clip, size, size).
+
+    `frames` is anything load_video takes; `fps` says how far apart they are (write_gif's
+    default is 8). Clips are placed like the audio ones; a clip holds the frames k with
+    start <= k / fps < end (the decord reader's rule), subsampled to frames_per_clip evenly
+    spaced indices (truncated, as UniformTemporalSubsample does). Order: clip-major, then crop.
+    """
+    video = load_video(frames)
+    if crops not in (1, 3):
+        raise ValueError(f"crops must be 1 (centre) or 3 (SpatialCrop's three); got {crops}")
+    if frames_per_clip < 1 or size < 1 or fps <= 0:
+        raise ValueError(f"need frames_per_clip >= 1, size >= 1, fps > 0; got {frames_per_clip}, {size}, {fps}")
+    fps_frac = Fraction(fps).limit_denominator(1000)
+    total = video.shape[0]
+    norm_mean, norm_std = torch.tensor(mean).view(3, 1, 1, 1), torch.tensor(std).view(3, 1, 1, 1)
+    out = []
+    for start, end in clip_timepoints(Fraction(total) / fps_frac, clips, clip_seconds):
+        first, stop = math.ceil(start * fps_frac), min(math.ceil(end * fps_frac), total)
+        if stop <= first:
+            raise ValueError(f"the clip {float(start):.2f}-{float(end):.2f} s holds no frames "
+                             f"({total} frames at {fps} fps); expected a longer video")
+        picks = first + torch.linspace(0, stop - 1 - first, frames_per_clip).long()
+        clip = torch.from_numpy(video[picks.numpy()]).permute(3, 0, 1, 2).float() / 255.0  # (3, T, H, W)
+        clip = (_short_side_scale(clip, size) - norm_mean) / norm_std
+        out += [_spatial_crop(clip, size, i) for i in ([0, 1, 2] if crops == 3 else [1])]
+    return torch.stack(out)
