@@ -1,0 +1,110 @@
+"""UNet3DCondition against diffusers' UNet3DConditionModel on tiny random configs, fp32."""
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from minignext import weights
+from minignext.unet3d import TemporalConvLayer, TransformerTemporalModel, UNet3DCondition, UNet3DConditionConfig
+
+diffusers = pytest.importorskip("diffusers")
+
+BASE = dict(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
+            norm_num_groups=4, cross_attention_dim=12, attention_head_dim=4,
+            down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
+            up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"))
+
+CONFIGS = {
+    "two_levels": {},
+    "three_levels_all_cross": dict(
+        block_out_channels=(8, 16, 16), layers_per_block=2, attention_head_dim=8, in_channels=3, out_channels=5,
+        down_block_types=("CrossAttnDownBlock3D", "CrossAttnDownBlock3D", "CrossAttnDownBlock3D"),
+        up_block_types=("CrossAttnUpBlock3D", "CrossAttnUpBlock3D", "CrossAttnUpBlock3D"),
+        mid_block_scale_factor=1.5, norm_eps=1e-6),
+}
+
+
+def randomize(module, std=0.05):
+    """Non-zero weights everywhere, including the zero-initialised last temporal conv."""
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn_like(p) * std)
+    return module
+
+
+def build_pair(tmp_path, overrides):
+    torch.manual_seed(0)
+    ref = randomize(diffusers.UNet3DConditionModel(**{**BASE, **overrides}).eval())
+    ref.save_pretrained(tmp_path)
+    return ref, UNet3DCondition.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_unet3d_matches_diffusers(tmp_path, name):
+    ref, mine = build_pair(tmp_path, CONFIGS[name])
+    cfg = ref.config
+    x = torch.randn(2, cfg.in_channels, 3, 8, 8)
+    t = torch.tensor([10, 700])
+    context = torch.randn(2, 5, cfg.cross_attention_dim)
+    with torch.no_grad():
+        want = ref(x, t, encoder_hidden_states=context).sample
+        got = mine(x, t, context)
+        # stage by stage: stem, temporal transformer, first down block
+        folded = x.permute(0, 2, 1, 3, 4).reshape(6, cfg.in_channels, 8, 8)
+        h_ref, h = ref.conv_in(folded), mine.conv_in(folded)
+        assert_close(h, h_ref, atol=1e-6, rtol=1e-6)
+        h_ref = ref.transformer_in(h_ref, num_frames=3).sample
+        h = mine.transformer_in(h, 3)
+        assert_close(h, h_ref, atol=1e-5, rtol=1e-5)
+        temb_ref = ref.time_embedding(ref.time_proj(t)).repeat_interleave(3, 0)
+        temb = mine.time_embedding(mine.time_proj(t)).repeat_interleave(3, 0)
+        assert_close(temb, temb_ref, atol=1e-5, rtol=1e-5)
+        ctx = context.repeat_interleave(3, 0)
+        d_ref = ref.down_blocks[0](h_ref, temb_ref, encoder_hidden_states=ctx, num_frames=3)[0]
+        assert_close(mine.down_blocks[0](h, temb, ctx, 3)[0], d_ref, atol=1e-5, rtol=1e-5)
+    assert got.shape == want.shape == x.shape[:1] + (cfg.out_channels,) + x.shape[2:]
+    assert want.abs().max() > 1e-2
+    assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_odd_size_single_frame_and_scalar_timestep(tmp_path):
+    ref, mine = build_pair(tmp_path, {})
+    x = torch.randn(1, 4, 1, 6, 10)
+    context = torch.randn(1, 5, 12)
+    with torch.no_grad():
+        assert_close(mine(x, 500, context), ref(x, 500, encoder_hidden_states=context).sample, atol=1e-4, rtol=1e-4)
+
+
+def test_temporal_layers_only_mix_frames():
+    """Frames are independent of each other once the temporal layers are the identity,
+    and mixed when they are active."""
+    torch.manual_seed(0)
+    conv, attn = randomize(TemporalConvLayer(8, groups=2)).eval(), randomize(TransformerTemporalModel(2, 4, 8, 2)).eval()
+    x = torch.randn(2 * 4, 8, 3, 3)                     # 2 clips of 4 frames
+    x2 = x.clone()
+    x2[1] += 1.0                                        # change frame 1 of clip 0
+    with torch.no_grad():
+        for layer in (conv, attn):
+            diff = (layer(x2, 4) - layer(x, 4)).abs().amax(dim=(1, 2, 3))
+            assert diff[4:].max() == 0                  # clip 1 untouched
+            assert diff[[0, 2, 3]].min() > 0            # other frames of clip 0 changed
+        conv.conv4[-1].weight.zero_(), conv.conv4[-1].bias.zero_()
+        assert_close(conv(x, 4), x)
+
+
+def test_config_and_bad_input(tmp_path):
+    with pytest.raises(ValueError, match="one int"):
+        UNet3DConditionConfig(attention_head_dim=(4, 8))
+    with pytest.raises(ValueError, match="num_attention_heads"):
+        UNet3DConditionConfig.from_hf({"num_attention_heads": 8})
+    d = {"block_out_channels": [8, 16], "cross_attention_dim": 1024, "_class_name": "UNet3DConditionModel"}
+    c = UNet3DConditionConfig.from_hf(d)
+    assert c.block_out_channels == (8, 16) and c.time_embed_dim == 32 and d["block_out_channels"] == [8, 16]
+    model = UNet3DCondition(UNet3DConditionConfig())
+    with pytest.raises(ValueError, match="frames, height, width"):
+        model(torch.randn(1, 4, 8, 8), 1, torch.randn(1, 5, 32))
+    build_pair(tmp_path, {})
+    sd = weights.load_safetensors(tmp_path, stem="diffusion_pytorch_model")
+    sd.pop("transformer_in.proj_out.bias")
+    with pytest.raises(weights.WeightsError, match="transformer_in.proj_out.bias"):
+        weights.load_into(weights.build_on_meta(UNet3DCondition, UNet3DConditionConfig.from_hf(BASE)), sd)
