@@ -67,6 +67,28 @@ class UNet3DConditionConfig:
         return config_from_dict(cls, d)
 
 
+# ---------------------------------------------------------------- the frame axis, folded and unfolded
+
+def fold_frames(x):
+    """(B, C, F, H, W) -> (B*F, C, H, W), clip-major: the frames of clip 0 come first."""
+    return rearrange(x, "b c f h w -> (b f) c h w")
+
+
+def unfold_frames(x, num_frames):
+    """(B*F, C, H, W) -> (B, C, F, H, W)."""
+    return rearrange(x, "(b f) c h w -> b c f h w", f=num_frames)
+
+
+def pixels_as_sequences(x, num_frames):
+    """(B*F, C, H, W) -> (B*H*W, F, C): one sequence over time per pixel, for temporal attention."""
+    return rearrange(x, "(b f) c h w -> (b h w) f c", f=num_frames)
+
+
+def sequences_as_pixels(x, height, width):
+    """(B*H*W, F, C) -> (B*F, C, H, W), the inverse of pixels_as_sequences."""
+    return rearrange(x, "(b h w) f c -> (b f) c h w", h=height, w=width)
+
+
 class TemporalConvLayer(nn.Module):
     """Four GroupNorm-SiLU-Conv3d(3,1,1) stages over the frame axis, added to the input.
     The indices inside each Sequential (norm 0, conv 2 or 3) are the checkpoint's."""
@@ -81,9 +103,8 @@ class TemporalConvLayer(nn.Module):
         self.conv1, self.conv2, self.conv3, self.conv4 = stage(False), stage(True), stage(True), stage(True)
 
     def forward(self, x, num_frames):
-        x = rearrange(x, "(b f) c h w -> b c f h w", f=num_frames)
-        h = self.conv4(self.conv3(self.conv2(self.conv1(x))))
-        return rearrange(x + h, "b c f h w -> (b f) c h w")
+        x = unfold_frames(x, num_frames)
+        return fold_frames(x + self.conv4(self.conv3(self.conv2(self.conv1(x)))))
 
 
 class TransformerTemporalModel(nn.Module):
@@ -101,12 +122,11 @@ class TransformerTemporalModel(nn.Module):
     def forward(self, x, num_frames):
         h, w = x.shape[-2:]
         # GroupNorm statistics are taken over the whole clip (all frames), not per frame
-        y = self.norm(rearrange(x, "(b f) c h w -> b c f h w", f=num_frames))
-        y = self.proj_in(rearrange(y, "b c f h w -> (b h w) f c"))
+        y = fold_frames(self.norm(unfold_frames(x, num_frames)))
+        y = self.proj_in(pixels_as_sequences(y, num_frames))
         for block in self.transformer_blocks:
             y = block(y)
-        y = self.proj_out(y)
-        return x + rearrange(y, "(b h w) f c -> (b f) c h w", h=h, w=w)
+        return x + sequences_as_pixels(self.proj_out(y), h, w)
 
 
 # ---------------------------------------------------------------- down, mid and up blocks
@@ -236,7 +256,7 @@ class UNet3DCondition(nn.Module):
         # every frame is one image for the spatial layers: repeat the per-clip conditioning per frame
         temb = temb.repeat_interleave(f, dim=0)
         context = encoder_hidden_states.repeat_interleave(f, dim=0)
-        x = self.conv_in(rearrange(sample, "b c f h w -> (b f) c h w"))
+        x = self.conv_in(fold_frames(sample))
         x = self.transformer_in(x, f)
         skips = [x]
         for block in self.down_blocks:
@@ -249,7 +269,7 @@ class UNet3DCondition(nn.Module):
             size = skips[-1].shape[-2:] if skips else None      # so odd sizes round-trip
             x = block(x, mine, temb, context, f, size)
         x = self.conv_out(F.silu(self.conv_norm_out(x)))
-        return rearrange(x, "(b f) c h w -> b c f h w", f=f)
+        return unfold_frames(x, f)
 
     @classmethod
     def from_pretrained(cls, path, dtype=None, device=None) -> "UNet3DCondition":

@@ -73,6 +73,11 @@ class ResBlock(nn.Module):
         return x
 
 
+def mrf(x, branches):
+    """Multi-receptive-field fusion: the mean of the branches, all applied to the same input."""
+    return sum(branch(x) for branch in branches) / len(branches)
+
+
 class HifiGan(nn.Module):
     def __init__(self, config: HifiGanConfig):
         super().__init__()
@@ -105,7 +110,7 @@ class HifiGan(nn.Module):
         n = len(c.resblock_kernel_sizes)
         for i, up in enumerate(self.upsampler):
             x = up(F.leaky_relu(x, c.leaky_relu_slope))
-            x = sum(self.resblocks[i * n + j](x) for j in range(n)) / n     # multi-receptive-field fusion
+            x = mrf(x, self.resblocks[i * n:(i + 1) * n])
         # The reference uses leaky_relu's default slope (0.01) here, not the config's.
         x = torch.tanh(self.conv_post(F.leaky_relu(x)))                     # (B, 1, samples)
         return x[0, 0] if unbatched else x[:, 0]
