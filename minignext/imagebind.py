@@ -1,0 +1,400 @@
+"""ImageBind (Girdhar et al. 2023, "ImageBind: One Embedding Space To Bind Them All",
+arXiv 2305.05665): one ViT per modality whose pooled, L2-normalised outputs share a space.
+
+Mirrors facebookresearch/ImageBind `models/imagebind_model.py` (vision, audio and text
+branches; depth, thermal and IMU are left out). Module names follow the keys of the official
+`imagebind_huge.pth`, so that checkpoint loads without a remap once the left-out branches are
+dropped: modality_preprocessors (stems, class tokens, position tables) -> modality_trunks
+(pre-norm transformers) -> modality_heads (LayerNorm, pick a token, Linear) ->
+modality_postprocessors (L2 normalise, then a logit scale for text and audio).
+
+NExT-GPT feeds the LLM `embed(modality, x)`: the normalised embedding without a logit scale.
+"""
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from minignext import weights
+from minignext.attention import attention
+from minignext.utils import config_from_dict
+
+MODALITIES = ("vision", "text", "audio")
+
+
+@dataclass
+class ImageBindConfig:
+    # Names and meanings as the official ImageBindModel(...) keyword arguments.
+    video_frames: int = 2                    # frames per vision clip (an image is repeated to 2)
+    kernel_size: tuple = (2, 8, 8)           # vision Conv3d kernel = stride (time, height, width)
+    audio_kernel_size: int = 16              # audio Conv2d kernel over the (mel, frame) picture
+    audio_stride: int = 10
+    out_embed_dim: int = 32                  # the shared embedding space
+    vision_embed_dim: int = 32
+    vision_num_blocks: int = 2
+    vision_num_heads: int = 4
+    audio_embed_dim: int = 32
+    audio_num_blocks: int = 2
+    audio_num_heads: int = 4
+    audio_num_mel_bins: int = 128
+    audio_target_len: int = 204              # fbank frames per clip
+    audio_drop_path: float = 0.1             # stochastic depth, training only
+    text_embed_dim: int = 32
+    text_num_blocks: int = 2
+    text_num_heads: int = 4
+    # Fixed in the official code; fields here so small worlds can shrink them.
+    image_size: int = 224
+    vocab_size: int = 49408
+    context_length: int = 77
+
+    def __post_init__(self):
+        for name in ("vision", "audio", "text"):
+            dim, heads = getattr(self, f"{name}_embed_dim"), getattr(self, f"{name}_num_heads")
+            if dim % heads:
+                raise ValueError(f"{name}_embed_dim {dim} is not divisible by {name}_num_heads {heads}")
+        kt, kh, kw = self.kernel_size
+        if self.image_size % kh or self.image_size % kw or max(self.video_frames, 2) % kt:
+            raise ValueError(f"kernel_size {tuple(self.kernel_size)} does not tile {max(self.video_frames, 2)} "
+                             f"frames of {self.image_size}x{self.image_size}")
+        self.vision_grid = (max(self.video_frames, 2) // kt, self.image_size // kh, self.image_size // kw)
+        self.audio_grid = tuple((n - self.audio_kernel_size) // self.audio_stride + 1
+                                for n in (self.audio_num_mel_bins, self.audio_target_len))
+        if min(self.audio_grid) < 1:
+            raise ValueError(f"a {self.audio_num_mel_bins}x{self.audio_target_len} fbank is smaller than "
+                             f"audio_kernel_size {self.audio_kernel_size}")
+
+    @classmethod
+    def from_hf(cls, d: dict, **overrides):
+        return config_from_dict(cls, d, **overrides)
+
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def huge(cls):
+        """imagebind_huge: ViT-H/14 vision, ViT-B audio, 24-block text, 1024-d space."""
+        return cls(kernel_size=(2, 14, 14), out_embed_dim=1024, vision_embed_dim=1280, vision_num_blocks=32,
+                   vision_num_heads=16, audio_embed_dim=768, audio_num_blocks=12, audio_num_heads=12,
+                   text_embed_dim=1024, text_num_blocks=24, text_num_heads=16)
+
+    @classmethod
+    def tiny(cls, **overrides):
+        """A few-hundred-thousand-parameter model for tests and the toy world (32x32 images)."""
+        return cls(**{"image_size": 32, **overrides})
+
+
+# ---------------------------------------------------------------- trunk (official names)
+
+class MultiheadAttention(nn.Module):
+    """nn.MultiheadAttention's parameters (packed in_proj, out_proj, optional bias_k/bias_v),
+    computed through minignext.attention. bias_k/bias_v are one extra learned key and value
+    appended to every sequence."""
+
+    def __init__(self, dim, heads, add_bias_kv=False):
+        super().__init__()
+        self.heads = heads
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * dim, dim))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * dim))
+        if add_bias_kv:
+            self.bias_k = nn.Parameter(torch.empty(1, 1, dim))
+            self.bias_v = nn.Parameter(torch.empty(1, 1, dim))
+        self.out_proj = nn.Linear(dim, dim)
+        if self.in_proj_weight.device.type != "meta":
+            nn.init.xavier_uniform_(self.in_proj_weight)
+            if add_bias_kv:
+                nn.init.xavier_normal_(self.bias_k)
+                nn.init.xavier_normal_(self.bias_v)
+
+    def forward(self, x, causal=False):
+        q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)
+        if hasattr(self, "bias_k"):
+            k = torch.cat([k, self.bias_k.expand(x.shape[0], 1, -1)], dim=1)
+            v = torch.cat([v, self.bias_v.expand(x.shape[0], 1, -1)], dim=1)
+        split = lambda t: rearrange(t, "b t (h d) -> b h t d", h=self.heads)
+        y = attention(split(q), split(k), split(v), causal=causal)
+        return self.out_proj(rearrange(y, "b h t d -> b t (h d)"))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, dim, heads, add_bias_kv=False, drop_path=0.0):
+        super().__init__()
+        self.attn = MultiheadAttention(dim, heads, add_bias_kv)
+        self.norm_1 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, 4 * dim)
+        self.norm_2 = nn.LayerNorm(dim, eps=1e-6)
+        self.drop_path = drop_path
+
+    def forward(self, x, causal=False):
+        x = x + self._drop(self.attn(self.norm_1(x), causal))
+        return x + self._drop(self.mlp(self.norm_2(x)))
+
+    def _drop(self, branch):
+        """Stochastic depth (Huang et al. 2016): drop the whole branch per sample while training."""
+        if not self.training or self.drop_path == 0.0:
+            return branch
+        keep = 1.0 - self.drop_path
+        mask = branch.new_empty(branch.shape[0], 1, 1).bernoulli_(keep)
+        return branch * mask / keep
+
+
+class Trunk(nn.Module):
+    def __init__(self, dim, blocks, heads, pre_ln=False, add_bias_kv=False, drop_path=0.0):
+        super().__init__()
+        self.pre_transformer_layer = nn.Sequential(nn.LayerNorm(dim, eps=1e-6) if pre_ln else nn.Identity())
+        rates = torch.linspace(0, drop_path, blocks, device="cpu").tolist()   # deeper blocks drop more
+        self.blocks = nn.Sequential(*(Block(dim, heads, add_bias_kv, r) for r in rates))
+
+    def forward(self, x, causal=False):
+        x = self.pre_transformer_layer(x)
+        for block in self.blocks:
+            x = block(x, causal)
+        return x
+
+
+# ---------------------------------------------------------------- stems (official names)
+
+class RepeatFrames(nn.Module):
+    """An image (N, C, H, W) or a one-frame clip becomes a clip of `frames` identical frames."""
+
+    def __init__(self, frames=2):
+        super().__init__()
+        self.frames = frames
+
+    def forward(self, x):
+        if x.dim() == 4:
+            x = x.unsqueeze(2)                       # (N, C, 1, H, W)
+        return x.repeat(1, 1, self.frames, 1, 1) if x.shape[2] == 1 else x
+
+
+class PatchStem(nn.Module):
+    def __init__(self, proj, norm_layer=None):
+        super().__init__()
+        self.proj = proj
+        if norm_layer is not None:
+            self.norm_layer = norm_layer
+
+    def forward(self, x):
+        x = rearrange(self.proj(x), "n d ... -> n (...) d")
+        return self.norm_layer(x) if hasattr(self, "norm_layer") else x
+
+
+class PositionTable(nn.Module):
+    def __init__(self, tokens, dim):
+        super().__init__()
+        self.pos_embed = nn.Parameter(torch.randn(1, tokens, dim) * dim ** -0.5)
+
+
+class PatchPreprocessor(nn.Module):
+    """Patches -> [CLS, patches] + position table."""
+
+    def __init__(self, stem, num_patches, dim):
+        super().__init__()
+        self.cls_token = nn.Parameter(torch.randn(1, 1, dim) * dim ** -0.5)
+        self.rgbt_stem = stem
+        self.pos_embedding_helper = PositionTable(num_patches + 1, dim)
+
+    def forward(self, x):
+        tokens = self.rgbt_stem(x)
+        table = self.pos_embedding_helper.pos_embed
+        if tokens.shape[1] + 1 != table.shape[1]:
+            raise ValueError(f"input {tuple(x.shape[1:])} gives {tokens.shape[1]} patches, the model's position "
+                             f"table has {table.shape[1] - 1}: resize the input to the size the model was built for")
+        return torch.cat([self.cls_token.expand(tokens.shape[0], -1, -1), tokens], dim=1) + table
+
+
+class TextPreprocessor(nn.Module):
+    def __init__(self, vocab_size, context_length, dim):
+        super().__init__()
+        self.token_embedding = nn.Embedding(vocab_size, dim)
+        self.pos_embed = nn.Parameter(torch.randn(1, context_length, dim) * 0.01)
+        # Kept only because the official checkpoint stores it; attention uses causal=True.
+        self.register_buffer("mask", torch.full((context_length, context_length), float("-inf")).triu(1))
+
+    def forward(self, ids):
+        return self.token_embedding(ids) + self.pos_embed
+
+
+# ---------------------------------------------------------------- heads and postprocessors
+
+class SelectToken(nn.Module):
+    def forward(self, x):
+        return x[:, 0]
+
+
+class TextHead(nn.Module):
+    """The state at the end token (the largest id, as in CLIP) -> LayerNorm -> Linear."""
+
+    def __init__(self, dim, out_dim):
+        super().__init__()
+        self.proj = nn.Sequential(nn.LayerNorm(dim, eps=1e-6), nn.Linear(dim, out_dim, bias=False))
+
+    def forward(self, x, ids):
+        return self.proj(x[torch.arange(x.shape[0], device=x.device), ids.argmax(dim=-1)])
+
+
+class Normalize(nn.Module):
+    def forward(self, x):
+        return F.normalize(x, dim=-1)
+
+
+class LogitScale(nn.Module):
+    """x * min(exp(log_logit_scale), 100); learnable for text (init 1/0.07), fixed for audio (20)."""
+
+    def __init__(self, init, learnable):
+        super().__init__()
+        value = torch.tensor(math.log(init))
+        if learnable:
+            self.log_logit_scale = nn.Parameter(value)
+        else:
+            self.register_buffer("log_logit_scale", value)
+
+    def forward(self, x):
+        return x * self.log_logit_scale.exp().clamp(max=100.0)
+
+
+# ---------------------------------------------------------------- the model
+
+class ImageBind(nn.Module):
+    """forward({"vision": ..., "audio": ..., "text": ...}) -> {modality: (B, out_embed_dim)}.
+
+    vision  (B, 3, H, W) images; clips (B, S, 3, T, H, W) of T frames, or (B, S, 3, H, W)
+    audio   (B, 1, mels, frames) or clips (B, S, 1, mels, frames)
+    text    (B, context_length) token ids
+    Any input with 5 or more dims carries a clips axis S: each clip is embedded and normalised,
+    then the S results are averaged, as the official forward does.
+    """
+
+    def __init__(self, config: ImageBindConfig):
+        super().__init__()
+        self.config = c = config
+        kt, kh, kw = c.kernel_size
+        vision_stem = PatchStem(nn.Sequential(
+            RepeatFrames(2), nn.Conv3d(3, c.vision_embed_dim, c.kernel_size, c.kernel_size, bias=False)))
+        audio_stem = PatchStem(
+            nn.Conv2d(1, c.audio_embed_dim, c.audio_kernel_size, c.audio_stride, bias=False),
+            norm_layer=nn.LayerNorm(c.audio_embed_dim))
+        self.modality_preprocessors = nn.ModuleDict({
+            "vision": PatchPreprocessor(vision_stem, math.prod(c.vision_grid), c.vision_embed_dim),
+            "text": TextPreprocessor(c.vocab_size, c.context_length, c.text_embed_dim),
+            "audio": PatchPreprocessor(audio_stem, math.prod(c.audio_grid), c.audio_embed_dim),
+        })
+        self.modality_trunks = nn.ModuleDict({
+            "vision": Trunk(c.vision_embed_dim, c.vision_num_blocks, c.vision_num_heads, pre_ln=True),
+            "text": Trunk(c.text_embed_dim, c.text_num_blocks, c.text_num_heads),
+            "audio": Trunk(c.audio_embed_dim, c.audio_num_blocks, c.audio_num_heads, add_bias_kv=True,
+                           drop_path=c.audio_drop_path),
+        })
+
+        def cls_head(dim):
+            return nn.Sequential(nn.LayerNorm(dim, eps=1e-6), SelectToken(), nn.Linear(dim, c.out_embed_dim, bias=False))
+
+        self.modality_heads = nn.ModuleDict({
+            "vision": cls_head(c.vision_embed_dim),
+            "text": TextHead(c.text_embed_dim, c.out_embed_dim),
+            "audio": cls_head(c.audio_embed_dim),
+        })
+        self.modality_postprocessors = nn.ModuleDict({
+            "vision": Normalize(),
+            "text": nn.Sequential(Normalize(), LogitScale(1 / 0.07, learnable=True)),
+            "audio": nn.Sequential(Normalize(), LogitScale(20.0, learnable=False)),
+        })
+
+    def forward(self, inputs: dict) -> dict:
+        if not isinstance(inputs, dict):
+            raise ValueError(f"ImageBind wants a dict {{modality: tensor}} with modalities {MODALITIES}")
+        return {m: self._embed(m, x, scale=True) for m, x in inputs.items()}
+
+    def embed(self, modality: str, x) -> torch.Tensor:
+        """(B, out_embed_dim): L2-normalised (then averaged over clips), no logit scale."""
+        return self._embed(modality, x, scale=False)
+
+    def _embed(self, modality, x, scale):
+        x = self._check(modality, x)
+        clips = x.shape[:2] if x.dim() >= 5 else None
+        if clips is not None:
+            x = x.flatten(0, 1)
+        tokens = self.modality_preprocessors[modality](x)
+        tokens = self.modality_trunks[modality](tokens, causal=modality == "text")
+        head = self.modality_heads[modality]
+        out = head(tokens, x) if modality == "text" else head(tokens)
+        post = self.modality_postprocessors[modality]
+        out = post(out) if scale or modality == "vision" else post[0](out)
+        return out.reshape(*clips, -1).mean(dim=1) if clips is not None else out
+
+    def _check(self, modality, x):
+        c = self.config
+        if modality not in MODALITIES:
+            raise ValueError(f"unknown modality {modality!r}; ImageBind here takes {MODALITIES}")
+        if not torch.is_tensor(x):
+            raise ValueError(f"{modality}: expected a tensor, got {type(x).__name__}")
+        if modality == "text":
+            if x.dim() != 2 or x.shape[1] != c.context_length or x.is_floating_point():
+                raise ValueError(f"text: expected token ids (B, {c.context_length}), got {x.dtype} {tuple(x.shape)}")
+            return x
+        if modality == "vision":
+            item = x.shape[-3:] if x.dim() in (4, 5) else x.shape[-4:] if x.dim() == 6 else None
+            want = "(B, 3, H, W), (B, S, 3, H, W) or (B, S, 3, T, H, W)"
+            ok = item is not None and item[0] == 3 and tuple(item[-2:]) == (c.image_size, c.image_size)
+        else:
+            item, want = x.shape[-3:], f"(B, 1, {c.audio_num_mel_bins}, {c.audio_target_len}) or (B, S, 1, ...)"
+            ok = x.dim() in (4, 5) and tuple(item) == (1, c.audio_num_mel_bins, c.audio_target_len)
+        if not ok:
+            size = f" at {c.image_size}x{c.image_size}" if modality == "vision" else ""
+            raise ValueError(f"{modality}: expected {want}{size}, got {tuple(x.shape)}")
+        return x.to(self.modality_trunks[modality].blocks[0].norm_1.weight.dtype)
+
+    @classmethod
+    def from_pretrained(cls, path, dtype=None, device=None):
+        folder = weights.resolve(path)
+        config = ImageBindConfig.from_hf(weights.read_config(folder))
+        sd = dict(pair for k, t in weights.load_safetensors(folder).items() for pair in official_key(k, t))
+        model = weights.build_on_meta(cls, config)
+        return weights.load_into(model, sd, dtype=dtype, device=device).eval()
+
+
+# ---------------------------------------------------------------- the official checkpoint
+
+LEFT_OUT = ("depth", "thermal", "imu")
+
+
+def official_key(key, tensor):
+    """Official state-dict entry -> ours: identical, except the branches left out are dropped."""
+    parts = key.split(".")
+    if len(parts) > 1 and parts[0].startswith("modality_") and parts[1] in LEFT_OUT:
+        return []
+    return [(key, tensor)]
+
+
+def convert_checkpoint(src, dst, overwrite=False, config: ImageBindConfig | None = None):
+    """imagebind_huge.pth (pickle) -> folder with config.json + model.safetensors (official keys).
+
+    `config` defaults to huge(); the converted tensors are checked against it before writing."""
+    config = config or ImageBindConfig.huge()
+    dst = Path(dst)
+    if dst.suffix == ".safetensors":
+        raise ValueError(f"{dst}: give a folder; it will hold config.json and model.safetensors")
+    for name in ("config.json", "model.safetensors"):
+        if (dst / name).exists() and not overwrite:
+            raise FileExistsError(f"{dst / name} exists; pass overwrite=True (or --overwrite) to replace it")
+    state = {k: t for key, tensor in weights.load_pickle(src).items() for k, t in official_key(key, tensor)}
+    weights.check_state_dict(weights.build_on_meta(ImageBind, config).state_dict(), state,
+                             where=f"ImageBind {config}")
+    weights.save_safetensors(state, dst / "model.safetensors", overwrite=overwrite)
+    (dst / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+    return dst
