@@ -13,6 +13,7 @@ the loop that joins the parts; reference: NExT-GPT-Lagacy code/model/anyToImageV
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -297,9 +298,15 @@ class NextGPT(nn.Module):
             setattr(self, PROJECTION_NAMES[modality], nn.ModuleList([OutputProjection(cfg)]))
         self.decoder_loaders = dict(decoder_loaders or {})
         self._decoders = {}
+        self.default_steps = 50
         nums = {m: cfg.num_signal_tokens for m, cfg in output_projections.items()}
         self.signal_ids = {m: [self._token_id(t) for t in signal_token_names(m, n)] for m, n in nums.items()}
         self.splice_ids = (self._token_id(SPLICE_OPEN), self._token_id(SPLICE_CLOSE))
+
+    @classmethod
+    def from_preset(cls, name, dtype=None, device=None) -> "NextGPT":
+        """"nextgpt-7b" (the official weights), "toy" (weights/toy/) or "tiny-random"."""
+        return _from_preset(cls, name, dtype=dtype, device=device)
 
     def _token_id(self, token):
         i = self.tokenizer.token_to_id(token)
@@ -424,7 +431,7 @@ class NextGPT(nn.Module):
     # ------------------------------------------------------------ one exchange
 
     def chat(self, messages, *, max_new_tokens=64, temperature=0.0, top_p=1.0, seed=0, force_response=None,
-             guidance_scale=7.5, num_inference_steps=50, decode=True, progress=True) -> Reply:
+             guidance_scale=7.5, num_inference_steps=None, decode=True, progress=True) -> Reply:
         """Answer the last user turn of `messages` (a string, message dicts or a Conversation;
         a Conversation gets the answer appended). Signal tokens in the answer are projected and
         routed to their decoder; decode=False stops after the projection."""
@@ -449,7 +456,7 @@ class NextGPT(nn.Module):
                                          f"{modality} decoder; skipped")
                     continue
                 media = self.decoder(modality).generate(
-                    cond, guidance_scale=guidance_scale, num_inference_steps=num_inference_steps,
+                    cond, guidance_scale=guidance_scale, num_inference_steps=num_inference_steps or self.default_steps,
                     seed=seed, progress=progress)
                 {"image": reply.images, "audio": reply.audios, "video": reply.videos}[modality].extend(media)
         if isinstance(messages, Conversation):
@@ -475,13 +482,253 @@ class NextGPT(nn.Module):
 
 
 def encoder_input(encoder, modality, source) -> torch.Tensor:
-    """A path / PIL image / waveform / frames -> the (1, ...) input ImageBind takes."""
-    size = encoder.config.vision_image_size if hasattr(encoder.config, "vision_image_size") else 224
+    """A path / PIL image / (waveform, sr) / frames -> the (1, ...) input ImageBind takes."""
+    c = encoder.config
     if modality == "image":
-        return media.preprocess_image(media.load_image(source), size=size)[None]
+        return media.preprocess_image(media.load_image(source), size=c.image_size)[None]
     if modality == "video":
-        return media.video_to_imagebind_clips(source, size=size)[None]
+        return media.video_to_imagebind_clips(source, size=c.image_size, frames_per_clip=c.video_frames)[None]
     if modality == "audio":
         wave, sr = source if isinstance(source, tuple) else media.load_audio(source)
-        return media.waveform_to_imagebind_audio(wave, sr)[None]
+        return media.waveform_to_imagebind_audio(wave, sr, num_mel_bins=c.audio_num_mel_bins,
+                                                 target_length=c.audio_target_len)[None]
     raise ValueError(f"unknown input modality {modality!r}; expected one of image, audio, video")
+
+
+# ---------------------------------------------------------------- decoders
+
+class Decoder:
+    """A diffusion pipeline behind one interface: conditioning in, media out.
+
+    The pipelines themselves embed "" with their own text encoder for the unconditional
+    branch of classifier-free guidance, as the reference does.
+    """
+
+    def __init__(self, modality, pipeline, **call_kwargs):
+        self.modality, self.pipeline, self.call_kwargs = modality, pipeline, call_kwargs
+
+    def generate(self, cond, guidance_scale=7.5, num_inference_steps=50, seed=0, progress=True):
+        out = self.pipeline(prompt_embeds=cond, guidance_scale=guidance_scale, num_inference_steps=num_inference_steps,
+                            seed=seed, progress=progress, **self.call_kwargs)
+        if self.modality == "image":
+            return list(out)
+        if self.modality == "audio":
+            rate = self.pipeline.sample_rate
+            return [(np.asarray(w, dtype=np.float32).reshape(-1), rate) for w in out]
+        return [np.asarray(v) for v in out]                            # frames (T, H, W, 3) uint8
+
+
+# ---------------------------------------------------------------- presets
+
+PRESETS = ("nextgpt-7b", "toy", "tiny-random")
+REAL_DIR = weights.WEIGHTS_DIR / "real" / "nextgpt-7b"
+TOY_DIR = weights.WEIGHTS_DIR / "toy"
+HUB = {"delta": "ChocoWu/nextgpt_7b_tiva_v0", "image": "stable-diffusion-v1-5/stable-diffusion-v1-5",
+       "audio": "cvssp/audioldm-l-full", "video": "cerspense/zeroscope_v2_576w"}
+
+
+def default_preset() -> str:
+    return "toy" if (TOY_DIR / "nextgpt").is_dir() else "tiny-random"
+
+
+def _from_preset(cls, name, dtype=None, device=None):
+    if name == "tiny-random":
+        return tiny_random()
+    if name == "toy":
+        if not (TOY_DIR / "nextgpt").is_dir():
+            raise WeightsError(f"the toy weights are not there yet ({TOY_DIR / 'nextgpt'} is missing); they "
+                               f"come from the toy-world training. Use --preset tiny-random meanwhile.")
+        return load_folder(TOY_DIR / "nextgpt", dtype=dtype, device=device)
+    if name == "nextgpt-7b":
+        return nextgpt_7b(dtype=dtype, device=device)
+    raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+
+
+def nextgpt_7b(dtype=None, device=None):
+    """The official parts: converted ImageBind-huge, a local Vicuna-7B-v0, the converted delta,
+    and SD-1.5 / AudioLDM / ZeroScope from the hub (loaded on first use)."""
+    from minignext.imagebind import ImageBind
+    from minignext.llama import Llama
+    from minignext.tokenizer import Tokenizer
+
+    need = {"imagebind": REAL_DIR / "imagebind", "vicuna": REAL_DIR / "vicuna-7b-v0",
+            "delta": REAL_DIR / "delta.safetensors"}
+    missing = [f"{k} ({p})" for k, p in need.items() if not p.exists()]
+    if missing:
+        raise WeightsError(
+            f"the nextgpt-7b preset is missing: {', '.join(missing)}. Run `minignext download nextgpt-7b` "
+            f"(it fetches and converts ImageBind-huge and the NExT-GPT delta). Vicuna-7B-v0 is LLaMA-7B plus "
+            f"lmsys/vicuna-7b-delta-v0; merge them with FastChat's apply_delta and save the HF folder "
+            f"(config.json, *.safetensors, tokenizer.json) as {need['vicuna']}.")
+    dtype = dtype or torch.float16
+    llm = Llama.from_pretrained(need["vicuna"], dtype=dtype, device=device)
+    tok = Tokenizer.from_pretrained(need["vicuna"])
+    tok.add_special_tokens(added_tokens())
+    delta = weights.load_safetensors(need["delta"], dtype=dtype, device=device or "cpu")
+    rest = apply_delta(llm, delta)
+    encoder = ImageBind.from_pretrained(need["imagebind"], dtype=dtype, device=device)
+    projections = {m: OutputProjectionConfig.official(m, llm.config.hidden_size) for m in MODALITIES}
+    loaders = {"image": lambda: Decoder("image", _hub_pipeline("ImagePipeline", HUB["image"], dtype, device)),
+               "audio": lambda: Decoder("audio", _hub_pipeline("AudioPipeline", HUB["audio"], dtype, device),
+                                        audio_length_in_s=5.0),
+               "video": lambda: Decoder("video", _hub_pipeline("VideoPipeline", HUB["video"], dtype, device),
+                                        height=320, width=576, num_frames=24)}
+    model = NextGPT(encoder, llm, tok, projections, loaders, enc_dim=encoder.config.out_embed_dim)
+    load_projections(model, rest, dtype=dtype, device=device)
+    return model.eval()
+
+
+def load_projections(model, tensors: dict, dtype=None, device=None):
+    """Strictly load `llama_proj.*` and `gen_text_hidden_fcs*.0.*` (the delta's names)."""
+    parts = {"llama_proj": model.llama_proj}
+    parts.update({PROJECTION_NAMES[m]: getattr(model, PROJECTION_NAMES[m]) for m in model.signal_ids})
+    stray = sorted({k.split(".")[0] for k in tensors} - set(parts))
+    if stray:
+        raise WeightsError(f"projection checkpoint has parts this model does not: {', '.join(stray)}")
+    for name, module in parts.items():
+        sd = {k[len(name) + 1:]: v for k, v in tensors.items() if k.split(".")[0] == name}
+        weights.load_into(module, sd, dtype=dtype, device=device)
+
+
+def _hub_pipeline(cls_name, repo, dtype, device):
+    from minignext import diffusion
+
+    if not hasattr(diffusion, cls_name):
+        raise ValueError(f"minignext.diffusion has no {cls_name} yet; this decoder is not available")
+    return getattr(diffusion, cls_name).from_pretrained(repo, dtype=dtype, device=device)
+
+
+def download_preset(name, overwrite=False):
+    """Fetch (and convert) what a preset needs; yields progress lines."""
+    if name == "tiny-random":
+        yield "tiny-random is built in-process; nothing to download"
+        return
+    if name == "toy":
+        yield f"the toy weights ship in {TOY_DIR} (or come from the toy-world training); nothing to download"
+        return
+    from huggingface_hub import hf_hub_download
+
+    REAL_DIR.mkdir(parents=True, exist_ok=True)
+    try:
+        if not (REAL_DIR / "delta.safetensors").exists() or overwrite:
+            pt = hf_hub_download(HUB["delta"], "pytorch_model.pt", local_dir=REAL_DIR / "raw")
+            yield f"converted {convert_delta(pt, REAL_DIR / 'delta.safetensors', overwrite=overwrite)}"
+        for modality in MODALITIES:
+            yield f"{modality} decoder in {weights.resolve(HUB[modality])}"
+    except WeightsError:
+        raise
+    except Exception as e:       # offline, gated, no disk: one clear message for all
+        raise WeightsError(f"download failed ({type(e).__name__}: {e}). The hub must be reachable; set "
+                           f"HF_HUB_OFFLINE=0 and check the network.") from None
+    if not (REAL_DIR / "imagebind").exists():
+        yield (f"ImageBind-huge: fetch imagebind_huge.pth from Meta (dl.fbaipublicfiles.com/imagebind) and run "
+               f"`minignext convert imagebind imagebind_huge.pth {REAL_DIR / 'imagebind'}`")
+    if not (REAL_DIR / "vicuna-7b-v0").exists():
+        yield f"Vicuna-7B-v0: merge LLaMA-7B with lmsys/vicuna-7b-delta-v0 into {REAL_DIR / 'vicuna-7b-v0'}"
+
+
+# ---------------------------------------------------------------- tiny-random: every part small and random
+
+TINY_CORPUS = [
+    "### Human: What is in this picture?\n### Assistant: A red circle on a blue background.",
+    "### Human: Show me a green square.\n### Assistant: Here is a green square.",
+    "### Human: What do you hear?\n### Assistant: A high tone that rises, then falls.",
+    "### Human: Make a short video of a ball moving left.\n### Assistant: Here is the video.",
+    "### Human: Describe the sound and draw it.\n### Assistant: A low hum. This is how it looks.",
+    "### Human: Play a sound like this image.\n### Assistant: Sure, listen to this tone.",
+    "the quick brown fox jumps over the lazy dog. a photo of a cat, a dog and a yellow triangle.",
+]
+
+
+def tiny_tokenizer():
+    """A byte-level BPE of about 400 tokens trained in-process on TINY_CORPUS (deterministic)."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    from minignext.tokenizer import Tokenizer
+
+    tok = HFTokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(TINY_CORPUS, trainer)
+    wrapped = Tokenizer(tok, bos_token="<s>", eos_token="</s>")
+    wrapped.add_special_tokens(added_tokens())
+    return wrapped
+
+
+def _tiny_clip_text(hidden, with_projection=False, projection_dim=None):
+    """A tiny random CLIP text encoder and its byte-level tokenizer (no merges)."""
+    from tokenizers import Regex, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
+
+    from minignext.clip import CLIP_SPLIT, CLIPText, CLIPTextConfig, CLIPTokenizer
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {t: i for i, t in enumerate(alphabet + [c + "</w>" for c in alphabet])}
+    vocab.update({"<|startoftext|>": len(vocab), "<|endoftext|>": len(vocab) + 1})
+    bpe = HFTokenizer(models.BPE(vocab, [], end_of_word_suffix="</w>", unk_token="<|endoftext|>"))
+    bpe.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(CLIP_SPLIT), behavior="isolated", invert=False),
+        pre_tokenizers.Split(Regex(r"\s+"), behavior="removed"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    bpe.decoder = decoders.ByteLevel()
+    config = CLIPTextConfig(vocab_size=len(vocab), hidden_size=hidden, intermediate_size=2 * hidden,
+                            num_hidden_layers=1, num_attention_heads=4, max_position_embeddings=77,
+                            projection_dim=projection_dim or hidden, with_projection=with_projection,
+                            eos_token_id=vocab["<|endoftext|>"])
+    return CLIPText(config).eval(), CLIPTokenizer(bpe)
+
+
+TINY = {"llm_hidden": 64, "cond": {"image": (77, 32), "video": (77, 32), "audio": (1, 16)}}
+
+
+def _tiny_image_pipeline():
+    from minignext.diffusion import ImagePipeline
+    from minignext.schedulers import DDIMScheduler
+    from minignext.unet import UNet2DCondition, UNet2DConditionConfig
+    from minignext.vae import AutoencoderKL, AutoencoderKLConfig
+
+    text_encoder, tokenizer = _tiny_clip_text(TINY["cond"]["image"][1])
+    unet = UNet2DCondition(UNet2DConditionConfig(sample_size=16, block_out_channels=(16, 32), norm_num_groups=8,
+                                                 cross_attention_dim=TINY["cond"]["image"][1], attention_head_dim=4))
+    vae = AutoencoderKL(AutoencoderKLConfig(block_out_channels=(16, 32), norm_num_groups=8, sample_size=32))
+    return ImagePipeline(unet.eval(), vae.eval(), DDIMScheduler.from_config(SD_SCHEDULER), text_encoder, tokenizer)
+
+
+SD_SCHEDULER = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012, "steps_offset": 1,
+                "set_alpha_to_one": False, "clip_sample": False, "num_train_timesteps": 1000}
+
+TINY_DECODERS = {"image": _tiny_image_pipeline}
+
+
+def _seeded(seed, build):
+    def run():
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            return build()
+    return run
+
+
+def tiny_random() -> "NextGPT":
+    """Every part tiny and random, built in-process from fixed seeds: the same model every time.
+    Its outputs are noise; it exists to show (and test) the data flow."""
+    from minignext.imagebind import ImageBind, ImageBindConfig
+    from minignext.llama import Llama, LlamaConfig
+
+    tok = tiny_tokenizer()
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        encoder = ImageBind(ImageBindConfig.tiny()).eval()
+        llm = Llama(LlamaConfig(vocab_size=tok.vocab_size, hidden_size=TINY["llm_hidden"], intermediate_size=128,
+                                num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=512,
+                                bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)).eval()
+        projections = {m: OutputProjectionConfig(in_dim=TINY["llm_hidden"], out_dim=d, num_queries=q,
+                                                 num_signal_tokens=SIGNALS[m][1])
+                       for m, (q, d) in TINY["cond"].items()}
+        loaders = {}
+        for i, (m, build) in enumerate(TINY_DECODERS.items()):
+            loaders[m] = _seeded(100 + i, lambda m=m, build=build: Decoder(m, build()))
+        model = NextGPT(encoder, llm, tok, projections, loaders, enc_dim=encoder.config.out_embed_dim).eval()
+    model.default_steps = 4
+    return model
