@@ -37,6 +37,8 @@ def _existing_file(path) -> Path:
     path = Path(path).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file")
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder; expected a file")
     if path.is_file() and path.stat().st_size == 0:
         raise ValueError(f"{path}: the file is empty (0 bytes)")
     return path
@@ -180,8 +182,9 @@ def to_mono(waveform: torch.Tensor) -> torch.Tensor:
     x = torch.as_tensor(waveform)
     if x.ndim == 1:
         return x[None]
-    if x.ndim != 2:
-        raise ValueError(f"waveform must be (n,) or (channels, n); got shape {tuple(x.shape)}")
+    if x.ndim != 2 or x.shape[0] > x.shape[1]:
+        raise ValueError(f"waveform must be (n,) or (channels, n) with fewer channels than samples; "
+                         f"got shape {tuple(x.shape)} (transpose an (n, channels) array)")
     return x.mean(0, keepdim=True)
 
 
@@ -309,14 +312,14 @@ def kaldi_fbank(waveform, sample_rate: int = 16000, num_mel_bins: int = 128, fra
 def clip_timepoints(duration, clips: int, clip_seconds: float) -> list[tuple[Fraction, Fraction]]:
     """`clips` windows of clip_seconds, starts evenly spaced from 0 to duration - clip_seconds.
 
-    pytorchvideo's ConstantClipsPerVideoSampler, in exact fractions as it computes them.
-    A recording shorter than one clip gives `clips` copies of (0, clip_seconds).
+    pytorchvideo's ConstantClipsPerVideoSampler, with its arithmetic: the latest start is a
+    float subtraction, the rest exact fractions. A recording shorter than one clip gives
+    `clips` copies of (0, clip_seconds).
     """
     if clips < 1 or clip_seconds <= 0:
         raise ValueError(f"need clips >= 1 and clip_seconds > 0; got {clips}, {clip_seconds}")
-    length = Fraction(clip_seconds)
-    step = Fraction(max(Fraction(duration) - length, 0)) / max(clips - 1, 1)
-    return [(step * i, step * i + length) for i in range(clips)]
+    step = Fraction(max(float(duration) - clip_seconds, 0)) / max(clips - 1, 1)
+    return [(step * i, step * i + Fraction(clip_seconds)) for i in range(clips)]
 
 
 def waveform_to_imagebind_audio(waveform, sample_rate: int, clips: int = 3, clip_seconds: float = 2.0,
@@ -336,7 +339,7 @@ def waveform_to_imagebind_audio(waveform, sample_rate: int, clips: int = 3, clip
     _check_finite(x, "waveform")
     x = resample(x, sample_rate, sr)
     mels = []
-    for start, end in clip_timepoints(Fraction(x.shape[0], sr), clips, clip_seconds):
+    for start, end in clip_timepoints(x.shape[0] / sr, clips, clip_seconds):
         piece = x[int(start * sr): int(end * sr)]
         fbank = kaldi_fbank(piece - piece.mean(), sr, num_mel_bins).T  # (mel, frames)
         fbank = fbank[:, :target_length]
@@ -440,7 +443,7 @@ def video_to_imagebind_clips(frames, clips: int = 5, frames_per_clip: int = 2, s
     total = video.shape[0]
     norm_mean, norm_std = torch.tensor(mean).view(3, 1, 1, 1), torch.tensor(std).view(3, 1, 1, 1)
     out = []
-    for start, end in clip_timepoints(Fraction(total) / fps_frac, clips, clip_seconds):
+    for start, end in clip_timepoints(total / fps, clips, clip_seconds):
         first, stop = math.ceil(start * fps_frac), min(math.ceil(end * fps_frac), total)
         if stop <= first:
             raise ValueError(f"the clip {float(start):.2f}-{float(end):.2f} s holds no frames "

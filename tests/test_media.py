@@ -64,6 +64,8 @@ def test_image_batches_arrays_and_paths_agree(tmp_path):
 def test_image_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such file"):
         media.load_image(tmp_path / "missing.png")
+    with pytest.raises(ValueError, match="is a folder"):
+        media.load_image(tmp_path)
     (tmp_path / "empty.png").write_bytes(b"")
     with pytest.raises(ValueError, match="empty"):
         media.load_image(tmp_path / "empty.png")
@@ -289,6 +291,8 @@ def test_audio_errors(tmp_path):
     assert not (tmp_path / "nan.wav").exists()
     with pytest.raises(ValueError, match="empty"):
         media.waveform_to_imagebind_audio(torch.zeros(0), 16000)
+    with pytest.raises(ValueError, match=r"transpose an \(n, channels\) array"):
+        media.waveform_to_imagebind_audio(torch.zeros(32000, 2), 16000)
     with pytest.raises(ValueError, match="shorter than one"):
         media.waveform_to_imagebind_audio(torch.zeros(300), 16000)  # a zero-length clip of frames
 
