@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from minignext import media, weights
@@ -378,7 +379,8 @@ class NextGPT(nn.Module):
         """New token ids after the prompt. Like the reference, [X1..] are never sampled and
         sampling [X0] forces the rest of its run. `force_response` (text) teacher-forces the
         whole answer instead of sampling it: a hook for tests and lessons, since random or
-        toy weights do not reliably emit signal tokens by themselves."""
+        toy weights do not reliably emit signal tokens by themselves. Write a run back to back,
+        "[IMG0][IMG1][IMG2][IMG3]": a space between two signal tokens is a token that splits it."""
         llm = self.llama_model
         forced = None if force_response is None else self.tokenizer.encode(force_response)
         budget = len(forced) if forced is not None else max_new_tokens
@@ -513,9 +515,8 @@ class Decoder:
         if self.modality == "image":
             return list(out)
         if self.modality == "audio":
-            rate = self.pipeline.sample_rate
-            return [(np.asarray(w, dtype=np.float32).reshape(-1), rate) for w in out]
-        return [np.asarray(v) for v in out]                            # frames (T, H, W, 3) uint8
+            return [(np.asarray(w, dtype=np.float32).reshape(-1), self.pipeline.sampling_rate) for w in out]
+        return [(np.clip(v, 0, 1) * 255).round().astype(np.uint8) for v in out]     # frames (T, H, W, 3)
 
 
 # ---------------------------------------------------------------- presets
@@ -699,7 +700,49 @@ def _tiny_image_pipeline():
 SD_SCHEDULER = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012, "steps_offset": 1,
                 "set_alpha_to_one": False, "clip_sample": False, "num_train_timesteps": 1000}
 
-TINY_DECODERS = {"image": _tiny_image_pipeline}
+
+def _tiny_audio_pipeline():
+    """AudioLDM in miniature: the CLAP-space vector enters as class_labels; the unconditional
+    branch is a tiny random CLIP-style text encoder's normalised embedding of ""."""
+    from minignext.diffusion import AudioPipeline
+    from minignext.schedulers import DDIMScheduler
+    from minignext.unet import UNet2DCondition, UNet2DConditionConfig
+    from minignext.vae import AutoencoderKL, AutoencoderKLConfig
+    from minignext.vocoder import HifiGan, HifiGanConfig
+
+    dim = TINY["cond"]["audio"][1]
+    clap, clap_tok = _tiny_clip_text(32, with_projection=True, projection_dim=dim)
+    with torch.no_grad():
+        empty = F.normalize(clap(clap_tok([""])).embeds, dim=-1)[0]
+    unet = UNet2DCondition(UNet2DConditionConfig(
+        sample_size=8, block_out_channels=(16, 32), norm_num_groups=8, attention_head_dim=4,
+        cross_attention_dim=(16, 32), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), class_embed_type="simple_projection",
+        projection_class_embeddings_input_dim=dim, class_embeddings_concat=True))
+    vae = AutoencoderKL(AutoencoderKLConfig(in_channels=1, out_channels=1, block_out_channels=(8, 16), norm_num_groups=4))
+    vocoder = HifiGan(HifiGanConfig(model_in_dim=16, upsample_initial_channel=16, upsample_rates=(8, 8),
+                                    upsample_kernel_sizes=(16, 16)))
+    scheduler = DDIMScheduler.from_config({**SD_SCHEDULER, "beta_start": 0.0015, "beta_end": 0.0195})
+    return AudioPipeline(unet.eval(), vae.eval(), scheduler, vocoder.eval(), unconditional_embeds=empty)
+
+
+def _tiny_video_pipeline():
+    from minignext.diffusion import VideoPipeline
+    from minignext.schedulers import DDIMScheduler
+    from minignext.unet3d import UNet3DCondition, UNet3DConditionConfig
+    from minignext.vae import AutoencoderKL, AutoencoderKLConfig
+
+    text_encoder, tokenizer = _tiny_clip_text(TINY["cond"]["video"][1])
+    unet = UNet3DCondition(UNet3DConditionConfig(sample_size=8, block_out_channels=(16, 32), norm_num_groups=8,
+                                                 cross_attention_dim=TINY["cond"]["video"][1], attention_head_dim=8,
+                                                 transformer_in_heads=2))
+    vae = AutoencoderKL(AutoencoderKLConfig(block_out_channels=(16, 32), norm_num_groups=8, sample_size=16))
+    return VideoPipeline(unet.eval(), vae.eval(), DDIMScheduler.from_config(SD_SCHEDULER), text_encoder, tokenizer)
+
+
+TINY_DECODERS = {"image": (_tiny_image_pipeline, {}),
+                 "audio": (_tiny_audio_pipeline, {"audio_length_in_s": 0.5}),
+                 "video": (_tiny_video_pipeline, {"num_frames": 8})}
 
 
 def _seeded(seed, build):
@@ -727,8 +770,8 @@ def tiny_random() -> "NextGPT":
                                                  num_signal_tokens=SIGNALS[m][1])
                        for m, (q, d) in TINY["cond"].items()}
         loaders = {}
-        for i, (m, build) in enumerate(TINY_DECODERS.items()):
-            loaders[m] = _seeded(100 + i, lambda m=m, build=build: Decoder(m, build()))
+        for i, (m, (build, kwargs)) in enumerate(TINY_DECODERS.items()):
+            loaders[m] = _seeded(100 + i, lambda m=m, build=build, kw=kwargs: Decoder(m, build(), **kw))
         model = NextGPT(encoder, llm, tok, projections, loaders, enc_dim=encoder.config.out_embed_dim).eval()
     model.default_steps = 4
     return model
