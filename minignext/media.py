@@ -354,9 +354,11 @@ def _frames_from_array(arr) -> np.ndarray:
     if arr.ndim != 4 or arr.shape[-1] != 3:
         raise ValueError(f"video frames must be (T, H, W, 3); got shape {arr.shape}")
     if arr.dtype != np.uint8:
-        if not np.issubdtype(arr.dtype, np.floating) or not np.isfinite(arr).all() or arr.min() < 0 or arr.max() > 1:
+        # floats may overshoot [0, 1] by rounding (e.g. a VAE decode); anything further is an error
+        if (not np.issubdtype(arr.dtype, np.floating) or not np.isfinite(arr).all() or arr.size == 0
+                or arr.min() < -1e-3 or arr.max() > 1 + 1e-3):
             raise ValueError(f"video frames must be uint8, or float in [0, 1] without NaN; got {arr.dtype}")
-        arr = np.round(arr * 255.0).astype(np.uint8)
+        arr = np.round(np.clip(arr, 0.0, 1.0) * 255.0).astype(np.uint8)
     if 0 in arr.shape:
         raise ValueError(f"video has no frames or zero-size frames: shape {arr.shape}")
     return arr

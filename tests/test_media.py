@@ -387,6 +387,8 @@ def test_video_errors(tmp_path):
         media.load_video(np.zeros((0, 8, 8, 3), np.uint8))
     with pytest.raises(ValueError, match="without NaN"):
         media.load_video(np.full((2, 8, 8, 3), np.nan, np.float32))
+    with pytest.raises(ValueError, match=r"float in \[0, 1\]"):
+        media.load_video(np.full((2, 8, 8, 3), 255.0, np.float32))
     with pytest.raises(ValueError, match="holds no frames"):  # a zero-length clip
         media.video_to_imagebind_clips(index_video(3, 8, 8), clips=5, size=8, fps=0.25)
     with pytest.raises(ValueError, match="crops must be 1"):
