@@ -267,6 +267,15 @@ class CLIPEncoder(nn.Module):
 
 # ---------------------------------------------------------------- vision tower
 
+def patchify(images, patch_size):
+    """(B, C, H, W) -> (B, H/p * W/p, C * p * p): patches in reading order, each flattened
+    channel-first like a Conv2d weight, so patchify(x) @ conv.weight.flatten(1).T == conv(x)."""
+    if images.dim() != 4 or images.shape[-1] % patch_size or images.shape[-2] % patch_size:
+        raise ValueError(f"patchify wants (B, C, H, W) with H and W multiples of {patch_size}, "
+                         f"got {tuple(images.shape)}")
+    return rearrange(images, "b c (h p) (w q) -> b (h w) (c p q)", p=patch_size, q=patch_size)
+
+
 def interpolate_pos_embed(pos_embed, old_grid, new_grid):
     """Resize a ViT position table (1 + old_h * old_w, D) to (1 + new_h * new_w, D): the class
     position stays, the patch positions are resampled as a (D, old_h, old_w) picture (bicubic)."""
