@@ -1,0 +1,72 @@
+"""Measure the shipped toy models on held-out prompts, judged by the analytic checkers.
+
+    python -m minignext.toy.eval foundations [--only ...] [--quick]
+    python -m minignext.toy.eval nextgpt [--quick]
+
+Each part's module `minignext.toy.train_<part>` has `evaluate(quick=False, seed=1234) -> list[Metric]`.
+The command prints one table and exits non-zero if any metric misses its threshold.
+"""
+
+import argparse
+import importlib
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+from minignext.toy.train import FOUNDATIONS
+
+
+@dataclass
+class Metric:
+    name: str
+    value: float                 # a fraction in [0, 1], or any number when threshold is None
+    threshold: float | None = None
+    n: int = 0
+    note: str = ""
+
+    @property
+    def ok(self):
+        return self.threshold is None or self.value >= self.threshold
+
+
+def format_table(metrics) -> str:
+    rows = ["| what is measured | value | threshold | n | ok |", "| --- | --- | --- | --- | --- |"]
+    for m in metrics:
+        value = f"{100 * m.value:.1f}%" if m.threshold is not None or 0 <= m.value <= 1 else f"{m.value:.3g}"
+        thr = f">= {100 * m.threshold:.0f}%" if m.threshold is not None else "(reported)"
+        note = f" ({m.note})" if m.note else ""
+        rows.append(f"| {m.name}{note} | {value} | {thr} | {m.n} | {'yes' if m.ok else 'NO'} |")
+    return "\n".join(rows)
+
+
+def evaluate(parts, quick=False):
+    metrics = []
+    for part in parts:
+        t0 = time.perf_counter()
+        metrics += importlib.import_module(f"minignext.toy.train_{part}").evaluate(quick=quick)
+        print(f"{part}: evaluated in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+    return metrics
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m minignext.toy.eval", description=__doc__.splitlines()[0])
+    p.add_argument("what", choices=("foundations", "nextgpt"))
+    p.add_argument("--only", help="comma-separated parts: " + ",".join(FOUNDATIONS))
+    p.add_argument("--quick", action="store_true", help="fewer samples (for the notebooks)")
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    parts = (args.only.split(",") if args.only else FOUNDATIONS) if args.what == "foundations" else ["nextgpt"]
+    metrics = evaluate(parts, quick=args.quick)
+    print(format_table(metrics))
+    failed = [m.name for m in metrics if not m.ok]
+    if failed:
+        print(f"below threshold: {', '.join(failed)}", file=sys.stderr)
+        raise SystemExit(1)
+    return metrics
+
+
+if __name__ == "__main__":
+    main()
