@@ -25,10 +25,8 @@ def decode_one_token(model, token, pos: int):
     return model.lm_head(model.hidden_states(token, input_pos=pos)[:, -1])
 
 
-def sample(logits, temperature=0.0, top_p=1.0, top_k=None, generator=None):
-    """logits (B, V) -> token ids (B,)."""
-    if temperature <= 0:
-        return logits.argmax(dim=-1)
+def filter_logits(logits, temperature=1.0, top_p=1.0, top_k=None):
+    """Scale logits (B, V) by 1/temperature and set those outside top-k / top-p to -inf."""
     logits = logits.float() / temperature
     if top_k is not None and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
@@ -39,7 +37,14 @@ def sample(logits, temperature=0.0, top_p=1.0, top_k=None, generator=None):
         # drop a token when the tokens ranked before it already hold top_p of the mass
         drop = probs.cumsum(dim=-1) - probs > top_p
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    probs = logits.softmax(dim=-1)
+    return logits
+
+
+def sample(logits, temperature=0.0, top_p=1.0, top_k=None, generator=None):
+    """logits (B, V) -> token ids (B,): argmax at temperature 0, else a draw."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    probs = filter_logits(logits, temperature, top_p, top_k).softmax(dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
