@@ -10,6 +10,7 @@ Papers: Rombach et al. 2022 (latent diffusion, arXiv 2112.10752); Ho & Salimans 
 own UNet function and conditioning.
 """
 
+import numbers
 from pathlib import Path
 
 import numpy as np
@@ -189,4 +190,234 @@ class ImagePipeline:
             path.parent.mkdir(parents=True, exist_ok=True)
             image.save(path)
             paths.append(path)
+        return paths
+
+
+# ---------------------------------------------------------------- audio: AudioLDM
+
+class AudioPipeline:
+    """CLAP embeddings -> waveforms with AudioLDM (Liu et al. 2023, "AudioLDM: Text-to-Audio Generation
+    with Latent Diffusion Models", arXiv 2301.12503): the UNet denoises a mel-spectrogram latent,
+    conditioned by the 512-d CLAP vector through `class_labels` (projected and concatenated to the
+    time embedding; no cross-attention), the VAE decodes the mel, and HiFi-GAN turns it into sound.
+    Mirrors diffusers' `AudioLDMPipeline` called with `prompt_embeds`.
+
+    The CLAP text encoder is not part of minignext. diffusers uses prompt_embeds as given, and when
+    no negative is given its unconditional branch is the L2-normalised CLAP embedding of "". Here
+    that vector must be supplied: per call as `negative_prompt_embeds`, or once as
+    `unconditional_embeds` (D,) when building the pipeline.
+    """
+
+    def __init__(self, unet, vae, scheduler, vocoder, unconditional_embeds=None):
+        self.unet, self.vae, self.scheduler, self.vocoder = unet, vae, scheduler, vocoder
+        self.unconditional_embeds = unconditional_embeds
+
+    @classmethod
+    def from_pretrained(cls, path, dtype=None, device=None, scheduler=None, unconditional_embeds=None):
+        """A diffusers AudioLDM folder: unet/, vae/, vocoder/, scheduler/ (text_encoder/ is not read)."""
+        from minignext.unet import UNet2DCondition
+        from minignext.vae import AutoencoderKL
+        from minignext.vocoder import HifiGan
+
+        folder = weights.resolve(path)
+        sched_cfg = weights.read_config(folder / "scheduler", "scheduler_config.json")
+        if scheduler is not None:
+            sched_cfg = {**sched_cfg, "_class_name": scheduler}
+        return cls(unet=UNet2DCondition.from_pretrained(folder / "unet", dtype=dtype, device=device),
+                   vae=AutoencoderKL.from_pretrained(folder / "vae", dtype=dtype, device=device),
+                   scheduler=scheduler_from_config(sched_cfg),
+                   vocoder=HifiGan.from_pretrained(folder / "vocoder", dtype=dtype, device=device),
+                   unconditional_embeds=unconditional_embeds)
+
+    @property
+    def device(self):
+        return self.unet.conv_in.weight.device
+
+    @property
+    def dtype(self):
+        return self.unet.conv_in.weight.dtype
+
+    @property
+    def sampling_rate(self):
+        return self.vocoder.config.sampling_rate
+
+    def _embeds(self, prompt_embeds, negative_prompt_embeds, guided):
+        width = self.unet.config.projection_class_embeddings_input_dim
+        if isinstance(prompt_embeds, (str, list, tuple)):
+            raise ValueError("AudioPipeline takes CLAP embeddings, not text: minignext has no CLAP text encoder. "
+                             f"Pass prompt_embeds as a (batch, {width}) tensor, e.g. NExT-GPT's audio output "
+                             "projection")
+        if not torch.is_tensor(prompt_embeds) or prompt_embeds.dim() != 2 or prompt_embeds.shape[-1] != width:
+            shape = tuple(prompt_embeds.shape) if torch.is_tensor(prompt_embeds) else type(prompt_embeds).__name__
+            raise ValueError(f"prompt_embeds must be a (batch, {width}) tensor of CLAP embeddings, got {shape}")
+        if not guided:
+            return prompt_embeds.to(self.device, self.dtype), None
+        if negative_prompt_embeds is None:
+            if self.unconditional_embeds is None:
+                raise ValueError(
+                    "guidance_scale > 1 needs the unconditional branch: AudioLDM uses the normalised CLAP "
+                    "embedding of the empty text, which minignext cannot compute. Pass negative_prompt_embeds "
+                    "(batch, dim), build the pipeline with unconditional_embeds=..., or use guidance_scale <= 1")
+            negative_prompt_embeds = torch.as_tensor(self.unconditional_embeds).reshape(1, -1).expand_as(prompt_embeds)
+        if not torch.is_tensor(negative_prompt_embeds) or negative_prompt_embeds.shape != prompt_embeds.shape:
+            shape = tuple(negative_prompt_embeds.shape) if torch.is_tensor(negative_prompt_embeds) else None
+            raise ValueError(f"negative_prompt_embeds must have the shape of prompt_embeds "
+                             f"{tuple(prompt_embeds.shape)}, got {shape}")
+        return prompt_embeds.to(self.device, self.dtype), negative_prompt_embeds.to(self.device, self.dtype)
+
+    def mel_frames(self, audio_length_in_s=None):
+        """(seconds, mel frames rounded up to the VAE's scale, samples to keep), as diffusers computes them."""
+        f, voc = self.vae.scale_factor, self.vocoder.config
+        seconds_per_frame = voc.hop_length / voc.sampling_rate
+        if audio_length_in_s is None:
+            audio_length_in_s = self.unet.config.sample_size * f * seconds_per_frame
+        if isinstance(audio_length_in_s, bool) or not isinstance(audio_length_in_s, numbers.Real) \
+                or not audio_length_in_s >= f * seconds_per_frame:
+            raise ValueError(f"audio_length_in_s must be a number of seconds >= {f * seconds_per_frame:g} "
+                             f"(one latent row: {f} mel frames of {seconds_per_frame:g} s), got {audio_length_in_s!r}")
+        frames = int(audio_length_in_s / seconds_per_frame)
+        frames = -(-frames // f) * f
+        return audio_length_in_s, frames, int(audio_length_in_s * voc.sampling_rate)
+
+    def _initial_latents(self, batch, frames, seed, latents):
+        f, bins = self.vae.scale_factor, self.vocoder.config.model_in_dim
+        if bins % f:
+            raise ValueError(f"the vocoder's {bins} mel bins are not divisible by the VAE scale factor {f}")
+        shape = (batch, self.unet.config.in_channels, frames // f, bins // f)
+        if latents is None:
+            generator = torch.Generator().manual_seed(seed) if seed is not None else None
+            return torch.randn(shape, generator=generator, dtype=self.dtype).to(self.device)
+        if not torch.is_tensor(latents) or tuple(latents.shape) != shape:
+            got = tuple(latents.shape) if torch.is_tensor(latents) else type(latents).__name__
+            raise ValueError(f"latents must have shape {shape} (batch, channels, mel frames / {f}, "
+                             f"mel bins / {f}) for this audio length; got {got}")
+        return latents.to(self.device, self.dtype)
+
+    def decode(self, latents):
+        """Latents -> mel spectrograms (B, frames, bins) -> waveforms (B, samples)."""
+        mel = self.vae.decode(latents / self.vae.scaling_factor)[:, 0]
+        return mel, self.vocoder(mel)
+
+    @torch.no_grad()
+    def __call__(self, prompt_embeds, negative_prompt_embeds=None, guidance_scale=2.5, num_inference_steps=10,
+                 seed=None, latents=None, audio_length_in_s=None, output_type="np", progress=True, callback=None):
+        if output_type not in ("np", "pt"):
+            raise ValueError(f"output_type must be 'np' or 'pt', got {output_type!r}")
+        guided = guidance_scale > 1.0
+        cond, uncond = self._embeds(prompt_embeds, negative_prompt_embeds, guided)
+        _, frames, samples = self.mel_frames(audio_length_in_s)
+        latents = self._initial_latents(cond.shape[0], frames, seed, latents)
+        generator = torch.Generator().manual_seed(seed + 1) if seed is not None else None
+        latents = denoise(lambda x, t, c: self.unet(x, t, encoder_hidden_states=None, class_labels=c), latents,
+                          self.scheduler, cond, uncond, guidance_scale, num_inference_steps, progress, callback,
+                          generator, desc="audio")
+        audio = self.decode(latents)[1][:, :samples].float().cpu()   # crop the rounding-up of the length
+        return audio.numpy() if output_type == "np" else audio
+
+    def save(self, waveforms, folder, stem="audio", overwrite=False):
+        """Write each waveform as a 16-bit WAV at the vocoder's sampling rate; never overwrites unless asked."""
+        from minignext.media import write_wav
+
+        paths = []
+        for i, w in enumerate(waveforms):
+            path = Path(folder) / f"{stem}_{i}.wav"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            paths.append(write_wav(path, torch.as_tensor(w), self.sampling_rate, overwrite=overwrite))
+        return paths
+
+
+# ---------------------------------------------------------------- video: ZeroScope / ModelScope T2V
+
+class VideoPipeline(ImagePipeline):
+    """Text states (B, 77, 1024) -> video clips with the 3D UNet (ModelScope text-to-video, Wang et
+    al. 2023, arXiv 2308.06571; ZeroScope v2 is a fine-tune of it). Mirrors diffusers'
+    `TextToVideoSDPipeline`. The scheduler and the loop see the latents with the frames folded into
+    the batch (B*F, C, h, w), as there; the UNet gets them unfolded. The VAE is the image VAE, run
+    on one frame at a time."""
+
+    def __init__(self, unet3d, vae, scheduler, text_encoder=None, tokenizer=None):
+        super().__init__(unet3d, vae, scheduler, text_encoder, tokenizer)
+
+    @classmethod
+    def from_pretrained(cls, path, dtype=None, device=None, scheduler=None):
+        """A diffusers TextToVideoSD folder: model_index.json, unet/ (3D), vae/, scheduler/ and, if
+        present, text_encoder/ and tokenizer/."""
+        from minignext.clip import CLIPText, CLIPTokenizer
+        from minignext.unet3d import UNet3DCondition
+        from minignext.vae import AutoencoderKL
+
+        folder = weights.resolve(path)
+        index = weights.read_config(folder, "model_index.json")
+        sched_cfg = weights.read_config(folder / "scheduler", "scheduler_config.json")
+        if scheduler is not None:
+            sched_cfg = {**sched_cfg, "_class_name": scheduler}
+        has = lambda name: index.get(name) not in (None, [None, None]) and (folder / name).is_dir()
+        return cls(unet3d=UNet3DCondition.from_pretrained(folder / "unet", dtype=dtype, device=device),
+                   vae=AutoencoderKL.from_pretrained(folder / "vae", dtype=dtype, device=device),
+                   scheduler=scheduler_from_config(sched_cfg),
+                   text_encoder=CLIPText.from_pretrained(folder / "text_encoder", dtype=dtype, device=device)
+                   if has("text_encoder") else None,
+                   tokenizer=CLIPTokenizer.from_pretrained(folder / "tokenizer") if has("tokenizer") else None)
+
+    def _initial_video_latents(self, batch, num_frames, height, width, seed, latents):
+        """Unit-variance noise (B, C, F, h, w), or the given latents after checking their shape."""
+        if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 1:
+            raise ValueError(f"num_frames must be a positive integer, got {num_frames!r}")
+        f = self.vae.scale_factor
+        if latents is not None:
+            if not torch.is_tensor(latents) or latents.dim() != 5:
+                raise ValueError(f"latents must be a (batch, channels, frames, height/{f}, width/{f}) tensor")
+            if latents.shape[2] != num_frames:
+                raise ValueError(f"latents hold {latents.shape[2]} frames but num_frames={num_frames}; "
+                                 f"pass num_frames={latents.shape[2]} or new latents")
+            height, width = height or latents.shape[3] * f, width or latents.shape[4] * f
+        height = height or self.unet.config.sample_size * f
+        width = width or self.unet.config.sample_size * f
+        if height % f or width % f:
+            raise ValueError(f"height and width must be divisible by {f} (the VAE's scale factor), "
+                             f"got {height}x{width}")
+        shape = (batch, self.unet.config.in_channels, num_frames, height // f, width // f)
+        if latents is None:
+            generator = torch.Generator().manual_seed(seed) if seed is not None else None
+            return torch.randn(shape, generator=generator, dtype=self.dtype).to(self.device)
+        if tuple(latents.shape) != shape:
+            raise ValueError(f"latents have shape {tuple(latents.shape)}; for {height}x{width} video, "
+                             f"{num_frames} frames and a batch of {batch} they must be {shape}")
+        return latents.to(self.device, self.dtype)
+
+    @torch.no_grad()
+    def __call__(self, prompt_embeds=None, negative_prompt_embeds=None, num_frames=16, height=None, width=None,
+                 guidance_scale=9.0, num_inference_steps=50, seed=None, latents=None, output_type="np",
+                 progress=True, callback=None, prompt=None, negative_prompt=None):
+        """Returns "np" (B, F, H, W, 3) float32 or "pt" (B, F, 3, H, W), values in [0, 1]; "latent" the latents."""
+        if output_type not in ("np", "pt", "latent"):
+            raise ValueError(f"output_type must be 'np', 'pt' or 'latent', got {output_type!r}")
+        from minignext.unet3d import fold_frames, unfold_frames
+
+        guided = guidance_scale > 1.0
+        cond, uncond = self._conditioning(prompt, prompt_embeds, negative_prompt, negative_prompt_embeds, guided)
+        latents = self._initial_video_latents(cond.shape[0], num_frames, height, width, seed, latents)
+        generator = torch.Generator().manual_seed(seed + 1) if seed is not None else None
+        unet_fn = lambda x, t, c: fold_frames(self.unet(unfold_frames(x, num_frames), t, c))
+        latents = unfold_frames(denoise(unet_fn, fold_frames(latents), self.scheduler, cond, uncond, guidance_scale,
+                                        num_inference_steps, progress, callback, generator, desc="video"), num_frames)
+        if output_type == "latent":
+            return latents
+        video = self.decode_video(latents)                               # (B, F, 3, H, W)
+        return video if output_type == "pt" else video.permute(0, 1, 3, 4, 2).float().cpu().numpy()
+
+    def decode_video(self, latents):
+        """(B, C, F, h, w) latents -> (B, F, 3, H, W) frames in [0, 1], one VAE call per frame."""
+        frames = [decode_latents(self.vae, latents[:, :, i]) for i in range(latents.shape[2])]
+        return torch.stack(frames, dim=1)
+
+    def save(self, video, folder, stem="video", fps=8, overwrite=False):
+        """Write each clip (F, H, W, 3) of an "np" result as an animated GIF; never overwrites unless asked."""
+        from minignext.media import write_gif
+
+        paths = []
+        for i, clip in enumerate(video):
+            path = Path(folder) / f"{stem}_{i}.gif"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            paths.append(write_gif(path, clip, fps=fps, overwrite=overwrite))
         return paths

@@ -59,6 +59,11 @@ class UNet3DConditionConfig:
             raise ValueError(f"act_fn {self.act_fn!r} is not supported; the UNet uses 'silu'")
         self.time_embed_dim = self.block_out_channels[0] * 4
 
+    def per_block(self, name):
+        """One value per level, as UNet2DConditionConfig.per_block (the pipelines read widths this way)."""
+        value = getattr(self, name)
+        return tuple(value) if isinstance(value, (tuple, list)) else (value,) * len(self.down_block_types)
+
     @classmethod
     def from_hf(cls, d: dict) -> "UNet3DConditionConfig":
         for key in ("num_attention_heads", "time_cond_proj_dim"):

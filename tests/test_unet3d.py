@@ -24,6 +24,15 @@ CONFIGS = {
 }
 
 
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    """Tiny models run fastest on one thread; two threads on a loaded 2-core machine spin-wait."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def randomize(module, std=0.05):
     """Non-zero weights everywhere, including the zero-initialised last temporal conv."""
     with torch.no_grad():
