@@ -65,3 +65,157 @@ def test_freeze_old_rows_trains_only_the_new_rows():
     emb(torch.tensor([1, 5, 8, 9])).sum().backward()
     assert emb.weight.grad[:7].abs().sum() == 0
     assert (emb.weight.grad[8:] != 0).all()
+
+
+# ---------------------------------------------------------------- tiny-random, end to end
+
+from minignext import media  # noqa: E402
+from minignext.nextgpt import Conversation, NextGPT, WeightsError  # noqa: E402
+
+IMG = "".join(signal_token_names("image"))
+AUD = "".join(signal_token_names("audio"))
+VID = "".join(signal_token_names("video"))
+FAST = dict(num_inference_steps=2, progress=False)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The tiny models gain nothing from threads, and on a busy 2-core machine they lose a lot."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return NextGPT.from_preset("tiny-random")
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    from PIL import Image
+    folder = tmp_path_factory.mktemp("inputs")
+    Image.new("RGB", (48, 40), (200, 30, 30)).save(folder / "red.png")
+    t = np.arange(16000) / 16000
+    media.write_wav(folder / "tone.wav", (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32), 16000)
+    frames = np.zeros((16, 32, 32, 3), np.uint8)
+    for k in range(16):
+        frames[k, 10:20, k:k + 10] = 255
+    media.write_gif(folder / "clip.gif", frames, fps=8)
+    return {"image": folder / "red.png", "audio": folder / "tone.wav", "video": folder / "clip.gif"}
+
+
+def reference_conditioning(model, reply, modality):
+    """Independently: one forward over [prompt; answer], states AT the run + its embeddings."""
+    llm = model.llama_model
+    ids = torch.tensor(reply.token_ids)
+    with torch.no_grad():
+        seq = torch.cat([reply.prompt.embeds[0], llm.model.embed_tokens.weight[ids]])
+        hidden = llm.hidden_states(inputs_embeds=seq[None])
+        pos = next(p for m, p in reply.signals if m == modality)
+        n = len(model.signal_ids[modality])
+        run = llm.model.embed_tokens.weight[torch.tensor(model.signal_ids[modality])]
+        at = model.output_projection(modality)(hidden[:, pos:pos + n], run[None])
+        before = model.output_projection(modality)(hidden[:, pos - 1:pos - 1 + n], run[None])
+    return at, before
+
+
+@pytest.mark.parametrize("modality,signal,shape", [
+    ("image", IMG, (1, 77, 32)), ("audio", AUD, (1, 16)), ("video", VID, (1, 77, 32))])
+def test_input_and_output_in_each_modality(model, inputs, modality, signal, shape):
+    conv = Conversation().user("What is this? Make one like it.", **{modality: inputs[modality]})
+    reply = model.chat(conv, force_response=f"It is red. Here: {signal}", **FAST)
+    assert reply.text.startswith("It is red")
+    assert "[" not in reply.text and signal_token_names(modality)[0] in reply.raw_text
+
+    # splicing: one soft token between <Img> and </Img>, equal to llama_proj(ImageBind(x))
+    p = reply.prompt
+    (soft,) = p.soft_positions
+    assert p.ids[soft] == -1 and p.ids[soft - 1] == model.splice_ids[0] and p.ids[soft + 1] == model.splice_ids[1]
+    assert p.soft_modalities == [modality]
+    expected_soft = model.encode(modality, inputs[modality])
+    torch.testing.assert_close(p.embeds[0, soft], expected_soft[0])
+
+    # the signal run sits where the forced answer put it, and routes to the right projection
+    sig0 = model.signal_ids[modality][0]
+    assert reply.signals == [(modality, len(p.ids) + reply.token_ids.index(sig0))]
+    ((routed, cond),) = reply.conditioning
+    assert routed == modality and tuple(cond.shape) == shape
+    at, before = reference_conditioning(model, reply, modality)
+    torch.testing.assert_close(cond, at[:, 0] if modality == "audio" else at, atol=1e-5, rtol=1e-5)
+    assert (cond - (before[:, 0] if modality == "audio" else before)).abs().max() > 1e-4   # not off by one
+
+    images, audios, videos = reply.images, reply.audios, reply.videos
+    assert (len(images), len(audios), len(videos)) == (
+        int(modality == "image"), int(modality == "audio"), int(modality == "video"))
+    if modality == "image":
+        assert images[0].size == (32, 32)
+    if modality == "audio":
+        wave, sr = audios[0]
+        assert sr == 16000 and wave.ndim == 1 and wave.shape[0] == 8000 and np.isfinite(wave).all()
+    if modality == "video":
+        assert videos[0].shape == (8, 16, 16, 3) and videos[0].dtype == np.uint8
+    assert reply.notices == []
+
+
+def test_two_outputs_in_one_answer_route_separately(model):
+    reply = model.chat("Draw it and play it.", force_response=f"Look {IMG} and listen {AUD}", decode=False,
+                       progress=False)
+    assert [m for m, _ in reply.signals] == ["image", "audio"]
+    assert [tuple(c.shape) for _, c in reply.conditioning] == [(1, 77, 32), (1, 16)]
+    assert reply.images == [] and reply.audios == []              # decode=False stops at the projection
+
+
+def test_partial_signal_run_is_completed_and_said(model):
+    partial = "".join(signal_token_names("image")[:2])
+    reply = model.chat("Draw a cat.", force_response=f"Sure {partial}", **FAST)
+    assert any("completed" in n for n in reply.notices)
+    assert reply.token_ids[-4:] == model.signal_ids["image"]
+    assert len(reply.images) == 1
+
+
+def test_multi_turn_keeps_earlier_media_in_context(model, inputs):
+    conv = Conversation().user("Look at this.", image=inputs["image"])
+    model.chat(conv, force_response="A red square.", **FAST)
+    conv.user("And listen to this.", audio=inputs["audio"])
+    reply = model.chat(conv, force_response="A tone.", **FAST)
+    assert reply.prompt.soft_modalities == ["image", "audio"]
+    assert [t.role for t in conv.turns] == ["user", "assistant", "user", "assistant"]
+    first, second = reply.prompt.soft_positions
+    assert first < second
+    torch.testing.assert_close(reply.prompt.embeds[0, first], model.encode("image", inputs["image"])[0])
+
+
+def test_sampled_generation_never_starts_mid_run(model):
+    reply = model.chat("Tell me something.", max_new_tokens=12, temperature=1.0, seed=3, decode=False,
+                       progress=False)
+    _, _, notices = find_signal_runs(reply.token_ids, model.signal_ids)
+    assert notices == [] and len(reply.token_ids) <= 12 + 23
+
+
+def test_tiny_random_is_deterministic(model):
+    other = NextGPT.from_preset("tiny-random")
+    for (k, a), (_, b) in zip(model.state_dict().items(), other.state_dict().items()):
+        assert torch.equal(a, b), k
+
+
+def test_unreadable_media_file(model, tmp_path):
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"this is not a png")
+    with pytest.raises(ValueError, match="broken.png"):
+        model.chat(Conversation().user("What is this?", image=bad), progress=False)
+    with pytest.raises(FileNotFoundError):
+        model.chat(Conversation().user("And this?", audio=tmp_path / "missing.wav"), progress=False)
+
+
+def test_missing_weights_name_the_download_command(monkeypatch, tmp_path):
+    import minignext.nextgpt as ng
+    monkeypatch.setattr(ng, "REAL_DIR", tmp_path / "real")
+    monkeypatch.setattr(ng, "TOY_DIR", tmp_path / "toy")
+    with pytest.raises(WeightsError, match="minignext download nextgpt-7b"):
+        NextGPT.from_preset("nextgpt-7b")
+    with pytest.raises(WeightsError, match="toy weights"):
+        NextGPT.from_preset("toy")
+    with pytest.raises(ValueError, match="unknown preset"):
+        NextGPT.from_preset("nextgpt-13b")
