@@ -21,6 +21,7 @@ from torch import nn
 from minignext import media, weights
 from minignext.generation import decode_one_token, prefill, sample
 from minignext.projection import InputProjection, OutputProjection, OutputProjectionConfig
+from minignext.tokenizer import VICUNA_V0
 from minignext.utils import progress as progress_bar
 from minignext.weights import WeightsError
 
@@ -100,7 +101,7 @@ def apply_delta(llm, delta: dict, lora_alpha=32.0) -> dict:
 SPLICE_OPEN, SPLICE_CLOSE = "<Img>", "</Img>"    # wraps a soft token, whatever its modality
 SIGNALS = {"image": ("IMG", 4), "video": ("VID", 24), "audio": ("AUD", 8)}
 MODALITIES = tuple(SIGNALS)
-STOP_STRING = "###"
+STOP_STRING = VICUNA_V0.stop[0]                   # "###"
 
 
 def signal_token_names(modality, n=None):
@@ -244,12 +245,13 @@ class Conversation:
         out = []
         for t, turn in enumerate(self.turns):
             if turn.role == "assistant":
-                out.append(f" {turn.text}\n")
+                out.append(f" {turn.text}{VICUNA_V0.sep}")
                 continue
-            out.append("### Human: ")
+            out.append(VICUNA_V0.user)
             for k in range(len(turn.media)):
                 out += [SPLICE_OPEN, (t, k), SPLICE_CLOSE]
-            out.append(f" {turn.text}\n### Assistant:" if turn.media else f"{turn.text}\n### Assistant:")
+            text = f" {turn.text}" if turn.media else turn.text
+            out.append(text + VICUNA_V0.sep + VICUNA_V0.assistant.rstrip())
         return out
 
 
@@ -353,7 +355,7 @@ class NextGPT(nn.Module):
             ids.append(self.tokenizer.bos_id)
         for seg in conversation.segments():
             if isinstance(seg, str):
-                ids += [self._token_id(seg)] if seg in (SPLICE_OPEN, SPLICE_CLOSE) else self.tokenizer.encode(seg)
+                ids += [self._token_id(seg)] if seg in (SPLICE_OPEN, SPLICE_CLOSE) else self.tokenizer.encode(seg, add_bos=False)
                 continue
             t, k = seg
             turn = conversation.turns[t]
@@ -382,7 +384,7 @@ class NextGPT(nn.Module):
         toy weights do not reliably emit signal tokens by themselves. Write a run back to back,
         "[IMG0][IMG1][IMG2][IMG3]": a space between two signal tokens is a token that splits it."""
         llm = self.llama_model
-        forced = None if force_response is None else self.tokenizer.encode(force_response)
+        forced = None if force_response is None else self.tokenizer.encode(force_response, add_bos=False)
         budget = len(forced) if forced is not None else max_new_tokens
         total = prompt.embeds.shape[1] + budget
         if total > llm.config.max_position_embeddings:
@@ -471,7 +473,7 @@ class NextGPT(nn.Module):
         plain, raw, chunk = [], [], []
         for t in list(ids) + [None]:
             if t in names or t is None:
-                piece = self.tokenizer.decode(chunk) if chunk else ""
+                piece = self.tokenizer.decode(chunk, skip_special=True) if chunk else ""
                 plain.append(piece)
                 raw.append(piece)
                 chunk = []
