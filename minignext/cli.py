@@ -51,16 +51,19 @@ def cmd_forward(target):
     return run
 
 
+FORWARDED = {
+    "demo": ("minignext.demo:main", "run a scripted any-to-any conversation"),
+    "chat": ("minignext.chat:chat_main", "interactive multi-turn chat"),
+    "run": ("minignext.chat:run_main", "one exchange, written to a folder"),
+    "download": ("minignext.chat:download_main", "fetch the weights of a preset"),
+}
+
+
 def build_parser():
     p = argparse.ArgumentParser(prog="minignext", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
 
-    for name, target, helptext in [
-        ("demo", "minignext.demo:main", "run a scripted any-to-any conversation"),
-        ("chat", "minignext.chat:chat_main", "interactive multi-turn chat"),
-        ("run", "minignext.chat:run_main", "one exchange, written to a folder"),
-        ("download", "minignext.chat:download_main", "fetch the weights of a preset"),
-    ]:
+    for name, (target, helptext) in FORWARDED.items():
         s = sub.add_parser(name, help=helptext, add_help=False)
         s.add_argument("rest", nargs=argparse.REMAINDER)
         s.set_defaults(func=cmd_forward(target))
@@ -80,7 +83,12 @@ def build_parser():
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in FORWARDED:
+        # argparse's REMAINDER drops leading options ("demo --out x"); hand them all over as they are
+        args = argparse.Namespace(command=argv[0], rest=argv[1:], func=cmd_forward(FORWARDED[argv[0]][0]))
+    else:
+        args = build_parser().parse_args(argv)
     try:
         args.func(args)
     except (WeightsError, FileNotFoundError, FileExistsError, ValueError) as e:

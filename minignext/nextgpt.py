@@ -560,7 +560,8 @@ def nextgpt_7b(dtype=None, device=None):
     if missing:
         raise WeightsError(
             f"the nextgpt-7b preset is missing: {', '.join(missing)}. Run `minignext download nextgpt-7b` "
-            f"(it fetches and converts ImageBind-huge and the NExT-GPT delta). Vicuna-7B-v0 is LLaMA-7B plus "
+            f"(it fetches and converts the NExT-GPT delta, fetches the decoders, and says how to get "
+            f"ImageBind-huge). Vicuna-7B-v0 is LLaMA-7B plus "
             f"lmsys/vicuna-7b-delta-v0; merge them with FastChat's apply_delta and save the HF folder "
             f"(config.json, *.safetensors, tokenizer.json) as {need['vicuna']}.")
     dtype = dtype or torch.float16
