@@ -182,6 +182,16 @@ def find_signal_runs(ids, signal_ids: dict):
     return fixed, runs, notices
 
 
+def extract_signal_states(hidden, ids, run):
+    """hidden (B, T, H) over the tokens `ids` (T,) -> the states (B, n, H) at the first place
+    where the n tokens of `run` appear back to back."""
+    ids, run = [int(i) for i in ids], [int(i) for i in run]
+    for start in range(len(ids) - len(run) + 1):
+        if ids[start:start + len(run)] == run:
+            return signal_states(hidden, start, len(run))
+    raise ValueError(f"the signal run {run} does not occur in the token ids")
+
+
 def signal_states(hidden, start: int, n: int):
     """The hidden states AT the n signal tokens from `start`: hidden[:, start:start+n].
 
