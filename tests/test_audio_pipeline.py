@@ -162,3 +162,34 @@ def test_save_writes_wav_and_never_overwrites(mine, tmp_path):
     with pytest.raises(FileExistsError):
         mine.save(waves, tmp_path)
     assert mine.save(waves, tmp_path, overwrite=True) == paths
+
+
+def test_audioldm_sized_parts_have_the_checkpoint_keys_and_shapes():
+    """AudioLDM-sized UNet, VAE and vocoder configs, built on meta by both sides: same state dict layout."""
+    from minignext import weights
+    from minignext.unet import UNet2DConditionConfig
+    from minignext.vae import AutoencoderKL, AutoencoderKLConfig
+    from minignext.vocoder import HifiGan, HifiGanConfig
+
+    unet = dict(block_out_channels=[128, 256, 384, 640], cross_attention_dim=[128, 256, 384, 640],
+                attention_head_dim=8, in_channels=8, out_channels=8, layers_per_block=2, sample_size=128,
+                class_embed_type="simple_projection", class_embeddings_concat=True,
+                projection_class_embeddings_input_dim=512,
+                down_block_types=["DownBlock2D"] + ["CrossAttnDownBlock2D"] * 3,
+                up_block_types=["CrossAttnUpBlock2D"] * 3 + ["UpBlock2D"])
+    vae = dict(block_out_channels=[128, 256, 512], in_channels=1, out_channels=1, latent_channels=8,
+               layers_per_block=2, down_block_types=["DownEncoderBlock2D"] * 3,
+               up_block_types=["UpDecoderBlock2D"] * 3, scaling_factor=0.9227)
+    vocoder = dict(model_in_dim=64, sampling_rate=16000, upsample_initial_channel=1024,
+                   upsample_rates=[5, 4, 2, 2, 2], upsample_kernel_sizes=[16, 16, 8, 4, 4],
+                   resblock_kernel_sizes=[3, 7, 11], resblock_dilation_sizes=[[1, 3, 5]] * 3, normalize_before=False)
+    with torch.device("meta"):
+        refs = [diffusers.UNet2DConditionModel(**unet), diffusers.AutoencoderKL(**vae),
+                transformers.SpeechT5HifiGan(transformers.SpeechT5HifiGanConfig(**vocoder))]
+    mine = [weights.build_on_meta(UNet2DCondition, UNet2DConditionConfig.from_hf(unet)),
+            weights.build_on_meta(AutoencoderKL, AutoencoderKLConfig.from_hf(vae)),
+            weights.build_on_meta(HifiGan, HifiGanConfig.from_hf(vocoder))]
+    shapes = lambda m: {k: tuple(v.shape) for k, v in m.state_dict().items()}
+    for ref, ours in zip(refs, mine):
+        assert shapes(ours) == shapes(ref), type(ours).__name__
+    assert mine[2].config.hop_length == 160          # 10 ms of 16 kHz audio per mel frame

@@ -117,3 +117,16 @@ def test_config_and_bad_input(tmp_path):
     sd.pop("transformer_in.proj_out.bias")
     with pytest.raises(weights.WeightsError, match="transformer_in.proj_out.bias"):
         weights.load_into(weights.build_on_meta(UNet3DCondition, UNet3DConditionConfig.from_hf(BASE)), sd)
+
+
+def test_zeroscope_sized_config_has_the_checkpoint_keys_and_shapes():
+    """ZeroScope v2's UNet config, built on meta by both: same 1.4 B-parameter state dict layout."""
+    cfg = dict(_class_name="UNet3DConditionModel", attention_head_dim=64, block_out_channels=[320, 640, 1280, 1280],
+               cross_attention_dim=1024, down_block_types=["CrossAttnDownBlock3D"] * 3 + ["DownBlock3D"],
+               up_block_types=["UpBlock3D"] + ["CrossAttnUpBlock3D"] * 3, in_channels=4, out_channels=4,
+               layers_per_block=2, norm_num_groups=32, norm_eps=1e-5, sample_size=32, act_fn="silu")
+    with torch.device("meta"):
+        ref = diffusers.UNet3DConditionModel(**{k: v for k, v in cfg.items() if not k.startswith("_")})
+    mine = weights.build_on_meta(UNet3DCondition, UNet3DConditionConfig.from_hf(cfg))
+    shapes = lambda m: {k: tuple(v.shape) for k, v in m.state_dict().items()}
+    assert shapes(mine) == shapes(ref)
