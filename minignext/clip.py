@@ -401,7 +401,8 @@ class CLIPText(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, dtype=None, device=None):
-        return _from_pretrained(cls, CLIPTextConfig, "text_model.", "text_projection.", path, dtype, device)
+        return _from_pretrained(cls, CLIPTextConfig, "text_model.", "text_projection.", path, dtype, device,
+                                pipeline_folder="text_encoder")
 
 
 # ---------------------------------------------------------------- loading
@@ -414,10 +415,10 @@ def add_tower_prefix(key, tensor, prefix):
     return [(prefix + key, tensor)]
 
 
-def _from_pretrained(cls, config_cls, tower, projection, path, dtype, device):
+def _from_pretrained(cls, config_cls, tower, projection, path, dtype, device, pipeline_folder=None):
     folder = weights.resolve(path)
-    if (folder / "text_encoder").is_dir() and not (folder / "config.json").is_file():
-        folder = folder / "text_encoder"            # a Stable Diffusion pipeline repo
+    if pipeline_folder and (folder / pipeline_folder).is_dir() and not (folder / "config.json").is_file():
+        folder = folder / pipeline_folder           # a Stable Diffusion pipeline repo
     raw = weights.load_safetensors(folder)
     sd = {}
     for key, tensor in raw.items():

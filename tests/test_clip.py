@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from fixtures_clip import write_tiny_clip_tokenizer
-from minignext import clip
+from minignext import clip, weights
 
 PROMPTS = ["a photo of a cat", "A RED   circle moving left!!", "the astronaut riding a horse, 2 dogs",
            "high &amp; low sound", "", "zebra's painting"]
@@ -187,3 +187,24 @@ def test_presets():
     assert clip.CLIPVisionConfig.vit_l_14().num_positions == 257
     assert clip.CLIPVisionConfig.vit_l_14(336).num_positions == 577
     assert clip.CLIPTextConfig.sd15_text().hidden_size == 768
+
+
+def test_text_loads_the_sd15_layout(tmp_path):
+    """SD 1.5 keeps text_encoder/ (keys with the `text_model.` prefix) and tokenizer/ in one repo."""
+    transformers = pytest.importorskip("transformers")
+    spec = dict(TEXT_CONFIGS[0], cls="CLIPTextModel")
+    ref = _save_hf(transformers, spec, tmp_path / "hf", "CLIPTextConfig")
+    (tmp_path / "repo" / "text_encoder").mkdir(parents=True)
+    (tmp_path / "repo" / "text_encoder" / "config.json").write_text((tmp_path / "hf" / "config.json").read_text())
+    weights.save_safetensors({f"text_model.{k}": v for k, v in weights.load_safetensors(tmp_path / "hf").items()},
+                             tmp_path / "repo" / "text_encoder" / "model.safetensors")
+    write_tiny_clip_tokenizer(tmp_path / "repo" / "tokenizer")
+    ours = clip.CLIPText.from_pretrained(tmp_path / "repo")
+    tok = clip.CLIPTokenizer.from_pretrained(tmp_path / "repo")
+    assert tok.pad_token_id == tok.eos_token_id
+    ids, _ = _ids(spec)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).last_hidden_state, ref(input_ids=ids).last_hidden_state,
+                                   rtol=0, atol=1e-5)
+    with pytest.raises(weights.WeightsError):
+        clip.CLIPVision.from_pretrained(tmp_path / "repo")
