@@ -258,7 +258,11 @@ class AudioPipeline:
                     "guidance_scale > 1 needs the unconditional branch: AudioLDM uses the normalised CLAP "
                     "embedding of the empty text, which minignext cannot compute. Pass negative_prompt_embeds "
                     "(batch, dim), build the pipeline with unconditional_embeds=..., or use guidance_scale <= 1")
-            negative_prompt_embeds = torch.as_tensor(self.unconditional_embeds).reshape(1, -1).expand_as(prompt_embeds)
+            empty = torch.as_tensor(self.unconditional_embeds)
+            if empty.numel() != width:
+                raise ValueError(f"unconditional_embeds must hold one {width}-d CLAP vector, got shape "
+                                 f"{tuple(empty.shape)}")
+            negative_prompt_embeds = empty.reshape(1, width).expand_as(prompt_embeds)
         if not torch.is_tensor(negative_prompt_embeds) or negative_prompt_embeds.shape != prompt_embeds.shape:
             shape = tuple(negative_prompt_embeds.shape) if torch.is_tensor(negative_prompt_embeds) else None
             raise ValueError(f"negative_prompt_embeds must have the shape of prompt_embeds "

@@ -139,6 +139,8 @@ def test_bad_input(mine):
         mine(torch.randn(2, CLAP_DIM + 1), progress=False)
     with pytest.raises(ValueError, match="unconditional"):
         mine(cond, guidance_scale=2.5, progress=False)
+    with pytest.raises(ValueError, match=f"one {CLAP_DIM}-d CLAP vector"):
+        AudioPipeline(mine.unet, mine.vae, mine.scheduler, mine.vocoder, torch.randn(CLAP_DIM + 2))(cond, progress=False)
     with pytest.raises(ValueError, match="shape of prompt_embeds"):
         mine(cond, torch.randn(2, CLAP_DIM), progress=False)
     for seconds in (0, -1.0, 0.0001, float("nan"), "5"):
