@@ -16,6 +16,7 @@ memory twice.
 
 import json
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -143,8 +144,27 @@ def load_into(model: torch.nn.Module, state_dict: dict, dtype=None, device=None)
 
 
 def build_on_meta(cls, config):
-    with torch.device("meta"):
+    """`cls(config)` with storage-less meta tensors, to be filled by load_into()."""
+    with torch.device("meta"), _skip_init():
         return cls(config)
+
+
+_INITIALISERS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "eye_",
+                 "xavier_uniform_", "xavier_normal_", "kaiming_uniform_", "kaiming_normal_", "orthogonal_")
+
+
+@contextmanager
+def _skip_init():
+    """Make torch.nn.init a no-op: meta weights are about to be replaced anyway, and the
+    first random init on meta imports torch's compiler stack, which takes seconds."""
+    saved = {name: getattr(torch.nn.init, name) for name in _INITIALISERS}
+    try:
+        for name in _INITIALISERS:
+            setattr(torch.nn.init, name, lambda tensor, *args, **kwargs: tensor)
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(torch.nn.init, name, fn)
 
 
 # ---------------------------------------------------------------- writing and converting
