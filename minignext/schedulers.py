@@ -84,6 +84,20 @@ def spaced_timesteps(cfg: SchedulerConfig, n: int) -> np.ndarray:
     return np.round(np.arange(T, 0, -T / n)) - 1         # trailing: always includes T-1
 
 
+def q_sample(x0, noise, alpha_bar):
+    """DDPM eq. 4: x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps, sampled in one shot.
+    `alpha_bar` is a number or a (B,) tensor."""
+    alpha_bar = torch.as_tensor(alpha_bar, dtype=x0.dtype, device=x0.device)
+    alpha_bar = alpha_bar.reshape(alpha_bar.shape + (1,) * (x0.dim() - alpha_bar.dim()))
+    return alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * noise
+
+
+def ddim_update(x0, eps, alpha_bar_prev):
+    """Song et al. eq. 12 with sigma_t = 0: step to x_{t-1} = sqrt(a_prev) x0 + sqrt(1 - a_prev) eps,
+    i.e. keep the predicted noise direction and move to the noise level of the previous step."""
+    return alpha_bar_prev ** 0.5 * x0 + (1 - alpha_bar_prev) ** 0.5 * eps
+
+
 class _Scheduler:
     defaults: dict = {}
     order = 1
@@ -125,10 +139,8 @@ class _Scheduler:
         return x0.clamp(-r, r) if self.config.clip_sample else x0
 
     def add_noise(self, original, noise, timesteps):
-        """DDPM eq. 4: sample q(x_t | x_0) in one shot."""
         abar = self.alphas_cumprod.to(original.device, original.dtype)[timesteps.to(original.device)].flatten()
-        shape = (-1,) + (1,) * (original.dim() - 1)
-        return abar.sqrt().view(shape) * original + (1 - abar).sqrt().view(shape) * noise
+        return q_sample(original, noise, abar)
 
     def __len__(self):
         return self.config.num_train_timesteps
@@ -181,8 +193,7 @@ class DDIMScheduler(_Scheduler):
         abar_prev = self.alphas_cumprod[prev] if prev >= 0 else self.final_alpha_cumprod
         x0, eps = self._predict_x0_eps(model_output, sample, abar_t)
         x0 = self._clip(x0)
-        # eq. 12 with sigma_t = 0: x_{t-1} = sqrt(a_prev) x0 + sqrt(1 - a_prev) eps
-        return StepOutput(abar_prev ** 0.5 * x0 + (1 - abar_prev) ** 0.5 * eps, x0)
+        return StepOutput(ddim_update(x0, eps, abar_prev), x0)
 
 
 class EulerDiscreteScheduler(_Scheduler):
