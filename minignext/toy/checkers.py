@@ -32,6 +32,7 @@ from minignext.toy.world import (COLOUR_HUES, COLOURS, CONTOURS, DIRECTIONS, IMA
 FG_CHROMA = 0.25
 MIN_BLOB = 4
 MAX_SPECKLE = 8
+MAX_COVER = 0.6  # an object covering more of the frame than this is not an object on a background
 HUE_TOLERANCE = 30.0
 MIN_PURITY = 0.75
 
@@ -190,10 +191,12 @@ def _objects(frame):
     return objects, sum(len(b[0]) for b in blobs if len(b[0]) < MIN_BLOB)
 
 
-def _judge(found, want, n_objects, speckle, required):
+def _judge(found, want, n_objects, speckle, required, crowded=False):
     """Why a sample is wrong ("" if right). `required`: what must be readable when nothing is wanted."""
     if speckle > MAX_SPECKLE:
         return f"{speckle} px of scattered specks: too noisy"
+    if crowded:
+        return "colour fills most of the frame: no clear object on a background"
     if n_objects != 1:
         return f"{n_objects} objects, expected exactly one"
     missing = [k for k in (want or required) if found[k] is None]
@@ -215,7 +218,8 @@ def check_image(img, want=None) -> ImageVerdict:
         ys, xs = objects[0]
         hue, chroma = _hue_chroma(frame[ys, xs])
         found = {"colour": _colour_of(hue, chroma), "shape": _shape_of(ys, xs, frame.shape[0])}
-    reason = _judge(found, want, len(objects), speckle, ("colour", "shape"))
+    crowded = bool(objects) and len(objects[0][0]) > MAX_COVER * frame.shape[0] * frame.shape[1]
+    reason = _judge(found, want, len(objects), speckle, ("colour", "shape"), crowded)
     return ImageVerdict(found["colour"], found["shape"], len(objects), not reason, reason)
 
 
@@ -250,11 +254,12 @@ def check_video(frames, want=None) -> VideoVerdict:
     colour/shape/direction (e.g. {"colour": "red", "direction": "left"})."""
     want = _want(want, "colour", "shape", "direction")
     video = _frames(frames, video=True)
-    counts, hues, chromas, shapes, centres, speckle = [], [], [], [], [], 0
+    counts, hues, chromas, shapes, centres, speckle, crowded = [], [], [], [], [], 0, False
     for frame in video:
         objects, s = _objects(frame)
         counts.append(len(objects))
         speckle = max(speckle, s)
+        crowded |= bool(objects) and len(objects[0][0]) > MAX_COVER * frame.shape[0] * frame.shape[1]
         if len(objects) == 1:
             ys, xs = objects[0]
             hue, chroma = _hue_chroma(frame[ys, xs])
@@ -267,7 +272,7 @@ def check_video(frames, want=None) -> VideoVerdict:
         found["shape"] = top if shapes.count(top) > len(shapes) / 2 else None
         found["direction"] = _direction_of(np.array(centres), video.shape[1])
     n = max(counts, key=lambda c: (c != 1, c))  # report the worst frame
-    reason = _judge(found, want, n, speckle, ("colour", "direction"))  # shape only when asked for
+    reason = _judge(found, want, n, speckle, ("colour", "direction"), crowded)  # shape only when asked for
     return VideoVerdict(found["colour"], found["shape"], found["direction"], tuple(counts), not reason, reason)
 
 
@@ -297,8 +302,13 @@ def spectrogram(wave, sr=SAMPLE_RATE):
 
 
 def _near_harmonic(bins, f0):
-    k = np.maximum(np.round(bins / f0), 1)
-    return np.abs(bins - k * f0) <= 3
+    """Bins within 2.5 semitones (at least 3 bins) of f0, 2 f0 or 3 f0: a mel-smeared tone stays one tone."""
+    k = np.clip(np.round(bins / f0), 1, 3)
+    return np.abs(bins - k * f0) <= np.maximum(3, 0.155 * k * f0)
+
+
+def _median5(x):
+    return np.median(np.lib.stride_tricks.sliding_window_view(np.pad(x, 2, mode="edge"), 5), axis=1)
 
 
 def _contour_of(times, track):
@@ -332,30 +342,28 @@ def check_audio(wave, want=None, sr=SAMPLE_RATE) -> AudioVerdict:
     if not np.isfinite(wave).all() or np.sqrt(np.mean(wave.astype(np.float64) ** 2)) < 1e-3:
         return verdict("silent")
     mag, times = spectrogram(wave - wave.mean(), sr)
-    energy = (mag ** 2).sum(1)
-    loud = energy > 0.05 * energy.max()
-    idx = np.nonzero(loud)[0]
+    peak = mag[:, 8:].max(1)  # a tone's peak stands far above noise spread over all bins
+    idx = np.nonzero(peak > 0.1 * peak.max())[0]
     if len(idx) * HOP / sr < 0.3:
         return verdict("less than 0.3 s of sound")
-    if np.any(np.diff(idx) > 5):
+    if np.any(np.diff(idx) > 8):
         return verdict("the sound stops and starts again: more than one sound", n_tones=2)
 
-    bins = np.arange(mag.shape[1])
-    peaks, second, tonal = [], [], []
-    for m in mag[idx]:
-        p = int(np.argmax(m[3:])) + 3  # skip DC rumble
-        a, b, c = np.log(m[p - 1:p + 2] + 1e-12) if p + 1 < len(m) else (0, 0, 0)
-        f0 = p + (0.5 * (a - c) / (a - 2 * b + c) if a - 2 * b + c < 0 else 0.0)
-        near = _near_harmonic(bins, f0)
-        tonal.append((m[near] ** 2).sum() / (m ** 2).sum())
-        second.append(m[~near][3:].max() / m[p] if (~near).any() else 0.0)
-        peaks.append(f0)
+    m, rows, bins = mag[idx], np.arange(len(idx)), np.arange(mag.shape[1])
+    p = np.argmax(m[:, 8:-1], axis=1) + 8  # ignore rumble below 125 Hz
+    a, b, c = (np.log(m[rows, p + d] + 1e-12) for d in (-1, 0, 1))
+    curve = a - 2 * b + c  # a parabola through the log peak refines it below one bin
+    f0 = p + np.where(curve < 0, 0.5 * (a - c) / np.where(curve < 0, curve, -1), 0)
+    near, above = _near_harmonic(bins, f0[:, None]), bins >= 8
+    power = m ** 2 * above
+    tonal = (power * near).sum(1) / power.sum(1)
+    second = np.where(near | ~above, 0, m).max(1) / m[rows, p]
     if np.median(tonal) < 0.6:
-        return verdict("mostly noise, not a tone")
+        return verdict("not one clean tone: noise, or several tones at once")
     if np.mean(np.array(second) > 0.3) > 0.25:
         return verdict("two tones at once", n_tones=2)
-    track = 12 * np.log2(np.array(peaks) * sr / N_FFT / 440.0)
-    if np.abs(np.diff(track)).max() > 1.5:
+    track = _median5(12 * np.log2(f0 * sr / N_FFT / 440.0))  # drops one-frame glitches
+    if np.abs(np.diff(track)).max() > 2.5:  # pitches of the world are 4 semitones apart
         return verdict("the pitch jumps: more than one tone", n_tones=2, track=track)
     centre = float(np.median(track))
     nearest = min(PITCHES, key=lambda p: abs(PITCH_SEMITONES[p] - centre))

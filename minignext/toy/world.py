@@ -170,12 +170,15 @@ def _compose(bg, rgb, cov):
     return np.clip(np.rint(out * 255), 0, 255).astype(np.uint8)
 
 
-def render_image(obj: Obj, rng, res=IMAGE_SIZE) -> np.ndarray:
-    """(res, res, 3) uint8: the object, 10-18 px wide at 32 px, anywhere inside a 1 px margin."""
+def render_image(obj: Obj, rng, res=IMAGE_SIZE, size=None, centre=None) -> np.ndarray:
+    """(res, res, 3) uint8: the object, 10-18 px wide at 32 px, anywhere inside a 1 px margin.
+    `size` (px) and `centre` (x, y in px) fix the placement instead of drawing it."""
     rng = make_rng(rng)
-    size = rng.uniform(10, 18) * res / IMAGE_SIZE
+    drawn = rng.uniform(10, 18) * res / IMAGE_SIZE
+    size = drawn if size is None else size
     lo, hi = size / 2 + 1, res - size / 2 - 1
-    centre = rng.uniform(lo, hi, size=2)
+    drawn = rng.uniform(lo, hi, size=2)
+    centre = drawn if centre is None else centre
     return _compose(_background(rng, res), _colour_rgb(obj.colour, rng), coverage(obj.shape, centre, size, res))[0]
 
 
@@ -284,7 +287,7 @@ CHAT = [
     ("thank you!", "you are welcome."),
     ("what is your name?", "i am a tiny any-to-any assistant."),
     ("good night.", "good night, see you soon."),
-    ("|", None),
+    "|",
     ("hi there, who are you?", "i am a tiny any-to-any assistant."),
 ]
 
@@ -379,7 +382,8 @@ def _turn(kind, rng, phrasing, split, first=None, last=None):
         return Turn(kind, say(kind, direction=direction), answer("make", x=out.caption(rng, phrasing)),
                     assistant_media=out)
     if kind == "follow_recolour":
-        allowed = [o for o in SPLITS[split]() if o.shape == last.obj.shape and o.colour != last.obj.colour]
+        same_shape = [o for o in SPLITS[split]() if o.shape == last.obj.shape and o.colour != last.obj.colour]
+        allowed = same_shape or [Obj(c, last.obj.shape) for c in COLOURS if c != last.obj.colour]
         out = Media("image", allowed[rng.integers(len(allowed))])
         return Turn(kind, say(kind, colour=out.obj.colour), answer("make", x=out.caption(rng, phrasing)),
                     assistant_media=out)
