@@ -10,7 +10,9 @@ the loop that joins the parts; reference: NExT-GPT-Lagacy code/model/anyToImageV
     decode   image / video / audio diffusion pipelines, loaded on demand
 """
 
-from dataclasses import dataclass, field
+import json
+import os
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -442,6 +444,36 @@ class NextGPT(nn.Module):
         cond = self.output_projection(modality)(states, self.llama_model.embed(ids)[None].to(states.dtype))
         return cond[:, 0] if modality == "audio" else cond
 
+    # ------------------------------------------------------------ saving (the toy preset's layout)
+
+    def save_pretrained(self, folder, decoder_dirs=None, decoder_kwargs=None, encoder_dir=None, overwrite=False):
+        """folder/{nextgpt.json, projections.safetensors, llm/ (weights + tokenizer.json)}, plus
+        imagebind/ unless `encoder_dir` names an existing ImageBind folder. Decoders are referenced
+        by folder (`decoder_dirs`: modality -> diffusers-layout folder), not copied."""
+        folder = Path(folder)
+        meta_path = folder / "nextgpt.json"
+        if meta_path.exists() and not overwrite:
+            raise FileExistsError(f"{meta_path} exists; pass overwrite=True to replace it")
+        llm_dir = folder / "llm"
+        llm_dir.mkdir(parents=True, exist_ok=True)
+        (llm_dir / "config.json").write_text(json.dumps(asdict(self.llama_model.config), indent=2))
+        weights.save_safetensors(self.llama_model.state_dict(), llm_dir / "model.safetensors", overwrite=overwrite)
+        self.tokenizer.save(llm_dir, overwrite=overwrite)
+        if encoder_dir is None:
+            encoder_dir = folder / "imagebind"
+            weights.save_safetensors(self.visual_encoder.state_dict(), encoder_dir / "model.safetensors",
+                                     overwrite=overwrite)
+            (encoder_dir / "config.json").write_text(json.dumps(self.visual_encoder.config.to_dict(), indent=2))
+        proj = {k: v for k, v in self.state_dict().items() if k.startswith(("llama_proj.", "gen_text_hidden_fcs"))}
+        weights.save_safetensors(proj, folder / "projections.safetensors", overwrite=overwrite)
+        rel = lambda p: os.path.relpath(Path(p).resolve(), folder.resolve())
+        meta = {"encoder": rel(encoder_dir), "enc_dim": self.llama_proj.in_features,
+                "projections": {m: asdict(self.output_projection(m).config) for m in self.signal_ids},
+                "decoders": {m: rel(d) for m, d in (decoder_dirs or {}).items()},
+                "decoder_kwargs": dict(decoder_kwargs or {}), "default_steps": self.default_steps}
+        meta_path.write_text(json.dumps(meta, indent=2))
+        return folder
+
     # ------------------------------------------------------------ one exchange
 
     def chat(self, messages, *, max_new_tokens=64, temperature=0.0, top_p=1.0, seed=0, force_response=None,
@@ -541,14 +573,14 @@ HUB = {"delta": "ChocoWu/nextgpt_7b_tiva_v0", "image": "stable-diffusion-v1-5/st
 
 
 def default_preset() -> str:
-    return "toy" if (TOY_DIR / "nextgpt").is_dir() else "tiny-random"
+    return "toy" if (TOY_DIR / "nextgpt" / "nextgpt.json").is_file() else "tiny-random"
 
 
 def _from_preset(cls, name, dtype=None, device=None):
     if name == "tiny-random":
         return tiny_random()
     if name == "toy":
-        if not (TOY_DIR / "nextgpt").is_dir():
+        if not (TOY_DIR / "nextgpt" / "nextgpt.json").is_file():
             raise WeightsError(f"the toy weights are not there yet ({TOY_DIR / 'nextgpt'} is missing); they "
                                f"come from the toy-world training. Use --preset tiny-random meanwhile.")
         return load_folder(TOY_DIR / "nextgpt", dtype=dtype, device=device)
@@ -602,6 +634,47 @@ def load_projections(model, tensors: dict, dtype=None, device=None):
     for name, module in parts.items():
         sd = {k[len(name) + 1:]: v for k, v in tensors.items() if k.split(".")[0] == name}
         weights.load_into(module, sd, dtype=dtype, device=device)
+
+
+PIPELINES = {"image": "ImagePipeline", "audio": "AudioPipeline", "video": "VideoPipeline"}
+
+
+def load_folder(folder, dtype=None, device=None) -> NextGPT:
+    """A NextGPT saved by `save_pretrained` (the toy preset)."""
+    from minignext.imagebind import ImageBind
+    from minignext.llama import Llama
+    from minignext.tokenizer import Tokenizer
+
+    folder = Path(folder)
+    meta = weights.read_config(folder, "nextgpt.json")
+    encoder = ImageBind.from_pretrained(folder / meta["encoder"], dtype=dtype, device=device)
+    llm = Llama.from_pretrained(folder / "llm", dtype=dtype, device=device)
+    projections = {m: OutputProjectionConfig.from_dict(d) for m, d in meta["projections"].items()}
+    loaders = {}
+    for m, path in meta.get("decoders", {}).items():
+        kwargs = meta.get("decoder_kwargs", {}).get(m, {})
+        loaders[m] = lambda m=m, path=folder / path, kw=kwargs: Decoder(m, _folder_pipeline(m, path, dtype, device), **kw)
+    model = NextGPT(encoder, llm, Tokenizer.from_pretrained(folder / "llm"), projections, loaders,
+                    enc_dim=meta["enc_dim"])
+    load_projections(model, weights.load_safetensors(folder / "projections.safetensors"), dtype=dtype, device=device)
+    model.default_steps = meta.get("default_steps", model.default_steps)
+    return model.eval()
+
+
+def _folder_pipeline(modality, path, dtype, device):
+    """A decoder from a diffusers-layout folder; AudioLDM's unconditional CLAP vector comes from
+    unconditional_embeds.safetensors next to it (minignext has no CLAP text encoder)."""
+    from minignext import diffusion
+
+    cls = getattr(diffusion, PIPELINES[modality])
+    if modality != "audio":
+        return cls.from_pretrained(path, dtype=dtype, device=device)
+    uncond = Path(path) / "unconditional_embeds.safetensors"
+    if not uncond.is_file():
+        raise WeightsError(f"{uncond} is missing: the audio decoder needs the CLAP embedding of \"\" for "
+                           f"classifier-free guidance (a tensor named 'embeds')")
+    embeds = weights.load_safetensors(uncond)["embeds"]
+    return cls.from_pretrained(path, dtype=dtype, device=device, unconditional_embeds=embeds)
 
 
 def _hub_pipeline(cls_name, repo, dtype, device):

@@ -219,3 +219,22 @@ def test_missing_weights_name_the_download_command(monkeypatch, tmp_path):
         NextGPT.from_preset("toy")
     with pytest.raises(ValueError, match="unknown preset"):
         NextGPT.from_preset("nextgpt-13b")
+
+
+def test_save_and_load_as_the_toy_preset(model, monkeypatch, tmp_path):
+    import minignext.nextgpt as ng
+    model.save_pretrained(tmp_path / "toy" / "nextgpt")
+    with pytest.raises(FileExistsError):
+        model.save_pretrained(tmp_path / "toy" / "nextgpt")
+    monkeypatch.setattr(ng, "TOY_DIR", tmp_path / "toy")
+    assert ng.default_preset() == "toy"
+    loaded = NextGPT.from_preset("toy")
+    for (k, a), (k2, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert k == k2 and torch.equal(a, b), k
+    answer = f"Here {IMG}"
+    want = model.chat("Draw a cat.", force_response=answer, decode=False, progress=False)
+    got = loaded.chat("Draw a cat.", force_response=answer, decode=False, progress=False)
+    assert got.token_ids == want.token_ids and got.signals == want.signals
+    torch.testing.assert_close(got.conditioning[0][1], want.conditioning[0][1], rtol=0, atol=0)
+    reply = loaded.chat("Draw a cat.", force_response=answer, progress=False)
+    assert reply.images == [] and any("no image decoder" in n for n in reply.notices)
