@@ -62,7 +62,7 @@ def to_output(images, output_type):
     """Images (B, C, H, W) in [0, 1] -> "pt" as is, "np" (B, H, W, C) float32, or a list of PIL images."""
     if output_type == "pt":
         return images
-    array = images.permute(0, 2, 3, 1).float().cpu().numpy()
+    array = images.detach().permute(0, 2, 3, 1).float().cpu().numpy()
     if output_type == "np":
         return array
     from PIL import Image
