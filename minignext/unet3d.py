@@ -256,6 +256,10 @@ class UNet3DCondition(nn.Module):
             raise ValueError(f"UNet3DCondition expects a sample of shape (batch, {self.config.in_channels}, "
                              f"frames, height, width); got {tuple(sample.shape)}")
         b, f = sample.shape[0], sample.shape[2]
+        ctx, width = encoder_hidden_states, self.config.cross_attention_dim
+        if not torch.is_tensor(ctx) or ctx.dim() != 3 or ctx.shape[0] != b or ctx.shape[-1] != width:
+            shape = tuple(ctx.shape) if torch.is_tensor(ctx) else type(ctx).__name__
+            raise ValueError(f"encoder_hidden_states must be a ({b}, tokens, {width}) tensor, got {shape}")
         t = torch.as_tensor(timestep, device=sample.device).reshape(-1).expand(b)
         temb = self.time_embedding(self.time_proj(t).to(sample.dtype))
         # every frame is one image for the spatial layers: repeat the per-clip conditioning per frame

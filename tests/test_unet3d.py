@@ -112,6 +112,9 @@ def test_config_and_bad_input(tmp_path):
     model = UNet3DCondition(UNet3DConditionConfig())
     with pytest.raises(ValueError, match="frames, height, width"):
         model(torch.randn(1, 4, 8, 8), 1, torch.randn(1, 5, 32))
+    for ctx in (None, torch.randn(2, 5, 32), torch.randn(1, 5, 16)):
+        with pytest.raises(ValueError, match=r"encoder_hidden_states must be a \(1, tokens, 32\)"):
+            model(torch.randn(1, 4, 2, 8, 8), 1, ctx)
     build_pair(tmp_path, {})
     sd = weights.load_safetensors(tmp_path, stem="diffusion_pytorch_model")
     sd.pop("transformer_in.proj_out.bias")
