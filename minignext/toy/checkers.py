@@ -171,7 +171,8 @@ def shape_features(ys, xs) -> dict:
 
 def _shape_of(ys, xs, res=IMAGE_SIZE):
     """Thresholds sit halfway between the shapes' ranges over the world's own renders."""
-    if len(ys) < 12 * (res / IMAGE_SIZE) ** 2:
+    h, w = ys.max() - ys.min() + 1, xs.max() - xs.min() + 1
+    if min(h, w) < 6 * res / IMAGE_SIZE:  # the world draws nothing under 9 px
         return None
     f = shape_features(ys, xs)
     if f["aspect"] > 1.5 or f["fill"] < 0.35:
