@@ -56,6 +56,7 @@ def inputs(c: ImageBindConfig, batch=2, seed=1):
     return {
         "image": torch.randn(batch, 3, 224, 224, generator=g),
         "video": torch.randn(batch, 3, 3, 2, 224, 224, generator=g),     # 3 clips of 2 frames
+        "image_clips": torch.randn(batch, 2, 3, 224, 224, generator=g),  # 2 one-frame clips (crops)
         "audio": torch.randn(batch, 3, 1, c.audio_num_mel_bins, c.audio_target_len, generator=g),
         "audio_one": torch.randn(batch, 1, c.audio_num_mel_bins, c.audio_target_len, generator=g),
         "text": ids,
@@ -70,7 +71,7 @@ def pair(request, tmp_path_factory):
     return ref, ours
 
 
-CASES = [("image", "vision"), ("video", "vision"), ("audio", "audio"), ("audio_one", "audio"), ("text", "text")]
+CASES = [("image", "vision"), ("video", "vision"), ("image_clips", "vision"), ("audio", "audio"), ("audio_one", "audio"), ("text", "text")]
 
 
 @pytest.mark.parametrize("name,modality", CASES, ids=[c[0] for c in CASES])
