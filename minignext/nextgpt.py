@@ -120,6 +120,15 @@ def added_tokens(num_signal=None):
     return names
 
 
+def add_nextgpt_tokens(tokenizer, llm) -> list:
+    """Add <Img>, </Img> and the signal tokens to `tokenizer` and grow `llm`'s embedding and
+    lm_head to the new vocabulary. Returns the added ids; train only those rows (freeze_old_rows)."""
+    ids = tokenizer.add_special_tokens(added_tokens())
+    if tokenizer.vocab_size > llm.config.vocab_size:
+        llm.resize_token_embeddings(tokenizer.vocab_size)
+    return ids
+
+
 def freeze_old_rows(param: torch.nn.Parameter, first_new_id: int):
     """Train only the rows >= first_new_id of an embedding / lm_head matrix: a gradient hook
     zeroes the others (the reference leaves all 32038 rows trainable). Returns the hook handle."""
@@ -740,9 +749,7 @@ def tiny_tokenizer():
     trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(TINY_CORPUS, trainer)
-    wrapped = Tokenizer(tok, bos_token="<s>", eos_token="</s>")
-    wrapped.add_special_tokens(added_tokens())
-    return wrapped
+    return Tokenizer(tok, bos_token="<s>", eos_token="</s>")
 
 
 def _tiny_clip_text(hidden, with_projection=False, projection_dim=None):
@@ -852,6 +859,7 @@ def tiny_random() -> "NextGPT":
         llm = Llama(LlamaConfig(vocab_size=tok.vocab_size, hidden_size=TINY["llm_hidden"], intermediate_size=128,
                                 num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=512,
                                 bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)).eval()
+        add_nextgpt_tokens(tok, llm)
         projections = {m: OutputProjectionConfig(in_dim=TINY["llm_hidden"], out_dim=d, num_queries=q,
                                                  num_signal_tokens=SIGNALS[m][1])
                        for m, (q, d) in TINY["cond"].items()}

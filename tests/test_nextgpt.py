@@ -238,3 +238,17 @@ def test_save_and_load_as_the_toy_preset(model, monkeypatch, tmp_path):
     torch.testing.assert_close(got.conditioning[0][1], want.conditioning[0][1], rtol=0, atol=0)
     reply = loaded.chat("Draw a cat.", force_response=answer, progress=False)
     assert reply.images == [] and any("no image decoder" in n for n in reply.notices)
+
+
+def test_add_nextgpt_tokens_grows_vocab_and_embeddings():
+    from minignext.llama import Llama, LlamaConfig
+    from minignext.nextgpt import add_nextgpt_tokens, tiny_tokenizer
+    tok = tiny_tokenizer()
+    base = tok.vocab_size
+    llm = Llama(LlamaConfig(vocab_size=base, hidden_size=32, intermediate_size=64, num_attention_heads=4))
+    old = llm.model.embed_tokens.weight.detach().clone()
+    ids = add_nextgpt_tokens(tok, llm)
+    assert ids == list(range(base, base + 38)) and tok.vocab_size == base + 38
+    assert llm.model.embed_tokens.weight.shape[0] == base + 38 and llm.lm_head.weight.shape[0] == base + 38
+    assert torch.equal(llm.model.embed_tokens.weight[:base], old)
+    assert tok.encode("[IMG0][AUD7]", add_bos=False) == [tok.token_to_id("[IMG0]"), tok.token_to_id("[AUD7]")]

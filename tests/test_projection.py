@@ -11,6 +11,15 @@ from minignext import weights
 from minignext.projection import InputProjection, OutputProjection, OutputProjectionConfig
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Small matrices: threads only add overhead, a lot of it on a busy 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 class ReferenceTextFcLayer(nn.Module):
     """NExT-GPT's TextFcLayer, mode 'transformer', on nn.Transformer (test oracle)."""
 
@@ -30,7 +39,7 @@ class ReferenceTextFcLayer(nn.Module):
         return self.model(self.tfm(x, self.query_embs.repeat(x.shape[0], 1, 1)))
 
 
-@pytest.mark.parametrize("modality", ["image", "audio"])
+@pytest.mark.parametrize("modality", ["image", "video", "audio"])
 def test_output_projection_matches_nn_transformer(modality, tmp_path):
     torch.manual_seed(0)
     official = OutputProjectionConfig.official(modality, in_dim=64)
