@@ -43,8 +43,9 @@ class UNet3DConditionConfig:
     norm_num_groups: int = 8
     norm_eps: float = 1e-5
     cross_attention_dim: int = 32               # width of the text states (1024 for ZeroScope)
-    attention_head_dim: int = 8                 # channels per head in the blocks (the 3D UNet means it)
-    transformer_in_heads: int = 8               # transformer_in has 8 heads of attention_head_dim channels
+    attention_head_dim: int = 8                 # channels per head (in the 3D UNet the name is right; the
+                                                # 2D UNet reads the same key as a number of heads)
+    transformer_in_heads: int = 8               # heads of transformer_in; diffusers fixes it at 8
     act_fn: str = "silu"
 
     def __post_init__(self):
