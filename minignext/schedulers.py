@@ -166,7 +166,8 @@ class DDPMScheduler(_Scheduler):
         beta_t = 1 - alpha_t
         x0 = self._clip(self._predict_x0_eps(model_output, sample, abar_t)[0])
         # posterior mean mu_tilde(x_t, x_0), DDPM eq. 7
-        mean = (abar_prev ** 0.5 * beta_t / (1 - abar_t)) * x0 + (alpha_t ** 0.5 * (1 - abar_prev) / (1 - abar_t)) * sample
+        mean = ((abar_prev ** 0.5 * beta_t / (1 - abar_t)) * x0
+                + (alpha_t ** 0.5 * (1 - abar_prev) / (1 - abar_t)) * sample)
         if t > 0:
             noise = torch.randn(model_output.shape, generator=generator, dtype=model_output.dtype).to(sample.device)
             if self.config.variance_type == "fixed_small":   # beta_tilde, DDPM eq. 7

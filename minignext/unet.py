@@ -392,8 +392,10 @@ class UNet2DCondition(nn.Module):
                                           for i, kind in enumerate(cfg.down_block_types)])
         self.mid_block = UNetMidBlock2DCrossAttn(cfg) if cfg.mid_block_type else None
         rev = ch[::-1]
-        self.up_blocks = nn.ModuleList([UP_BLOCKS[kind](cfg, i, rev[min(i + 1, len(ch) - 1)], rev[i], rev[max(i - 1, 0)])
-                                        for i, kind in enumerate(cfg.up_block_types)])
+        # up block i: path from rev[i - 1]; skips of width rev[i], the last one rev[i + 1]; output rev[i]
+        self.up_blocks = nn.ModuleList([
+            UP_BLOCKS[kind](cfg, i, rev[min(i + 1, len(ch) - 1)], rev[i], rev[max(i - 1, 0)])
+            for i, kind in enumerate(cfg.up_block_types)])
         self.conv_norm_out = nn.GroupNorm(cfg.norm_num_groups, ch[0], eps=cfg.norm_eps)
         self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, 3, padding=1)
 
