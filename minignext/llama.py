@@ -89,10 +89,15 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        # Normalise in fp32 and scale after casting back, like the reference.
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
+
+
+def rms_norm(x, weight, eps):
+    """x / sqrt(mean(x^2) + eps) * weight over the last dim; computed in fp32 and scaled
+    after casting back, like the reference."""
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(x.dtype)
 
 
 def rope_tables(head_dim, max_positions, theta, device=None):
@@ -124,11 +129,16 @@ class KVCache(nn.Module):
         self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
     def update(self, start, k, v):
-        """Write k, v (B, Hkv, T, D) at positions start..start+T-1; return the filled prefix."""
-        stop = start + k.shape[2]
-        self.k_cache[:, :, start:stop] = k
-        self.v_cache[:, :, start:stop] = v
-        return self.k_cache[:, :, :stop], self.v_cache[:, :, :stop]
+        return kv_cache_update(self.k_cache, self.v_cache, k, v, start)
+
+
+def kv_cache_update(cache_k, cache_v, k, v, start: int):
+    """Write k, v (B, Hkv, T, D) in place at positions start..start+T-1 of the caches
+    (B, Hkv, Tmax, D); return views of the filled prefix, positions 0..start+T-1."""
+    stop = start + k.shape[2]
+    cache_k[:, :, start:stop] = k
+    cache_v[:, :, start:stop] = v
+    return cache_k[:, :, :stop], cache_v[:, :, :stop]
 
 
 class LlamaAttention(nn.Module):
