@@ -15,11 +15,11 @@ SCRIPT = Path(sys.executable).parent / "minignext"
 ALL = "".join(signal_token_names("image") + signal_token_names("audio") + signal_token_names("video"))
 
 
-def minignext(*args, weights_dir, cwd=None):
+def minignext(*args, weights_dir, cwd=None, stdin=None):
     env = {**os.environ, "MINIGNEXT_WEIGHTS": str(weights_dir), "MINIGNEXT_PROGRESS": "0",
            "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     return subprocess.run([str(SCRIPT), *map(str, args)], capture_output=True, text=True, env=env, cwd=cwd,
-                          timeout=300)
+                          timeout=300, input=stdin)
 
 
 @pytest.fixture(scope="module")
@@ -59,8 +59,17 @@ def test_bad_input_and_missing_weights_are_friendly(tmp_path, inputs):
     assert r.returncode == 2 and "broken.png" in r.stderr and "Traceback" not in r.stderr
     r = minignext("run", "--preset", "nextgpt-7b", "--prompt", "hi", "--out", tmp_path / "o2", weights_dir=tmp_path)
     assert r.returncode == 2 and "minignext download nextgpt-7b" in r.stderr and "Traceback" not in r.stderr
-    r = minignext("download", "tiny-random", weights_dir=tmp_path)
-    assert r.returncode == 0 and "nothing to download" in r.stdout
+    r = minignext("download", "nextgpt-7b", weights_dir=tmp_path)          # HF_HUB_OFFLINE=1
+    assert r.returncode == 2 and "download failed" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_interactive_chat_attaches_media_and_keeps_going(tmp_path, inputs):
+    session = f"/image {inputs / 'green.png'}\nWhat is this?\n/audio {tmp_path / 'nope.wav'}\nAnd now?\n/quit\n"
+    r = minignext("chat", "--preset", "tiny-random", "--max-new-tokens", "4", "--out", tmp_path / "chat",
+                  weights_dir=tmp_path, stdin=session)
+    assert r.returncode == 0, r.stderr
+    assert "(attached image" in r.stdout and "nope.wav: no such file" in r.stdout
+    assert r.stdout.count("assistant>") == 2
 
 
 def test_demo_writes_a_fresh_folder_and_keeps_earlier_runs(tmp_path):
