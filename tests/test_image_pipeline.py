@@ -81,6 +81,7 @@ def test_prompt_matches_diffusers(sd_folder, mine):
     got = mine(prompts, num_inference_steps=10, guidance_scale=7.5, latents=latents, output_type="np",
                progress=False)
     assert got.shape == want.shape == (2, 32, 32, 3)
+    assert ((want > 0.01) & (want < 0.99)).mean() > 0.5, "images saturated: the comparison would be weak"
     assert_close(torch.from_numpy(got), torch.from_numpy(want), atol=1e-3, rtol=0)
     # the text conditioning alone, stage by stage
     ids = ref.tokenizer(prompts, padding="max_length", max_length=77, return_tensors="pt").input_ids
