@@ -78,7 +78,8 @@ class progress:
 
     def close(self):
         if self.enabled:
-            self._draw(time.perf_counter())
+            if self.n != self.total:                  # the final count was not drawn yet
+                self._draw(time.perf_counter())
             sys.stderr.write("\n")
             sys.stderr.flush()
 
