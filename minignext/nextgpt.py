@@ -260,7 +260,9 @@ class Conversation:
 
     def segments(self):
         """The Vicuna-v0 prompt as text pieces and soft-token slots (turn index, media index):
-        ### Human: <Img>[soft]</Img> instruction\\n### Assistant: answer\\n### Human: ..."""
+        ### Human: <Img>[soft]</Img> instruction\\n### Assistant: answer\\n### Human: ...
+        Every input gets its own <Img>[soft]</Img>, in order; the reference instead sums the
+        embeddings of several inputs of one modality into a single soft token."""
         if not self.turns or self.turns[-1].role != "user":
             raise ValueError("the conversation must end with a user turn for the model to answer")
         out = []
@@ -375,8 +377,11 @@ class NextGPT(nn.Module):
         if self.tokenizer.bos_id is not None:
             ids.append(self.tokenizer.bos_id)
         for seg in conversation.segments():
+            if seg in (SPLICE_OPEN, SPLICE_CLOSE):
+                ids.append(self._token_id(seg))
+                continue
             if isinstance(seg, str):
-                ids += [self._token_id(seg)] if seg in (SPLICE_OPEN, SPLICE_CLOSE) else self.tokenizer.encode(seg, add_bos=False)
+                ids += self.tokenizer.encode(seg, add_bos=False)
                 continue
             t, k = seg
             turn = conversation.turns[t]
@@ -510,7 +515,12 @@ class NextGPT(nn.Module):
                     reply.notices.append(f"the model asked for {modality} output, but this model has no "
                                          f"{modality} decoder; skipped")
                     continue
-                media = self.decoder(modality).generate(
+                try:
+                    decoder = self.decoder(modality)
+                except WeightsError as e:
+                    reply.notices.append(f"the {modality} decoder could not be loaded, so no {modality} output: {e}")
+                    continue
+                media = decoder.generate(
                     cond, guidance_scale=guidance_scale, num_inference_steps=num_inference_steps or self.default_steps,
                     seed=seed, progress=progress)
                 {"image": reply.images, "audio": reply.audios, "video": reply.videos}[modality].extend(media)
@@ -623,9 +633,10 @@ def nextgpt_7b(dtype=None, device=None):
     rest = apply_delta(llm, delta)
     encoder = ImageBind.from_pretrained(need["imagebind"], dtype=dtype, device=device)
     projections = {m: OutputProjectionConfig.official(m, llm.config.hidden_size) for m in MODALITIES}
+    clap_empty = REAL_DIR / "audioldm_unconditional.safetensors"
     loaders = {"image": lambda: Decoder("image", _hub_pipeline("ImagePipeline", HUB["image"], dtype, device)),
-               "audio": lambda: Decoder("audio", _hub_pipeline("AudioPipeline", HUB["audio"], dtype, device),
-                                        audio_length_in_s=5.0),
+               "audio": lambda: Decoder("audio", _hub_pipeline("AudioPipeline", HUB["audio"], dtype, device,
+                                                                unconditional=clap_empty), audio_length_in_s=5.0),
                "video": lambda: Decoder("video", _hub_pipeline("VideoPipeline", HUB["video"], dtype, device),
                                         height=320, width=576, num_frames=24)}
     model = NextGPT(encoder, llm, tok, projections, loaders, enc_dim=encoder.config.out_embed_dim)
@@ -686,12 +697,18 @@ def _folder_pipeline(modality, path, dtype, device):
     return cls.from_pretrained(path, dtype=dtype, device=device, unconditional_embeds=embeds)
 
 
-def _hub_pipeline(cls_name, repo, dtype, device):
+def _hub_pipeline(cls_name, repo, dtype, device, unconditional=None):
     from minignext import diffusion
 
-    if not hasattr(diffusion, cls_name):
-        raise ValueError(f"minignext.diffusion has no {cls_name} yet; this decoder is not available")
-    return getattr(diffusion, cls_name).from_pretrained(repo, dtype=dtype, device=device)
+    cls = getattr(diffusion, cls_name)
+    if unconditional is None:
+        return cls.from_pretrained(repo, dtype=dtype, device=device)
+    if not Path(unconditional).is_file():     # AudioLDM: minignext has no CLAP text encoder to embed ""
+        raise WeightsError(f"{unconditional} is missing: AudioLDM's guidance needs the normalised CLAP text "
+                           f"embedding of \"\" (512 values, saved under the name 'embeds'); compute it once with "
+                           f"transformers' ClapTextModelWithProjection of {repo}")
+    embeds = weights.load_safetensors(unconditional)["embeds"]
+    return cls.from_pretrained(repo, dtype=dtype, device=device, unconditional_embeds=embeds)
 
 
 def download_preset(name, overwrite=False):

@@ -252,3 +252,13 @@ def test_add_nextgpt_tokens_grows_vocab_and_embeddings():
     assert llm.model.embed_tokens.weight.shape[0] == base + 38 and llm.lm_head.weight.shape[0] == base + 38
     assert torch.equal(llm.model.embed_tokens.weight[:base], old)
     assert tok.encode("[IMG0][AUD7]", add_bos=False) == [tok.token_to_id("[IMG0]"), tok.token_to_id("[AUD7]")]
+
+
+def test_a_decoder_that_cannot_load_gives_a_notice_not_a_crash(model, monkeypatch):
+    def missing():
+        raise WeightsError("weights/real/nextgpt-7b/audioldm_unconditional.safetensors is missing")
+    monkeypatch.setitem(model.decoder_loaders, "audio", missing)
+    monkeypatch.setattr(model, "_decoders", {})
+    reply = model.chat("Play a tone.", force_response=f"Listen {AUD}", **FAST)
+    assert reply.text == "Listen" and reply.audios == []
+    assert any("audio decoder could not be loaded" in n and "audioldm_unconditional" in n for n in reply.notices)
