@@ -206,7 +206,7 @@ def test_image_corruptions_are_rejected():
 def test_sound_corruptions_are_rejected():
     rng = np.random.default_rng(17)
     a = w.render_audio(w.Obj("red", "square"), rng)
-    b = w.render_audio(w.Obj("cyan", "square"), rng)
+    b = w.render_audio(w.Obj("blue", "square"), rng)
     active = np.nonzero(np.abs(a) > 0.05)[0]
     mid = (active[0] + active[-1]) // 2
     between = w.render_audio(w.Obj("red", "square"), rng)
@@ -218,6 +218,7 @@ def test_sound_corruptions_are_rejected():
         "white noise": rng.normal(0, 0.3, 16000),
         "tone under noise at 0 dB": a + rng.normal(0, np.sqrt(np.mean(a ** 2)), 16000),
         "two tones at once": a + b,
+        "two tones an octave apart": a + w.render_audio(w.Obj("cyan", "square"), rng),  # deep -5, high +7
         "a softer second tone": a + 0.4 * b,
         "two tones in a row": seq,
         "pitch jump": np.concatenate([a[:mid], b[mid:]]),

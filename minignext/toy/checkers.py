@@ -6,13 +6,18 @@ holds exactly one object, and that object has the asked attributes.
 
     image  foreground = chroma (max - min of RGB) > 0.25: the world's grey background has none,
            every colour has >= 0.6. 8-connected components; specks under 4 px are ignored,
-           but more than 8 px of specks in all means noise. Colour: chroma-weighted circular
+           but more than 8 px of specks in all means noise, and a blob over 60% of the frame
+           is no object on a background. Colour: chroma-weighted circular
            mean of the hue, nearest of the six, and >= 75% of the pixels within 30 degrees
            of it. Shape: bounding-box fill ratio, solidity (area / convex hull area) and how
-           far the centroid sits below the box centre (a triangle's sits 1/6 of the height lower).
+           far the centroid sits below the box centre (a triangle's sits 1/6 of the height lower),
+           width along the diagonals over width along the axes (sqrt 2 for a square, 1 for a circle).
+           Under 6 px wide is too small to tell (the world draws nothing under 9 px).
     sound  short-time FFT (64 ms Hann, 10 ms hop), peak bin refined by a parabola on the log
-           magnitude. Loud frames must be tonal (most energy at the peak and its harmonics),
-           hold one tone, and form one unbroken run with a continuous pitch track. Pitch: median
+           magnitude. Loud frames (peak within 20 dB of the loudest) must be tonal (most energy
+           near the peak and its overtones), hold one tone (no other peak above 30% of it, and no
+           overtone above 50%: the world's tones are pure, so that is a second tone an octave
+           up), and form one unbroken run with a continuous pitch track. Pitch: median
            of the track, nearest of the six within 1.5 semitones. Contour: the slope of a line
            fit (rising/falling) or the size and wiggle of what the line leaves (wobbly/steady).
     video  the image judge on every frame (exactly one object in each), colour pooled over
@@ -46,9 +51,17 @@ def _array(x):
     return x.astype(np.float32) / 255 if x.dtype == np.uint8 else x.astype(np.float32)
 
 
+def _pixels(x):
+    x = _array(x)
+    if x.size and (x.min() < -0.1 or x.max() > 1.1):
+        raise ValueError(f"float pixels must lie in [0, 1] (got {x.min():.2f}..{x.max():.2f}); "
+                         f"map a decoder's [-1, 1] output with (x + 1) / 2, or pass uint8")
+    return np.clip(x, 0, 1)
+
+
 def _frames(x, video):
     """(F, H, W, 3) float in [0, 1] from HWC/CHW images or FHWC/FCHW videos, uint8 or float."""
-    x = _array(x)
+    x = _pixels(x)
     if x.ndim != (4 if video else 3):
         want = "(F, H, W, 3) or (F, 3, H, W)" if video else "(H, W, 3) or (3, H, W)"
         raise ValueError(f"expected a {'video' if video else 'image'} of shape {want}; got {x.shape}")
@@ -359,9 +372,12 @@ def check_audio(wave, want=None, sr=SAMPLE_RATE) -> AudioVerdict:
     power = m ** 2 * above
     tonal = (power * near).sum(1) / power.sum(1)
     second = np.where(near | ~above, 0, m).max(1) / m[rows, p]
+    # the world's tones are pure: a strong overtone is a second tone (deep/high, low/bright, mid/shrill are octaves)
+    overtone = np.where(near & (bins >= 1.5 * f0[:, None]), m, 0).max(1) / m[rows, p]
+    second = np.maximum(second, np.where(overtone > 0.5, overtone, 0))
     if np.median(tonal) < 0.6:
         return verdict("not one clean tone: noise, or several tones at once")
-    if np.mean(np.array(second) > 0.3) > 0.25:
+    if np.mean(second > 0.3) > 0.25:
         return verdict("two tones at once", n_tones=2)
     track = _median5(12 * np.log2(f0 * sr / N_FFT / 440.0))  # drops one-frame glitches
     if np.abs(np.diff(track)).max() > 2.5:  # pitches of the world are 4 semitones apart
