@@ -78,15 +78,6 @@ VID = "".join(signal_token_names("video"))
 FAST = dict(num_inference_steps=2, progress=False)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny models gain nothing from threads, and on a busy 2-core machine they lose a lot."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def model():
     return NextGPT.from_preset("tiny-random")

@@ -11,15 +11,6 @@ from minignext import weights
 from minignext.projection import InputProjection, OutputProjection, OutputProjectionConfig
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small matrices: threads only add overhead, a lot of it on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 class ReferenceTextFcLayer(nn.Module):
     """NExT-GPT's TextFcLayer, mode 'transformer', on nn.Transformer (test oracle)."""
 
