@@ -253,3 +253,17 @@ def test_a_decoder_that_cannot_load_gives_a_notice_not_a_crash(model, monkeypatc
     reply = model.chat("Play a tone.", force_response=f"Listen {AUD}", **FAST)
     assert reply.text == "Listen" and reply.audios == []
     assert any("audio decoder could not be loaded" in n and "audioldm_unconditional" in n for n in reply.notices)
+
+
+REAL = __import__("minignext.nextgpt", fromlist=["REAL_DIR"]).REAL_DIR
+
+
+@pytest.mark.skipif(not all((REAL / p).exists() for p in ("imagebind", "vicuna-7b-v0", "delta.safetensors")),
+                    reason="the nextgpt-7b weights are not here (minignext download nextgpt-7b)")
+def test_real_nextgpt_7b_layout():
+    model = NextGPT.from_preset("nextgpt-7b")
+    assert model.llama_model.config.vocab_size == 32038
+    assert model.signal_ids["image"] == [32002, 32003, 32004, 32005]
+    assert model.output_projection("video").config.out_dim == 1024
+    reply = model.chat("Draw a cat.", force_response=IMG, decode=False, progress=False)
+    assert tuple(reply.conditioning[0][1].shape) == (1, 77, 768)
