@@ -143,13 +143,22 @@ def _inside(shape, dx, dy):
 
 
 def coverage(shape, centres, size, res=IMAGE_SIZE):
-    """Fraction of each pixel covered by `shape`: (F, res, res) float32 for F centres (x, y) in pixels."""
-    grid = (np.arange(res * SUPERSAMPLE, dtype=np.float32) + 0.5) / SUPERSAMPLE
+    """Fraction of each pixel covered by `shape`: (F, res, res) float32 for F centres (x, y) in pixels.
+    Only the pixels of the shape's bounding box are sampled."""
     c = np.asarray(centres, dtype=np.float32).reshape(-1, 2)
-    dx = (grid[None, None, :] - c[:, 0, None, None]) / (size / 2)
-    dy = (grid[None, :, None] - c[:, 1, None, None]) / (size / 2)
-    inside = _inside(shape, dx, dy).astype(np.float32)
-    return inside.reshape(len(c), res, SUPERSAMPLE, res, SUPERSAMPLE).mean(axis=(2, 4))
+    out = np.zeros((len(c), res, res), np.float32)
+    sub = (np.arange(SUPERSAMPLE, dtype=np.float32) + 0.5) / SUPERSAMPLE
+    half = np.float32(size / 2)
+    for f, (cx, cy) in enumerate(c):
+        x0, x1 = max(int(np.floor(cx - half)), 0), min(int(np.ceil(cx + half)), res)
+        y0, y1 = max(int(np.floor(cy - half)), 0), min(int(np.ceil(cy + half)), res)
+        if x1 <= x0 or y1 <= y0:
+            continue
+        dx = ((np.arange(x0, x1, dtype=np.float32)[:, None] + sub).reshape(1, -1) - cx) / half
+        dy = ((np.arange(y0, y1, dtype=np.float32)[:, None] + sub).reshape(-1, 1) - cy) / half
+        inside = _inside(shape, dx, dy).astype(np.float32)
+        out[f, y0:y1, x0:x1] = inside.reshape(y1 - y0, SUPERSAMPLE, x1 - x0, SUPERSAMPLE).mean(axis=(1, 3))
+    return out
 
 
 def _colour_rgb(colour, rng):
