@@ -266,6 +266,11 @@ def test_inputs_in_any_common_layout_give_the_same_verdict():
         check_image(np.zeros((32, 32)))
     with pytest.raises(ValueError, match="this judge reads"):
         check_image(img, {"pitch": "deep"})
+    assert check_audio(torch.from_numpy(wav)[None], o).ok
+    with pytest.raises(ValueError, match="mono"):
+        check_audio(np.stack([wav, wav]))
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        check_image(img.astype(np.float32))
     with pytest.raises(ValueError, match="16000 Hz"):
         check_audio(wav, sr=22050)
 

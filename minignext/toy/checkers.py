@@ -344,7 +344,9 @@ def _contour_of(times, track):
 def check_audio(wave, want=None, sr=SAMPLE_RATE) -> AudioVerdict:
     """Judge a mono waveform. `want`: an Obj (judged through the mapping), or a dict of pitch/contour."""
     want = _want(want, "pitch", "contour")
-    wave = _array(wave).reshape(-1) if not isinstance(wave, np.ndarray) else np.asarray(wave, np.float32).reshape(-1)
+    wave = np.asarray(wave.detach().cpu() if isinstance(wave, torch.Tensor) else wave, np.float32).squeeze()
+    if wave.ndim != 1:
+        raise ValueError(f"expected a mono waveform of shape (N,); got {wave.shape}")
     if sr != SAMPLE_RATE:
         raise ValueError(f"the toy world's sounds are {SAMPLE_RATE} Hz; got sr={sr}")
 
