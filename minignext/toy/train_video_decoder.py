@@ -1,0 +1,166 @@
+"""The toy video decoder: a ZeroScope-style text-to-video model (ModelScope T2V, Wang et al. 2023,
+arXiv 2308.06571) trained from scratch on the toy world's moving shapes.
+
+    - the toy image decoder's VAE, frozen: every frame is an 8x8x4 latent (ModelScope sec. 3.1);
+    - minignext.unet3d.UNet3DCondition over 8 frames, epsilon-prediction, cross-attending to a
+      decoder text encoder (minignext.toy.decoder_text) of captions that name the direction;
+    - both start from the toy image decoder: the 3D UNet's spatial layers take the image UNet's
+      weights and its temporal layers start as the identity (their output layers zeroed), the
+      way ModelScope grows its video model out of Stable Diffusion (sec. 3.2), so training only
+      has to learn motion and the text encoder only the direction words;
+    - 10% of captions dropped to "" for classifier-free guidance; an EMA of both is what ships.
+
+The result is a diffusers TextToVideoSDPipeline folder that `minignext.diffusion.VideoPipeline`
+loads, plus `sampling.json` (guidance, steps, frames) for the presets. Weights in fp16.
+"""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from minignext.schedulers import DDPMScheduler
+from minignext.toy import checkers, decoder_text, world
+from minignext.toy import train_image_decoder as image_decoder
+from minignext.toy.train_image_decoder import EMA, SCHEDULER, diffusion_loss, folder_megabytes, save_pipeline
+from minignext.toy.trainer import TOY_DIR, Run
+from minignext.unet import UNet2DCondition
+from minignext.unet3d import UNet3DCondition, UNet3DConditionConfig
+from minignext.vae import AutoencoderKL
+
+OUT_DIR = TOY_DIR / "video_decoder"
+SAMPLING = {"guidance_scale": 3.0, "num_inference_steps": 25, "num_frames": world.N_FRAMES}
+
+
+def unet_config() -> UNet3DConditionConfig:
+    """The image UNet's widths (so its weights fit), plus the temporal layers: about 1.8M parameters.
+    transformer_in keeps its 8 heads, which diffusers fixes for this model."""
+    image = image_decoder.unet_config()
+    return UNet3DConditionConfig(sample_size=image.sample_size, block_out_channels=image.block_out_channels,
+                                 down_block_types=("CrossAttnDownBlock3D",) * 2, up_block_types=("CrossAttnUpBlock3D",) * 2,
+                                 layers_per_block=image.layers_per_block, norm_num_groups=image.norm_num_groups,
+                                 cross_attention_dim=decoder_text.WIDTH, attention_head_dim=8)
+
+
+def unet_from_image(image_unet: UNet2DCondition) -> UNet3DCondition:
+    """A 3D UNet that, before training, is the image UNet applied to every frame."""
+    unet = UNet3DCondition(unet_config())
+    own = unet.state_dict()
+    shared = {}
+    for k, v in image_unet.state_dict().items():
+        if k in own and v.dim() == 4 and own[k].dim() == 2:     # a 1x1 conv projection becomes a Linear
+            v = v[:, :, 0, 0]
+        if k in own and own[k].shape == v.shape:
+            shared[k] = v
+    missing = [k for k in own if k not in shared and not any(
+        part in k for part in ("temp_convs", "temp_attentions", "transformer_in"))]
+    if missing:
+        raise ValueError(f"the image UNet does not fit the 3D UNet's spatial layers: {missing[:5]}")
+    unet.load_state_dict(shared, strict=False)
+    with torch.no_grad():
+        for name, p in unet.named_parameters():
+            if (".conv4." in name) or ("proj_out" in name and ("temp_attentions" in name or "transformer_in" in name)):
+                p.zero_()
+    return unet
+
+
+# ---------------------------------------------------------------- training
+
+def render_videos(n, rng, split="train"):
+    """(n, 8, 3, 32, 32) clips in [-1, 1], their objects and directions."""
+    objs = [world.sample_object(rng, split) for _ in range(n)]
+    dirs = [world.DIRECTIONS[rng.integers(len(world.DIRECTIONS))] for _ in objs]
+    clips = np.stack([world.render_video(o, d, rng) for o, d in zip(objs, dirs)])
+    return torch.from_numpy(clips).permute(0, 1, 4, 2, 3).float() / 127.5 - 1, objs, dirs
+
+
+def train(seed=0, resume=True, progress=True, scale=1.0, out_dir=None, runs_dir=None, image_dir=None,
+          steps=300, batch=8, n_videos=768, lr=5e-4) -> dict:
+    image_dir = Path(image_dir or image_decoder.OUT_DIR)
+    if not (image_dir / "model_index.json").is_file():
+        raise FileNotFoundError(f"{image_dir} holds no trained image decoder; the video decoder starts from "
+                                f"its VAE, UNet and text encoder: train image_decoder first")
+    out = Path(out_dir or OUT_DIR)
+    vae = AutoencoderKL.from_pretrained(image_dir / "vae", dtype=torch.float32).requires_grad_(False)
+    text_encoder, tokenizer = decoder_text.load(image_dir)
+    text_encoder.requires_grad_(True).train()
+    torch.manual_seed(seed)
+    unet = unet_from_image(UNet2DCondition.from_pretrained(image_dir / "unet", dtype=torch.float32))
+
+    rng = np.random.default_rng([seed, 3])
+    clips, objs, dirs = render_videos(max(batch, int(n_videos * min(1.0, 4 * scale))), rng)
+    mean, std = image_decoder.encode_dataset(vae, clips.flatten(0, 1))
+    shape = (len(objs), world.N_FRAMES) + mean.shape[1:]
+    # (N, C, F, h, w), as the 3D UNet takes them
+    mean, std = (x.reshape(shape).transpose(1, 2) for x in (mean, std))
+
+    ema_unet, ema_text = EMA(unet, 0.99), EMA(text_encoder, 0.99)
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    scheduler = DDPMScheduler.from_config(SCHEDULER)
+    total = max(2, int(steps * scale))
+    run = Run("video_decoder_unet", {"unet": unet, "text_encoder": text_encoder, "ema_unet": ema_unet,
+                                     "ema_text": ema_text}, opt, total, peak_lr=lr, warmup=min(50, total // 10 + 1),
+              resume=resume, progress_bar=progress, runs_dir=runs_dir)
+    for step in run.steps():
+        g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+        pick = torch.randint(0, len(objs), (batch,), generator=g)
+        latents = (mean[pick] + std[pick] * torch.randn(mean[pick].shape, generator=g)) * vae.scaling_factor
+        step_rng = np.random.default_rng([seed, 4, step])
+        captions = [world.caption(objs[i], step_rng, "video", dirs[i]) for i in pick.tolist()]
+        cond = decoder_text.encode(text_encoder, tokenizer,
+                                   decoder_text.drop_captions(captions, image_decoder.CAPTION_DROPOUT, step_rng))
+        loss = diffusion_loss(lambda x, t, c: unet(x, t, c), scheduler, latents, cond, g)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        ema_unet.update(unet)
+        ema_text.update(text_encoder)
+        run.log(loss.detach())
+    save_pipeline(out, "TextToVideoSDPipeline", ema_unet.shadow, "UNet3DConditionModel", vae, ema_text.shadow,
+                  tokenizer, SAMPLING, overwrite=True)
+    tail = run.history[-50:]
+    return {"folder": str(out), "unet_loss": round(sum(r["loss"] for r in tail) / len(tail), 4),
+            "minutes": round(run.seconds / 60, 2), "megabytes": folder_megabytes(out)}
+
+
+# ---------------------------------------------------------------- evaluation
+
+def load_pipeline(folder=None, device=None):
+    from minignext.diffusion import VideoPipeline
+
+    folder = Path(folder or OUT_DIR)
+    settings = json.loads((folder / "sampling.json").read_text())
+    return VideoPipeline.from_pretrained(folder, dtype=torch.float32, device=device), settings
+
+
+def prompts(n, seed, split="train", phrasing="test"):
+    rng = np.random.default_rng(seed)
+    objs = [world.sample_object(rng, split) for _ in range(n)]
+    dirs = [world.DIRECTIONS[rng.integers(len(world.DIRECTIONS))] for _ in objs]
+    return objs, dirs, [world.caption(o, rng, "video", d, phrasing) for o, d in zip(objs, dirs)]
+
+
+def accuracy(pipeline, settings, objs, dirs, captions, seed, batch=32):
+    """Fraction of clips the checker finds right: one object per frame, the asked colour and direction."""
+    right = 0
+    for i in range(0, len(objs), batch):
+        clips = pipeline(prompt=captions[i:i + batch], seed=seed + i, progress=False, **settings)
+        for clip, o, d in zip(clips, objs[i:i + batch], dirs[i:i + batch]):
+            right += checkers.check_video(clip, want={"colour": o.colour, "direction": d}).ok
+    return right / len(objs)
+
+
+def evaluate(quick=False, seed=1234, folder=None) -> list:
+    from minignext.toy.eval import Metric
+
+    pipeline, settings = load_pipeline(folder)
+    n, n_held = (16, 8) if quick else (96, 32)
+    objs, dirs, caps = prompts(n, seed, "train", "test")
+    h_objs, h_dirs, h_caps = prompts(n_held, seed + 1, "heldout", "test")
+    note = f"DDIM {settings['num_inference_steps']} steps, guidance {settings['guidance_scale']}; colour and direction"
+    return [Metric("text -> video, held-out prompts", accuracy(pipeline, settings, objs, dirs, caps, seed), 0.85, n, note),
+            Metric("text -> video, held-out colour-shape pairs", accuracy(pipeline, settings, h_objs, h_dirs, h_caps, seed),
+                   None, n_held, "composition; no threshold")]

@@ -1,0 +1,93 @@
+"""The toy video decoder: the 3D UNet grown out of the image UNet, a tiny training run written in the
+TextToVideoSD layout (checked by loading the UNet with diffusers), and the shipped weights."""
+
+import numpy as np
+import pytest
+import torch
+from torch.testing import assert_close
+
+from minignext.toy import checkers, decoder_text
+from minignext.toy import train_image_decoder as image_decoder
+from minignext.toy import train_video_decoder as video_decoder
+from minignext.unet import UNet2DCondition
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_video_unet_starts_as_the_image_unet_on_every_frame():
+    torch.manual_seed(0)
+    image = UNet2DCondition(image_decoder.unet_config()).eval()
+    with torch.no_grad():            # random weights everywhere, so no layer is trivially zero
+        for p in image.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    video = video_decoder.unet_from_image(image).eval()
+    g = torch.Generator().manual_seed(1)
+    x, cond = torch.randn(2, 4, 8, 8, 8, generator=g), torch.randn(2, 16, 64, generator=g)
+    with torch.no_grad():
+        got = video(x, torch.tensor(300), cond)
+        frames = x.transpose(1, 2).flatten(0, 1)                      # (B*F, C, h, w)
+        want = image(frames, torch.tensor(300), encoder_hidden_states=cond.repeat_interleave(8, 0))
+    assert_close(got, want.unflatten(0, (2, 8)).transpose(1, 2), atol=1e-5, rtol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("video_decoder")
+    torch.set_num_threads(1)
+    image_dir = image_decoder.OUT_DIR
+    if not (image_dir / "model_index.json").is_file():
+        image_dir = root / "image"
+        image_decoder.train(scale=0.002, progress=False, resume=False, out_dir=image_dir, runs_dir=root / "runs")
+    summary = video_decoder.train(scale=0.002, progress=False, resume=False, out_dir=root / "out",
+                                  runs_dir=root / "runs", image_dir=image_dir)
+    return root / "out", summary
+
+
+def test_tiny_training_writes_a_text_to_video_folder(tiny_run):
+    folder, summary = tiny_run
+    for name in ("model_index.json", "sampling.json", "unet/config.json", "vae/config.json",
+                 "text_encoder/config.json", "tokenizer/tokenizer.json", "scheduler/scheduler_config.json"):
+        assert (folder / name).is_file(), name
+    assert np.isfinite(summary["unet_loss"])
+    pipe, settings = video_decoder.load_pipeline(folder)
+    assert settings == video_decoder.SAMPLING
+    clips = pipe(prompt=["a red circle moving left"], num_frames=settings["num_frames"], num_inference_steps=2,
+                 guidance_scale=3.0, seed=0, progress=False)
+    assert clips.shape == (1, 8, 32, 32, 3) and np.isfinite(clips).all()
+
+
+def test_tiny_training_unet_matches_diffusers(tiny_run):
+    diffusers = pytest.importorskip("diffusers")
+    folder, _ = tiny_run
+    pipe, _ = video_decoder.load_pipeline(folder)
+    ref = diffusers.UNet3DConditionModel.from_pretrained(folder / "unet", torch_dtype=torch.float32).eval()
+    g = torch.Generator().manual_seed(0)
+    x, cond = torch.randn(1, 4, 8, 8, 8, generator=g), torch.randn(1, 16, 64, generator=g)
+    with torch.no_grad():
+        assert_close(pipe.unet(x, 400, cond), ref(x, 400, encoder_hidden_states=cond).sample, atol=1e-4, rtol=1e-4)
+
+
+def test_train_needs_an_image_decoder(tmp_path):
+    with pytest.raises(FileNotFoundError, match="train image_decoder first"):
+        video_decoder.train(scale=0.002, progress=False, out_dir=tmp_path / "out", image_dir=tmp_path / "nothing")
+
+
+SHIPPED = video_decoder.OUT_DIR
+
+
+@pytest.mark.skipif(not (SHIPPED / "model_index.json").is_file(), reason="no shipped toy video decoder")
+def test_shipped_video_decoder_moves_the_right_colour_the_right_way():
+    pipe, settings = video_decoder.load_pipeline()
+    assert pipe.encode_text(["a red circle moving left"]).shape == (1, decoder_text.CONTEXT_LENGTH, decoder_text.WIDTH)
+    objs, dirs, caps = video_decoder.prompts(4, seed=7, split="train", phrasing="test")
+    clips = pipe(prompt=caps, seed=7, progress=False, **settings)
+    assert clips.shape == (4, 8, 32, 32, 3)
+    right = sum(checkers.check_video(c, want={"colour": o.colour, "direction": d}).ok
+                for c, o, d in zip(clips, objs, dirs))
+    assert right >= 3, f"only {right}/4 clips right"
