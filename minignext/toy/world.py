@@ -30,7 +30,6 @@ Everything takes a numpy Generator (or an int seed), so every sample is reproduc
 
 import argparse
 import colorsys
-import wave
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -489,15 +488,11 @@ def text_corpus(n, seed=0, split="train", phrasing="train") -> list[str]:
 
 # ---------------------------------------------------------------- gallery
 
-def write_wav(path, wave_f32, sr=SAMPLE_RATE):
-    pcm = (np.clip(wave_f32, -1, 1) * 32767).astype("<i2")
-    with wave.open(str(path), "wb") as w:
-        w.setnchannels(1), w.setsampwidth(2), w.setframerate(sr), w.writeframes(pcm.tobytes())
-
-
 def write_gallery(folder, seed=0, overwrite=False) -> list[Path]:
     """One PNG grid of all 24 objects, a WAV per shape (red), a GIF per direction; returns the paths."""
     from PIL import Image
+
+    from minignext.media import write_gif, write_wav
 
     folder, rng = Path(folder), make_rng(seed)
     names = ["objects.png"] + [f"sound_{o.pitch}_{o.contour}.wav" for o in map(Obj, ["red"] * 4, SHAPES)]
@@ -506,13 +501,13 @@ def write_gallery(folder, seed=0, overwrite=False) -> list[Path]:
     if clashes and not overwrite:
         raise FileExistsError(f"{folder}: {', '.join(clashes)} already exist; pass --overwrite to replace them")
     folder.mkdir(parents=True, exist_ok=True)
+    zoom = lambda x: x.repeat(4, axis=-3).repeat(4, axis=-2)  # noqa: E731  (nearest-neighbour, 4x)
     rows = [np.concatenate([render_image(Obj(c, s), rng) for s in SHAPES], axis=1) for c in COLOURS]
-    Image.fromarray(np.concatenate(rows, axis=0)).resize((4 * 128, 6 * 128), Image.NEAREST).save(folder / names[0])
+    Image.fromarray(zoom(np.concatenate(rows, axis=0))).save(folder / names[0])
     for name, shape in zip(names[1:5], SHAPES):
-        write_wav(folder / name, render_audio(Obj("red", shape), rng))
+        write_wav(folder / name, render_audio(Obj("red", shape), rng), SAMPLE_RATE, overwrite=True)
     for name, d in zip(names[5:], DIRECTIONS):
-        frames = [Image.fromarray(f).resize((128, 128), Image.NEAREST) for f in render_video(Obj("blue", "square"), d, rng)]
-        frames[0].save(folder / name, save_all=True, append_images=frames[1:], duration=125, loop=0)
+        write_gif(folder / name, zoom(render_video(Obj("blue", "square"), d, rng)), fps=8, overwrite=True)
     return [folder / n for n in names]
 
 
