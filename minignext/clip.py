@@ -198,7 +198,9 @@ def _check_common(c):
 
 
 ACTIVATIONS = {
-    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),   # the sigmoid approximation OpenAI trained with
+    # OpenAI's sigmoid approximation x * sigmoid(1.702 x), computed as silu(1.702 x) / 1.702:
+    # one fused kernel and one buffer fewer than the literal formula.
+    "quick_gelu": lambda x: F.silu(1.702 * x).div_(1.702),
     "gelu": F.gelu,
 }
 
