@@ -28,13 +28,15 @@ def generation_kwargs(args):
     return kw
 
 
-def load_model(name, progress=True) -> NextGPT:
+def load_model(name) -> NextGPT:
     name = name or default_preset()
     print(f"loading preset {name!r} ...", file=sys.stderr)
     model = NextGPT.from_preset(name)
-    if name in ("tiny-random",):
+    if name == "tiny-random":
         print("note: the tiny-random preset has random weights; its text, images, sounds and videos "
-              "are noise. It shows the data flow, not a trained model.", file=sys.stderr)
+              "are noise, and it will hardly ever ask for media by itself (`minignext run --force-response` "
+              "and `minignext demo` show those routes). It shows the data flow, not a trained model.",
+              file=sys.stderr)
     return model
 
 
