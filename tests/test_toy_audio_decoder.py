@@ -1,0 +1,64 @@
+"""The toy audio decoder: its mel, a tiny training run end to end, and the shipped weights."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from minignext.diffusion import AudioPipeline
+from minignext.media import hz_to_mel
+from minignext.toy import checkers, world
+from minignext.toy import train_audio_decoder as audio
+
+SHIPPED = audio.OUT_DIR / "model_index.json"
+
+
+def test_log_mel_frames_and_band_of_a_sine():
+    t = torch.arange(world.SAMPLE_RATE) / world.SAMPLE_RATE
+    freqs = torch.tensor([330.0, 700.0, 1200.0])
+    mel = audio.log_mel(torch.sin(2 * torch.pi * freqs[:, None] * t))
+    assert mel.shape == (3, audio.FRAMES, audio.N_MELS)
+    # band b is centred on the (b + 1)-th of N_MELS + 2 mel-spaced edges from 0 to F_MAX
+    centres = torch.linspace(0, hz_to_mel(audio.F_MAX).item(), audio.N_MELS + 2)[1:-1]
+    want = (centres[None] - hz_to_mel(freqs.double())[:, None].float()).abs().argmin(1)
+    assert torch.equal(mel[:, 10:-10].mean(1).argmax(1), want)
+    assert mel.min() >= np.log(1e-5) - 1e-6
+
+
+def test_train_tiny_saves_a_pipeline_that_loads(tmp_path):
+    torch.manual_seed(0)
+    summary = audio.train(seed=0, resume=False, progress=False, scale=0.001, out_dir=tmp_path / "out",
+                          runs_dir=tmp_path / "runs")
+    folder = tmp_path / "out"
+    assert summary["megabytes"] > 0 and json.loads((folder / "model_index.json").read_text())["vocoder"][1] == \
+        "SpeechT5HifiGan"
+    pipeline, text_encoder, tokenizer, settings = audio.load_pipeline(folder)
+    assert isinstance(pipeline, AudioPipeline) and pipeline.sampling_rate == world.SAMPLE_RATE
+    embeds = audio.text_embeds(text_encoder, tokenizer, ["a rising low tone", ""])
+    assert embeds.shape == (2, audio.EMBED_DIM)
+    torch.testing.assert_close(embeds.norm(dim=-1), torch.ones(2))
+    torch.testing.assert_close(torch.as_tensor(pipeline.unconditional_embeds), embeds[1])
+    wave = pipeline(prompt_embeds=embeds[:1], seed=0, guidance_scale=2.0, num_inference_steps=2, progress=False)
+    assert wave.shape == (1, world.SAMPLE_RATE) and np.isfinite(wave).all()
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    if not SHIPPED.is_file():
+        pytest.skip("the toy audio decoder's weights are not in weights/toy/audio_decoder")
+    return audio.load_pipeline()
+
+
+def test_shipped_vocoder_turns_true_mels_back_into_the_right_tones(shipped):
+    pipeline = shipped[0]
+    waves, objs = audio.render_sounds(8, np.random.default_rng(7))
+    with torch.no_grad():
+        out = pipeline.vocoder(audio.log_mel(waves))
+    assert out.shape == waves.shape
+    assert sum(checkers.check_audio(w.numpy(), want=o).ok for w, o in zip(out, objs)) >= 7
+
+
+def test_shipped_decoder_makes_the_asked_tones(shipped):
+    objs, captions = audio.prompts(8, seed=99, split="train", phrasing="test")
+    assert audio.accuracy(shipped, objs, captions, seed=0) >= 6 / 8
