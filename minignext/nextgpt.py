@@ -332,7 +332,7 @@ class NextGPT(nn.Module):
     @classmethod
     def from_preset(cls, name, dtype=None, device=None) -> "NextGPT":
         """"nextgpt-7b" (the official weights), "toy" (weights/toy/) or "tiny-random"."""
-        return _from_preset(cls, name, dtype=dtype, device=device)
+        return _from_preset(name, dtype=dtype, device=device)
 
     def _token_id(self, token):
         i = self.tokenizer.token_to_id(token)
@@ -595,7 +595,7 @@ def default_preset() -> str:
     return "toy" if (TOY_DIR / "nextgpt" / "nextgpt.json").is_file() else "tiny-random"
 
 
-def _from_preset(cls, name, dtype=None, device=None):
+def _from_preset(name, dtype=None, device=None):
     if name == "tiny-random":
         return tiny_random()
     if name == "toy":
@@ -876,7 +876,10 @@ def tiny_random() -> "NextGPT":
         llm = Llama(LlamaConfig(vocab_size=tok.vocab_size, hidden_size=TINY["llm_hidden"], intermediate_size=128,
                                 num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=512,
                                 bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)).eval()
-        add_nextgpt_tokens(tok, llm)
+        new = add_nextgpt_tokens(tok, llm)
+        with torch.no_grad():              # random rows too, rather than resize's copies of the mean row
+            for w in (llm.model.embed_tokens.weight, llm.lm_head.weight):
+                w[new] = torch.randn(len(new), w.shape[1]) * w[:new[0]].std()
         projections = {m: OutputProjectionConfig(in_dim=TINY["llm_hidden"], out_dim=d, num_queries=q,
                                                  num_signal_tokens=SIGNALS[m][1])
                        for m, (q, d) in TINY["cond"].items()}
