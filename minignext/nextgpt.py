@@ -324,6 +324,7 @@ class NextGPT(nn.Module):
             setattr(self, PROJECTION_NAMES[modality], nn.ModuleList([OutputProjection(cfg)]))
         self.decoder_loaders = dict(decoder_loaders or {})
         self._decoders = {}
+        self.max_loaded_decoders = None      # 1 keeps a single decoder in memory (nextgpt-7b)
         self.default_steps = 50
         nums = {m: cfg.num_signal_tokens for m, cfg in output_projections.items()}
         self.signal_ids = {m: [self._token_id(t) for t in signal_token_names(m, n)] for m, n in nums.items()}
@@ -355,6 +356,8 @@ class NextGPT(nn.Module):
         if modality not in self._decoders:
             if modality not in self.decoder_loaders:
                 raise ValueError(f"no {modality} decoder is available in this model")
+            while self.max_loaded_decoders and len(self._decoders) >= self.max_loaded_decoders:
+                self._decoders.pop(next(iter(self._decoders)))          # drop the oldest
             self._decoders[modality] = self.decoder_loaders[modality]()
         return self._decoders[modality]
 
@@ -641,6 +644,7 @@ def nextgpt_7b(dtype=None, device=None):
                                         height=320, width=576, num_frames=24)}
     model = NextGPT(encoder, llm, tok, projections, loaders, enc_dim=encoder.config.out_embed_dim)
     load_projections(model, rest, dtype=dtype, device=device)
+    model.max_loaded_decoders = 1          # like the reference, one decoder at a time next to the LLM
     return model.eval()
 
 

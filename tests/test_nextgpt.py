@@ -267,3 +267,16 @@ def test_real_nextgpt_7b_layout():
     assert model.output_projection("video").config.out_dim == 1024
     reply = model.chat("Draw a cat.", force_response=IMG, decode=False, progress=False)
     assert tuple(reply.conditioning[0][1].shape) == (1, 77, 768)
+
+
+def test_decoders_load_on_demand_and_can_be_capped(monkeypatch):
+    m = NextGPT.from_preset("tiny-random")
+    built = []
+    for name in ("image", "audio"):
+        monkeypatch.setitem(m.decoder_loaders, name, lambda name=name: built.append(name) or name)
+    assert m._decoders == {} and built == []
+    m.decoder("image"), m.decoder("image")
+    assert built == ["image"]
+    m.max_loaded_decoders = 1
+    m.decoder("audio")
+    assert list(m._decoders) == ["audio"] and built == ["image", "audio"]
