@@ -361,6 +361,10 @@ class NextGPT(nn.Module):
             self._decoders[modality] = self.decoder_loaders[modality]()
         return self._decoders[modality]
 
+    @property
+    def loaded_decoders(self) -> list:
+        return list(self._decoders)
+
     def unload_decoder(self, modality):
         self._decoders.pop(modality, None)
 

@@ -274,9 +274,9 @@ def test_decoders_load_on_demand_and_can_be_capped(monkeypatch):
     built = []
     for name in ("image", "audio"):
         monkeypatch.setitem(m.decoder_loaders, name, lambda name=name: built.append(name) or name)
-    assert m._decoders == {} and built == []
+    assert m.loaded_decoders == [] and built == []
     m.decoder("image"), m.decoder("image")
     assert built == ["image"]
     m.max_loaded_decoders = 1
     m.decoder("audio")
-    assert list(m._decoders) == ["audio"] and built == ["image", "audio"]
+    assert m.loaded_decoders == ["audio"] and built == ["image", "audio"]
