@@ -280,3 +280,15 @@ def test_decoders_load_on_demand_and_can_be_capped(monkeypatch):
     m.max_loaded_decoders = 1
     m.decoder("audio")
     assert m.loaded_decoders == ["audio"] and built == ["image", "audio"]
+
+
+def test_several_inputs_of_several_modalities_in_one_turn(model, inputs):
+    conv = Conversation().user("Compare them.", image=[inputs["image"], inputs["image"]], audio=inputs["audio"])
+    prompt = model.build_prompt(conv)
+    assert prompt.soft_modalities == ["image", "image", "audio"]
+    a, b, c = prompt.soft_positions
+    assert (b - a, c - b) == (3, 3)                    # <Img>[soft]</Img> back to back
+    for p in prompt.soft_positions:
+        assert prompt.ids[p - 1] == model.splice_ids[0] and prompt.ids[p + 1] == model.splice_ids[1]
+    torch.testing.assert_close(prompt.embeds[0, a], prompt.embeds[0, b])
+    torch.testing.assert_close(prompt.embeds[0, c], model.encode("audio", inputs["audio"])[0])
