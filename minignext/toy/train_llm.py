@@ -1,0 +1,219 @@
+"""The toy LLaMA: minignext.llama.Llama (Touvron et al. 2023, arXiv 2302.13971) with a small config
+and its own byte-level BPE tokenizer, trained from scratch on the toy world's text.
+
+NExT-GPT (Wu et al., arXiv 2309.05519) starts from Vicuna-7B-v0, a LLaMA that already speaks in the
+Vicuna v0 template. The toy LLM learns the same: captions of every modality, dialogues in the
+template with input media shown as the literal `<Img></Img>` marker (world.format_dialogue), and
+text-only questions about the world's cross-modal mapping ("what does a red circle sound like?").
+NExT-GPT's own tokens (`<Img>`, `</Img>`, `[IMG0]`...) are NOT in the vocabulary: NExT-GPT adds
+them later. The byte-level pre-tokenizer splits `<Img>` into `<`, `Img`, `>`, so no merge can
+ever produce one of them.
+
+On disk it is the Hugging Face LLaMA layout that `Llama.from_pretrained` and
+`Tokenizer.from_pretrained` read: weights/toy/llm/{config.json, model.safetensors (fp16),
+tokenizer.json, tokenizer_config.json}. Load it in fp32 (`dtype=torch.float32`) for CPU use.
+
+    python -m minignext.toy.train foundations --only llm
+    python -m minignext.toy.eval foundations --only llm
+"""
+
+import json
+import math
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from minignext import weights
+from minignext.llama import Llama, LlamaConfig
+from minignext.tokenizer import VICUNA_V0, Tokenizer
+from minignext.toy import world
+from minignext.toy.trainer import TOY_DIR, Run
+
+OUT_DIR = TOY_DIR / "llm"
+SPECIAL = ("<unk>", "<s>", "</s>")        # ids 0, 1, 2 as in LLaMA; <unk> doubles as padding
+VOCAB_SIZE = 512
+MAX_TOKENS = 192                          # training sequences are cut here (the longest is ~110)
+MODEL = dict(hidden_size=192, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-6,
+             bos_token_id=1, eos_token_id=2, pad_token_id=0)
+SCHEDULE = dict(steps=600, batch_size=32, peak_lr=3e-3, warmup=60, corpus=30000)
+
+
+def qa_text(obj: world.Obj, rng) -> str:
+    """A text-only question about the cross-modal mapping, in the Vicuna v0 template."""
+    if rng.random() < 0.5:
+        q, a = f"what does {world.caption(obj, rng, 'image')} sound like?", world.caption(obj, rng, "audio")
+        answer = f"it sounds like {a}."
+    else:
+        q, a = f"what does {world.caption(obj, rng, 'audio')} look like?", world.caption(obj, rng, "image")
+        answer = f"it looks like {a}."
+    return f"{VICUNA_V0.user}{q}\n{VICUNA_V0.assistant}{answer}\n"
+
+
+def corpus(n, seed=0, split="train", phrasing="train") -> list[str]:
+    """World text (captions and dialogues, world.text_corpus) with one mapping question in ten."""
+    rng = world.make_rng(seed)
+    texts = world.text_corpus(n, seed=rng, split=split, phrasing=phrasing)
+    for i in np.flatnonzero(rng.random(n) < 0.1):
+        texts[i] = qa_text(world.sample_object(rng, split), rng)
+    return texts
+
+
+def build_tokenizer(texts, vocab_size=VOCAB_SIZE) -> Tokenizer:
+    """A GPT-2-style byte-level BPE (every byte is a base token, so any input encodes)."""
+    tok = HFTokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL), show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    return Tokenizer(tok, bos_token="<s>", eos_token="</s>")
+
+
+def model_config(tokenizer: Tokenizer) -> LlamaConfig:
+    return LlamaConfig(vocab_size=tokenizer.vocab_size, **MODEL)
+
+
+def encode_corpus(tokenizer: Tokenizer, texts) -> list[list[int]]:
+    """<s> text </s>, cut at MAX_TOKENS."""
+    bos, eos = [tokenizer.bos_id], [tokenizer.eos_id]
+    return [(bos + e.ids + eos)[:MAX_TOKENS] for e in tokenizer.tok.encode_batch(texts, add_special_tokens=False)]
+
+
+def pad_batch(seqs, pad_id=0):
+    """Right-padded ids (B, T) and next-token targets with -100 on padding. Right padding needs no
+    attention mask: with a causal mask no real token ever sees the padding after it."""
+    t = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), t), pad_id, dtype=torch.long)
+    targets = torch.full((len(seqs), t), -100, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)] = torch.tensor(s)
+        targets[i, :len(s) - 1] = torch.tensor(s[1:])
+    return ids, targets
+
+
+def lm_loss(model, ids, targets):
+    logits = model(ids)
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+
+
+def train(seed=0, resume=True, progress=True, scale=1.0, out_dir=None, runs_dir=None) -> dict:
+    t0 = time.perf_counter()
+    out_dir = Path(out_dir or OUT_DIR)
+    steps = max(5, int(SCHEDULE["steps"] * scale))
+    texts = corpus(max(1000, int(SCHEDULE["corpus"] * scale)), seed=seed)
+    tokenizer = build_tokenizer(texts)
+    data = encode_corpus(tokenizer, texts)
+    torch.manual_seed(seed)
+    model = Llama(model_config(tokenizer))
+    opt = torch.optim.AdamW(model.parameters(), lr=SCHEDULE["peak_lr"], betas=(0.9, 0.95), weight_decay=0.01)
+    run = Run(f"llm-seed{seed}-scale{scale:g}", {"model": model}, opt, steps, SCHEDULE["peak_lr"],
+              warmup=min(SCHEDULE["warmup"], steps // 5), resume=resume, progress_bar=progress,
+              runs_dir=runs_dir)
+    model.train()
+    for step in run.steps():
+        rng = np.random.default_rng([seed, step])        # the batch depends on the step only: resumable
+        ids, targets = pad_batch([data[i] for i in rng.integers(len(data), size=SCHEDULE["batch_size"])])
+        loss = lm_loss(model, ids, targets)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        run.log(loss.item())
+    model.eval()
+    save(out_dir, model, tokenizer, overwrite=True)
+    return {"steps": steps, "params": sum(p.numel() for p in model.parameters()),
+            "final_loss": round(run.history[-1]["loss"], 4) if run.history else None,
+            "mb": round(sum(f.stat().st_size for f in out_dir.iterdir()) / 1e6, 2),
+            "train_seconds": round(time.perf_counter() - t0, 1), "out_dir": str(out_dir)}
+
+
+def save(folder, model: Llama, tokenizer: Tokenizer, dtype=torch.float16, overwrite=False):
+    folder = Path(folder)
+    config_path = folder / "config.json"
+    if config_path.exists() and not overwrite:
+        raise FileExistsError(f"{config_path} exists; pass overwrite=True to replace it")
+    folder.mkdir(parents=True, exist_ok=True)
+    c = model.config
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
+              "torch_dtype": str(dtype).removeprefix("torch."), "vocab_size": c.vocab_size,
+              **MODEL, "rope_theta": c.rope_theta, "tie_word_embeddings": c.tie_word_embeddings}
+    config_path.write_text(json.dumps(config, indent=2) + "\n")
+    weights.save_safetensors({k: v.to(dtype) for k, v in model.state_dict().items()},
+                             folder / "model.safetensors", overwrite=overwrite)
+    tokenizer.save(folder / "tokenizer.json", overwrite=overwrite)
+    settings = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<unk>",
+                "model_max_length": c.max_position_embeddings}
+    (folder / "tokenizer_config.json").write_text(json.dumps(settings, indent=2) + "\n")
+    return folder
+
+
+def load(folder=None, dtype=torch.float32) -> tuple[Llama, Tokenizer]:
+    folder = Path(folder or OUT_DIR)
+    return Llama.from_pretrained(folder, dtype=dtype), Tokenizer.from_pretrained(folder)
+
+
+# ---------------------------------------------------------------- evaluation
+
+@torch.inference_mode()
+def perplexity(model, tokenizer, texts, batch_size=64) -> float:
+    """exp of the mean next-token cross-entropy over all tokens of `texts`."""
+    data = encode_corpus(tokenizer, texts)
+    total, count = 0.0, 0
+    for i in range(0, len(data), batch_size):
+        ids, targets = pad_batch(data[i:i + batch_size])
+        n = int((targets != -100).sum())
+        total += lm_loss(model, ids, targets).item() * n
+        count += n
+    return math.exp(total / count)
+
+
+def answer(model, tokenizer, question, max_new_tokens=32) -> str:
+    """Greedy answer to a text-only question asked in the Vicuna v0 template."""
+    prompt = VICUNA_V0.render([{"role": "user", "content": question}])
+    ids = torch.tensor([tokenizer.encode(prompt)])
+    out = model.generate(ids, max_new_tokens, stop_strings=list(VICUNA_V0.stop), tokenizer=tokenizer,
+                         progress=False)
+    return VICUNA_V0.cut(tokenizer.decode(out[0, ids.shape[1]:], skip_special=True))
+
+
+def request_questions(n, seed, split="all"):
+    """Text-only requests ("draw a red circle.") with the words a right answer must contain."""
+    rng = world.make_rng(seed)
+    out = []
+    for _ in range(n):
+        obj, modality = world.sample_object(rng, split), ("image", "audio", "video")[rng.integers(3)]
+        direction = world.DIRECTIONS[rng.integers(4)] if modality == "video" else None
+        x = world.caption(obj, None, modality, direction)
+        template = world._pick(rng, world.INSTRUCTIONS[f"make_{modality}"], "train")
+        words = {"image": (obj.colour, obj.shape), "audio": (obj.pitch, obj.contour),
+                 "video": (obj.colour, obj.shape, direction)}[modality]
+        out.append((template.format(x=x), words))
+    for _ in range(n // 4):
+        obj = world.sample_object(rng, split)
+        out.append((f"what does {world.caption(obj, None, 'image')} sound like?", (obj.pitch, obj.contour)))
+    return out
+
+
+def evaluate(quick=False, seed=1234, folder=None):
+    from minignext.toy.eval import Metric
+
+    model, tokenizer = load(folder)
+    n = 200 if quick else 1000
+    metrics = []
+    for split, phrasing, note in (("train", "test", "held-out phrasings"),
+                                  ("heldout", "train", "held-out combinations")):
+        texts = corpus(n, seed=seed, split=split, phrasing=phrasing)
+        metrics.append(Metric("toy LLM perplexity", perplexity(model, tokenizer, texts), None, n, note))
+    for split, note in (("train", "seen combinations"), ("heldout", "held-out combinations")):
+        questions = request_questions(8 if quick else 40, seed, split)
+        right = [set(words) <= set(re.findall(r"[a-z]+", answer(model, tokenizer, q))) for q, words in questions]
+        metrics.append(Metric("toy LLM text-only answers name the asked object", float(np.mean(right)),
+                              0.9 if split == "train" else None, len(right), note))
+    return metrics

@@ -1,0 +1,68 @@
+"""The toy LLaMA: a tiny training run end to end, and the shipped weights through the public loaders."""
+
+import json
+
+import pytest
+import torch
+
+from minignext.llama import Llama
+from minignext.nextgpt import added_tokens
+from minignext.tokenizer import VICUNA_V0, Tokenizer
+from minignext.toy import train_llm, world
+from minignext.toy.trainer import read_loss_log
+
+SHIPPED = train_llm.OUT_DIR
+
+
+def test_tiny_training_run_saves_a_loadable_model(tmp_path):
+    summary = train_llm.train(seed=0, resume=False, progress=False, scale=0.01, out_dir=tmp_path / "llm",
+                              runs_dir=tmp_path / "runs")
+    assert summary["steps"] == 6
+    log = read_loss_log("llm-seed0-scale0.01", runs_dir=tmp_path / "runs")
+    assert len(log) == 6 and log[-1]["loss"] < log[0]["loss"]
+    model = Llama.from_pretrained(tmp_path / "llm", dtype=torch.float32)
+    tok = Tokenizer.from_pretrained(tmp_path / "llm")
+    assert model.config.vocab_size == tok.vocab_size == train_llm.VOCAB_SIZE
+    assert (tok.bos_id, tok.eos_id) == (model.config.bos_token_id, model.config.eos_token_id) == (1, 2)
+    ids = torch.tensor([tok.encode("### Human: draw a red circle.\n### Assistant:")])
+    assert model(ids).shape == (1, ids.shape[1], train_llm.VOCAB_SIZE)
+    with pytest.raises(FileExistsError):
+        train_llm.save(tmp_path / "llm", model, tok)
+
+
+def test_tokenizer_leaves_nextgpt_tokens_out_and_round_trips():
+    tok = train_llm.build_tokenizer(train_llm.corpus(500, seed=3))
+    for name in added_tokens():
+        assert tok.token_to_id(name) is None, name
+    text = world.format_dialogue(world.sample_dialogue(5))
+    assert tok.decode(tok.encode(text, add_bos=False)) == text
+    new_ids = tok.add_special_tokens(added_tokens())
+    assert min(new_ids) == train_llm.VOCAB_SIZE
+
+
+def test_batches_ignore_padding():
+    ids, targets = train_llm.pad_batch([[1, 5, 6, 2], [1, 7, 2]])
+    assert ids.tolist() == [[1, 5, 6, 2], [1, 7, 2, 0]]
+    assert targets.tolist() == [[5, 6, 2, -100], [7, 2, -100, -100]]
+
+
+needs_shipped = pytest.mark.skipif(not (SHIPPED / "model.safetensors").is_file(),
+                                   reason="shipped toy LLM weights are not in weights/toy/llm")
+
+
+@needs_shipped
+def test_shipped_llm_loads_and_answers():
+    config = json.loads((SHIPPED / "config.json").read_text())
+    assert config["model_type"] == "llama" and config["architectures"] == ["LlamaForCausalLM"]
+    model = Llama.from_pretrained(SHIPPED, dtype=torch.float32)
+    tok = Tokenizer.from_pretrained(SHIPPED)
+    assert model.model.embed_tokens.weight.shape == (tok.vocab_size, config["hidden_size"])
+    assert all(tok.token_to_id(t) is None for t in added_tokens())
+    questions = train_llm.request_questions(4, seed=99, split="train")
+    for question, words in questions:
+        answer = train_llm.answer(model, tok, question)
+        assert set(words) <= set(answer.replace(".", " ").replace(",", " ").split()), (question, answer)
+    ppl = train_llm.perplexity(model, tok, train_llm.corpus(64, seed=7, phrasing="test"))
+    assert 1.0 < ppl < 3.0
+    prompt = VICUNA_V0.render([{"role": "user", "content": "hello!"}])
+    assert "hello" in train_llm.answer(model, tok, "hello!"), prompt
