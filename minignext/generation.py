@@ -99,28 +99,26 @@ def _loop(model, input_ids, inputs_embeds, max_new_tokens, temperature, top_p, t
     done = torch.zeros(b, dtype=torch.bool, device=device)
     texts = [[] for _ in range(b)]
 
-    model.setup_cache(b, t + max_new_tokens, dtype=prompt.dtype if prompt.is_floating_point() else None,
-                      device=device)
-    try:
-        with torch.inference_mode():
-            logits = prefill(model, input_ids, inputs_embeds)
-            steps = progress_bar(range(max_new_tokens), desc="generating", enabled=None if progress else False)
-            for i in steps:
-                token = sample(logits, temperature, top_p, top_k, generator)
-                if stops.numel() or stop_strings:
-                    token = torch.where(done, pad, token)
-                yield token
-                if stops.numel():
-                    done = done | torch.isin(token, stops)
-                if stop_strings:
-                    for row in range(b):
-                        texts[row].append(int(token[row]))
-                        text = tokenizer.decode(texts[row])
-                        if any(s in text for s in stop_strings):
-                            done[row] = True
-                if (stops.numel() or stop_strings) and bool(done.all()):
-                    break
-                if i + 1 < max_new_tokens:
-                    logits = decode_one_token(model, token[:, None], t + i)
+    model.setup_cache(b, t + max_new_tokens, device=device)
+    try:  # no inference_mode around the loop: while a stream is paused, the caller's code runs
+        logits = prefill(model, input_ids, inputs_embeds)
+        steps = progress_bar(range(max_new_tokens), desc="generating", enabled=None if progress else False)
+        for i in steps:
+            token = sample(logits, temperature, top_p, top_k, generator)
+            if stops.numel() or stop_strings:
+                token = torch.where(done, pad, token)
+            yield token
+            if stops.numel():
+                done = done | torch.isin(token, stops)
+            if stop_strings:
+                for row in range(b):
+                    texts[row].append(int(token[row]))
+                    text = tokenizer.decode(texts[row])
+                    if any(s in text for s in stop_strings):
+                        done[row] = True
+            if (stops.numel() or stop_strings) and bool(done.all()):
+                break
+            if i + 1 < max_new_tokens:
+                logits = decode_one_token(model, token[:, None], t + i)
     finally:
         model.clear_cache()

@@ -123,6 +123,7 @@ def test_stream_yields_the_same_tokens(model):
     it = generate(model, prompt(), 9, stream=True, stop_token_ids=[], progress=False)
     first = next(it)
     assert isinstance(first, int)
+    assert not torch.is_inference_mode_enabled()      # a paused stream does not leak its mode
     streamed = [first] + list(it)
     assert streamed == generate(model, prompt(), 9, stop_token_ids=[], progress=False)[0, 5:].tolist()
     with pytest.raises(ValueError, match="batch of 1"):
