@@ -6,6 +6,10 @@ generates 64 tokens after a 32-token prompt, greedily, on 2 threads; the time is
 the median of 5 alternating runs. The bandwidth line puts the decode speed in context: every
 new token reads all the weights once, so weight bytes / time per token can be
 compared with what a plain memory copy achieves.
+
+On a machine shared with other jobs, run it as `OMP_WAIT_POLICY=PASSIVE python -m minignext
+bench llama`: with spinning OpenMP threads, two threads competing with other processes for
+two cores spend most of their time waiting for each other, on both sides.
 """
 
 import argparse
