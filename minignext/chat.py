@@ -16,7 +16,8 @@ def add_generation_args(p):
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=None, help="diffusion steps (default: the preset's)")
-    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance scale (default: the preset's, 7.5 for nextgpt-7b)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 

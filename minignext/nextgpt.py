@@ -12,6 +12,7 @@ the loop that joins the parts; reference: NExT-GPT-Lagacy code/model/anyToImageV
 
 import json
 import os
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -326,6 +327,7 @@ class NextGPT(nn.Module):
         self._decoders = {}
         self.max_loaded_decoders = None      # 1 keeps a single decoder in memory (nextgpt-7b)
         self.default_steps = 50
+        self.default_guidance = 7.5
         nums = {m: cfg.num_signal_tokens for m, cfg in output_projections.items()}
         self.signal_ids = {m: [self._token_id(t) for t in signal_token_names(m, n)] for m, n in nums.items()}
         self.splice_ids = (self._token_id(SPLICE_OPEN), self._token_id(SPLICE_CLOSE))
@@ -498,7 +500,7 @@ class NextGPT(nn.Module):
     # ------------------------------------------------------------ one exchange
 
     def chat(self, messages, *, max_new_tokens=64, temperature=0.0, top_p=1.0, seed=0, force_response=None,
-             guidance_scale=7.5, num_inference_steps=None, decode=True, progress=True) -> Reply:
+             guidance_scale=None, num_inference_steps=None, decode=True, progress=True) -> Reply:
         """Answer the last user turn of `messages` (a string, message dicts or a Conversation;
         a Conversation gets the answer appended). Signal tokens in the answer are projected and
         routed to their decoder; decode=False stops after the projection."""
@@ -528,7 +530,7 @@ class NextGPT(nn.Module):
                     reply.notices.append(f"the {modality} decoder could not be loaded, so no {modality} output: {e}")
                     continue
                 media = decoder.generate(
-                    cond, guidance_scale=guidance_scale, num_inference_steps=num_inference_steps or self.default_steps,
+                    cond, guidance_scale=guidance_scale or self.default_guidance, num_inference_steps=num_inference_steps or self.default_steps,
                     seed=seed, progress=progress)
                 {"image": reply.images, "audio": reply.audios, "video": reply.videos}[modality].extend(media)
         if isinstance(messages, Conversation):
@@ -550,7 +552,9 @@ class NextGPT(nn.Module):
             elif t != self.tokenizer.eos_id:
                 chunk.append(t)
         cut = lambda s: s.split(STOP_STRING)[0].strip()
-        return cut(" ".join(p.strip() for p in plain if p.strip())), cut(" ".join(p.strip() for p in raw if p.strip()))
+        raw = " ".join(p.strip() for p in raw if p.strip())
+        raw = re.sub(r"\s+(?=\[(?:IMG|VID|AUD)\d+\])", "", raw)   # runs back to back, as they were generated
+        return cut(" ".join(p.strip() for p in plain if p.strip())), cut(raw)
 
 
 def encoder_input(encoder, modality, source) -> torch.Tensor:
@@ -675,17 +679,27 @@ def load_folder(folder, dtype=None, device=None) -> NextGPT:
 
     folder = Path(folder)
     meta = weights.read_config(folder, "nextgpt.json")
+    if "delta" in meta:        # base LLM + a delta like the official release (minignext.toy.train_nextgpt)
+        dtype = dtype or torch.float32
     encoder = ImageBind.from_pretrained(folder / meta["encoder"], dtype=dtype, device=device)
-    llm = Llama.from_pretrained(folder / "llm", dtype=dtype, device=device)
+    llm_dir = folder / meta.get("llm", "llm")
+    llm, tok = Llama.from_pretrained(llm_dir, dtype=dtype, device=device), Tokenizer.from_pretrained(llm_dir)
+    if "delta" in meta:
+        tok.add_special_tokens(added_tokens())
+        delta = weights.load_safetensors(folder / meta["delta"], dtype=dtype, device=device or "cpu")
+        delta = dict(kv for k, v in delta.items() for kv in delta_key(k, v))
+        rest = apply_delta(llm, delta, lora_alpha=meta["lora_alpha"])
+    else:
+        rest = weights.load_safetensors(folder / "projections.safetensors")
     projections = {m: OutputProjectionConfig.from_dict(d) for m, d in meta["projections"].items()}
     loaders = {}
     for m, path in meta.get("decoders", {}).items():
         kwargs = meta.get("decoder_kwargs", {}).get(m, {})
         loaders[m] = lambda m=m, path=folder / path, kw=kwargs: Decoder(m, _folder_pipeline(m, path, dtype, device), **kw)
-    model = NextGPT(encoder, llm, Tokenizer.from_pretrained(folder / "llm"), projections, loaders,
-                    enc_dim=meta["enc_dim"])
-    load_projections(model, weights.load_safetensors(folder / "projections.safetensors"), dtype=dtype, device=device)
+    model = NextGPT(encoder, llm, tok, projections, loaders, enc_dim=meta["enc_dim"])
+    load_projections(model, rest, dtype=dtype, device=device)
     model.default_steps = meta.get("default_steps", model.default_steps)
+    model.default_guidance = meta.get("default_guidance", model.default_guidance)
     return model.eval()
 
 
