@@ -1,0 +1,495 @@
+"""NExT-GPT's own three training stages (Wu et al., arXiv 2309.05519, sec. 4 and 5) on the toy
+foundations; reference: NExT-GPT-Lagacy code/model/anyToImageVideoAudio.py and its stage configs.
+
+The foundations in weights/toy/ (ImageBind, LLaMA, the decoders' text encoders) stay frozen.
+
+    stage 1  encoder-side alignment   X -> caption; only llama_proj trains; CE on the caption.
+    stage 2  decoder-side alignment   caption -> caption + signal tokens; only the NEW token rows of
+             embed_tokens / lm_head and the output projections train; CE + the mean per-token
+             Euclidean distance (not squared) between the projected signal states and the decoder
+             text encoder's output for the caption.
+    stage 3  instruction tuning       mixed multi-turn dialogues (world.sample_dialogue); LoRA on
+             q, k, v, o plus both projections and the new rows; CE on the assistant tokens plus the
+             stage-2 distance for every turn that makes media.
+
+All stages use Adam with betas (0.9, 0.95). Media are encoded once by the frozen ImageBind (a bank of
+embeddings per object), and every caption's decoder conditioning is computed once: the frozen parts
+need no forward pass in the loop. What ships is a delta like the official `pytorch_model.pt`: only
+what trained, in peft's names (llama_model.base_model.model...lora_A.default.weight, the resized
+embed_tokens and lm_head, llama_proj, gen_text_hidden_fcs*), in weights/toy/nextgpt/delta.safetensors,
+next to nextgpt.json that points at the foundations.
+
+    python -m minignext.toy.train nextgpt
+    python -m minignext.toy.eval nextgpt
+"""
+
+import json
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from minignext import weights
+from minignext.lora import add_lora, lora_parameters
+from minignext.nextgpt import (MODALITIES, SIGNALS, SPLICE_CLOSE, SPLICE_OPEN, Conversation, NextGPT,
+                               add_nextgpt_tokens, find_signal_runs, freeze_old_rows)
+from minignext.projection import OutputProjectionConfig
+from minignext.tokenizer import VICUNA_V0
+from minignext.toy import checkers, decoder_text, world
+from minignext.toy.trainer import TOY_DIR, Run
+
+OUT_DIR = TOY_DIR / "nextgpt"
+LORA = {"r": 16, "alpha": 16.0}            # NExT-GPT: r = alpha = 32 on a 4096-wide LLM
+PROJECTION = dict(d_model=64, nhead=4, num_encoder_layers=2, num_decoder_layers=2, dim_feedforward=128)
+STAGES = {                                  # steps, batch, peak lr
+    1: dict(steps=300, batch=32, lr=3e-3),
+    2: dict(steps=500, batch=32, lr=2e-3),
+    3: dict(steps=900, batch=16, lr=1e-3),
+}
+BANK_PER_KEY = 8                            # rendered samples per (modality, object[, direction])
+STORE_DTYPE = torch.float16
+DECODER_KWARGS = {"image": {}, "audio": {"audio_length_in_s": world.AUDIO_SECONDS},
+                  "video": {"num_frames": world.N_FRAMES}}
+
+
+# ---------------------------------------------------------------- the model and its frozen helpers
+
+def load_foundations(root=TOY_DIR):
+    """The frozen toy parts: ImageBind, the LLM with NExT-GPT's tokens added, and per modality the
+    decoder's text encoder and tokenizer (fp32)."""
+    from minignext.imagebind import ImageBind
+    from minignext.llama import Llama
+    from minignext.tokenizer import Tokenizer
+
+    root = Path(root)
+    missing = [p for p in ("imagebind", "llm", *(f"{m}_decoder" for m in MODALITIES)) if not (root / p).is_dir()]
+    if missing:
+        raise FileNotFoundError(f"{root} lacks the toy foundations {', '.join(missing)}; train them first with "
+                                f"`python -m minignext.toy.train foundations`")
+    encoder = ImageBind.from_pretrained(root / "imagebind", dtype=torch.float32).requires_grad_(False)
+    llm = Llama.from_pretrained(root / "llm", dtype=torch.float32)
+    tok = Tokenizer.from_pretrained(root / "llm")
+    texts = {m: decoder_text.load(root / f"{m}_decoder") for m in MODALITIES}
+    return encoder, llm, tok, texts
+
+
+@torch.no_grad()
+def conditioning(texts, modality, captions) -> torch.Tensor:
+    """What the decoder is conditioned on for `captions`: (B, Q, D); audio (B, 1, D), the pooled,
+    L2-normalised caption embedding that the toy AudioLDM takes as class_labels."""
+    enc, tok = texts[modality]
+    if modality == "audio":
+        ids = tok(list(captions), max_length=tok.model_max_length)
+        return F.normalize(enc(ids).embeds, dim=-1)[:, None]
+    return decoder_text.encode(enc, tok, captions)
+
+
+def build(root=TOY_DIR, seed=0) -> tuple[NextGPT, dict]:
+    """A NextGPT over the frozen foundations with fresh projections and new token rows."""
+    encoder, llm, tok, texts = load_foundations(root)
+    torch.manual_seed(seed)
+    new = add_nextgpt_tokens(tok, llm)
+    with torch.no_grad():       # distinct random rows (resize starts them all at the mean row)
+        for w in {id(p): p for p in (llm.model.embed_tokens.weight, llm.lm_head.weight)}.values():
+            w[new] = torch.randn(len(new), w.shape[1]) * w[:new[0]].std()
+    projections = {}
+    for m in MODALITIES:
+        q, d = conditioning(texts, m, [""]).shape[1:]
+        projections[m] = OutputProjectionConfig(in_dim=llm.config.hidden_size, out_dim=d, num_queries=q,
+                                                num_signal_tokens=SIGNALS[m][1], **PROJECTION)
+    model = NextGPT(encoder, llm, tok, projections, enc_dim=encoder.config.out_embed_dim)
+    model.requires_grad_(False)
+    model.first_new_id = new[0]
+    return model, texts
+
+
+def media_input(modality, items) -> torch.Tensor:
+    """Rendered world media (uint8 images / videos, float waveforms) -> ImageBind's input batch."""
+    from minignext.toy import train_imagebind as ib
+
+    if modality == "image":
+        return ib.image_input(np.stack(items))
+    if modality == "video":
+        return ib.video_input(np.stack(items))
+    return torch.cat([ib.audio_input(w) for w in items])
+
+
+@torch.no_grad()
+def embed_media(model, modality, items) -> torch.Tensor:
+    """(N, enc_dim) ImageBind embeddings of rendered media, as NextGPT.encode computes them."""
+    return model.visual_encoder.embed("audio" if modality == "audio" else "vision", media_input(modality, items))
+
+
+def media_bank(model, split="train", seed=0, per_key=BANK_PER_KEY) -> dict:
+    """{(modality, obj, direction): (per_key, enc_dim)} ImageBind embeddings of freshly rendered media."""
+    rng = world.make_rng(seed)
+    bank = {}
+    for modality in MODALITIES:
+        for obj in world.SPLITS[split]():
+            for direction in (world.DIRECTIONS if modality == "video" else (None,)):
+                m = world.Media(modality, obj, direction)
+                bank[(modality, obj, direction)] = embed_media(model, modality, [m.render(rng) for _ in range(per_key)])
+    return bank
+
+
+# ---------------------------------------------------------------- examples
+
+def encode_dialogue(model, turns, bank, targets, rng, loss_on="all"):
+    """World turns -> token ids in the Vicuna-v0 template, exactly as NextGPT.build_prompt lays out a
+    conversation, with labels on the assistant tokens (signal runs and the closing "###" included),
+    the soft-token slots (position, embedding) and the signal runs (modality, start, target caption).
+    loss_on="last" trains only the last answer."""
+    tok = model.tokenizer
+    ids, labels, soft, runs = [tok.bos_id], [-100], [], []
+
+    def add(tokens, train):
+        ids.extend(tokens)
+        labels.extend(tokens if train else [-100] * len(tokens))
+
+    for i, t in enumerate(turns):
+        train = loss_on == "all" or i == len(turns) - 1
+        user = tok.encode(VICUNA_V0.user, add_bos=False)
+        add(user[:1], train and i > 0)                    # the "###" that ends the previous answer
+        add(user[1:], False)
+        if t.user_media is not None:
+            m = t.user_media
+            vecs = bank[(m.modality, m.obj, m.direction)]
+            add([tok.token_to_id(SPLICE_OPEN)], False)
+            soft.append((len(ids), vecs[rng.integers(len(vecs))]))
+            add([0], False)
+            add([tok.token_to_id(SPLICE_CLOSE)], False)
+        text = f" {t.user}" if t.user_media is not None else t.user
+        add(tok.encode(text + VICUNA_V0.sep + VICUNA_V0.assistant.rstrip(), add_bos=False), False)
+        add(tok.encode(f" {t.assistant}", add_bos=False), train)
+        if t.assistant_media is not None:
+            m = t.assistant_media
+            if train:
+                runs.append((m.modality, len(ids), targets(m)))
+            add(model.signal_ids[m.modality], train)
+        add(tok.encode(VICUNA_V0.sep, add_bos=False), train)
+    add(tok.encode(VICUNA_V0.user, add_bos=False)[:1], True)
+    return {"ids": ids, "labels": labels, "soft": soft, "runs": runs}
+
+
+def stage_turn(stage, rng, split="train", phrasing="train"):
+    """One training dialogue of `stage`: 1 describes a medium with its bare caption, 2 makes a medium,
+    3 is a mixed multi-turn dialogue."""
+    if stage == 3:
+        return world.sample_dialogue(rng, split, phrasing)
+    modality = MODALITIES[rng.integers(3)]
+    kind = ("describe_" if stage == 1 else "make_") + modality
+    t = world._turn(kind, rng, phrasing, split)
+    if stage == 1:      # encoder-side alignment: the answer is the caption itself
+        t = world.Turn(t.kind, t.user, t.user_media.caption(rng, phrasing) + ".", t.user_media)
+    return [t]
+
+
+def collate(model, examples):
+    """Right-padded batch: input embeddings with the projected soft tokens spliced in, labels, runs."""
+    llm = model.llama_model
+    width = max(len(e["ids"]) for e in examples)
+    ids = torch.zeros(len(examples), width, dtype=torch.long)
+    labels = torch.full((len(examples), width), -100)
+    for b, e in enumerate(examples):
+        ids[b, :len(e["ids"])] = torch.tensor(e["ids"])
+        labels[b, :len(e["labels"])] = torch.tensor(e["labels"])
+    embeds = llm.embed(ids)
+    slots = [(b, p, v) for b, e in enumerate(examples) for p, v in e["soft"]]
+    if slots:
+        b, p, v = zip(*slots)
+        embeds = embeds.index_put((torch.tensor(b), torch.tensor(p)), model.llama_proj(torch.stack(v))[:, 0])
+    runs = [(b, m, s, t) for b, e in enumerate(examples) for m, s, t in e["runs"]]
+    return embeds, labels, runs
+
+
+def distance_loss(model, hidden, runs):
+    """Mean per-token Euclidean distance (not squared) between the projected signal states and the
+    decoder text encoder's output, averaged over the modalities present."""
+    losses = []
+    for modality in MODALITIES:
+        mine = [(b, s, t) for b, m, s, t in runs if m == modality]
+        if not mine:
+            continue
+        ids = torch.tensor(model.signal_ids[modality])
+        states = torch.stack([hidden[b, s:s + len(ids)] for b, s, _ in mine])
+        emb = model.llama_model.embed(ids)[None].expand(len(mine), -1, -1)
+        pred = model.output_projection(modality)(states, emb)
+        losses.append((pred - torch.stack([t for _, _, t in mine])).norm(dim=-1).mean())
+    return torch.stack(losses).mean() if losses else hidden.new_zeros(())
+
+
+def loss_fn(model, examples):
+    embeds, labels, runs = collate(model, examples)
+    logits, hidden = model.llama_model(inputs_embeds=embeds, return_hidden=True)
+    ce = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+    dist = distance_loss(model, hidden, runs)
+    return ce + dist, ce, dist
+
+
+# ---------------------------------------------------------------- the stages
+
+def trainable(model, stage) -> list:
+    """Switch on exactly what `stage` trains (NExT-GPT sec. 4.1, 5); returns the parameters. The
+    embedding / lm_head matrices train only in their new rows (a gradient hook zeroes the rest)."""
+    model.requires_grad_(False)
+    params = list(model.llama_proj.parameters())
+    if stage >= 2:
+        params = [] if stage == 2 else params
+        for m in MODALITIES:
+            params += list(model.output_projection(m).parameters())
+        llm = model.llama_model
+        for w in {id(p): p for p in (llm.model.embed_tokens.weight, llm.lm_head.weight)}.values():
+            if not hasattr(w, "_rows_hook"):
+                w._rows_hook = freeze_old_rows(w, model.first_new_id)
+            params.append(w)
+    if stage == 3:
+        params += list(lora_parameters(model.llama_model).values())
+    for p in params:
+        p.requires_grad_(True)
+    return params
+
+
+def count_trainable(model, stage) -> dict:
+    """Trainable parameters of `stage` (new rows only, for the resized matrices) vs all of them."""
+    total = sum(p.numel() for p in model.parameters())
+    n = 0
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        rows = p.shape[0] - model.first_new_id if name.endswith(("embed_tokens.weight", "lm_head.weight")) else None
+        n += p.numel() if rows is None else rows * p.shape[1]
+    return {"stage": stage, "trainable": n, "total": total, "percent": round(100 * n / total, 3)}
+
+
+def run_stage(model, stage, bank, targets, seed=0, resume=True, progress=True, scale=1.0, runs_dir=None):
+    cfg = STAGES[stage]
+    params = trainable(model, stage)
+    opt = torch.optim.Adam(params, lr=cfg["lr"], betas=(0.9, 0.95))
+    total = max(2, int(cfg["steps"] * scale))
+    run = Run(f"nextgpt_stage{stage}-seed{seed}-scale{scale:g}", {"model": model}, opt, total, cfg["lr"],
+              warmup=min(50, total // 10 + 1), resume=resume, progress_bar=progress, runs_dir=runs_dir)
+    model.train()
+    for step in run.steps():
+        rng = np.random.default_rng([seed, stage, step])      # the batch depends on the step only: resumable
+        examples = [encode_dialogue(model, stage_turn(stage, rng), bank, targets, rng) for _ in range(cfg["batch"])]
+        loss, ce, dist = loss_fn(model, examples)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        run.log(loss.item(), ce=ce.item(), dist=dist.item())
+    model.eval()
+    return run
+
+
+def caption_targets(texts):
+    cache = {}
+
+    def target(m: world.Media):
+        key = (m.modality, m.caption())
+        if key not in cache:        # the canonical caption: every phrasing of one object conditions alike
+            cache[key] = conditioning(texts, m.modality, [key[1]])[0]
+        return cache[key]
+    return target
+
+
+def train(seed=0, resume=True, progress=True, scale=1.0, out_dir=None, runs_dir=None, root=TOY_DIR,
+          bank_per_key=BANK_PER_KEY) -> dict:
+    t0 = time.perf_counter()
+    model, texts = build(root, seed)
+    bank = media_bank(model, "train", seed, bank_per_key)
+    targets = caption_targets(texts)
+    summary = {"stages": {}}
+    for stage in (1, 2, 3):
+        if stage == 3:
+            add_lora(model.llama_model, LORA["r"], LORA["alpha"])
+        run = run_stage(model, stage, bank, targets, seed, resume, progress, scale, runs_dir)
+        tail = run.history[-20:]
+        summary["stages"][stage] = {**count_trainable(model, stage), "steps": run.total,
+                                    "loss": round(sum(r["loss"] for r in tail) / max(1, len(tail)), 4),
+                                    "seconds": round(run.seconds, 1)}
+    out = save(model, out_dir or OUT_DIR, root, overwrite=True)
+    summary.update(folder=str(out), lora=LORA, seconds=round(time.perf_counter() - t0, 1),
+                   megabytes=round((out / "delta.safetensors").stat().st_size / 1e6, 2))
+    return summary
+
+
+# ---------------------------------------------------------------- the delta, in the official names
+
+PEFT_PREFIX = "llama_model.base_model.model."
+
+
+def delta_state(model) -> dict:
+    """What stages 1-3 trained, under the official checkpoint's (peft) names."""
+    llm = model.llama_model
+    out = {f"{PEFT_PREFIX}{k.replace('.lora_A.', '.lora_A.default.').replace('.lora_B.', '.lora_B.default.')}": v
+           for k, v in lora_parameters(llm).items()}
+    out[f"{PEFT_PREFIX}model.embed_tokens.weight"] = llm.model.embed_tokens.weight
+    out[f"{PEFT_PREFIX}lm_head.weight"] = llm.lm_head.weight
+    out.update({k: v for k, v in model.state_dict().items() if k.startswith(("llama_proj.", "gen_text_hidden_fcs"))})
+    return {k: v.detach().to(STORE_DTYPE).contiguous() for k, v in out.items()}
+
+
+def save(model, folder, root=TOY_DIR, overwrite=False) -> Path:
+    """folder/{delta.safetensors, nextgpt.json}; the json points at the foundations under `root`."""
+    folder, root = Path(folder), Path(root)
+    if (folder / "nextgpt.json").exists() and not overwrite:
+        raise FileExistsError(f"{folder / 'nextgpt.json'} exists; pass overwrite=True to replace it")
+    folder.mkdir(parents=True, exist_ok=True)
+    weights.save_safetensors(delta_state(model), folder / "delta.safetensors", overwrite=overwrite)
+    rel = lambda p: os.path.relpath(Path(p).resolve(), folder.resolve())      # noqa: E731
+    sampling = json.loads((root / "image_decoder" / "sampling.json").read_text()) \
+        if (root / "image_decoder" / "sampling.json").is_file() else {"num_inference_steps": 25, "guidance_scale": 3.0}
+    meta = {"encoder": rel(root / "imagebind"), "llm": rel(root / "llm"), "delta": "delta.safetensors",
+            "lora_alpha": LORA["alpha"], "lora_r": LORA["r"], "enc_dim": model.llama_proj.in_features,
+            "projections": {m: asdict(model.output_projection(m).config) for m in MODALITIES},
+            "decoders": {m: rel(root / f"{m}_decoder") for m in MODALITIES}, "decoder_kwargs": DECODER_KWARGS,
+            "default_steps": sampling["num_inference_steps"], "default_guidance": sampling["guidance_scale"]}
+    (folder / "nextgpt.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return folder
+
+
+# ---------------------------------------------------------------- evaluation
+
+EVAL_N = {"describe": 48, "describe_video": 32, "make": 48, "make_video": 32, "cross": 40, "chat": 24, "held": 12}
+
+
+def load(folder=None):
+    from minignext.nextgpt import load_folder
+    return load_folder(folder or OUT_DIR, dtype=torch.float32)
+
+
+def source(m: world.Media, rng):
+    """A rendered medium in the form NextGPT.encode takes (PIL image, (waveform, rate), frames)."""
+    from PIL import Image
+
+    x = m.render(rng)
+    if m.modality == "image":
+        return Image.fromarray(x)
+    return (torch.from_numpy(x), world.SAMPLE_RATE) if m.modality == "audio" else x
+
+
+def respond(model, turns, rng, max_new_tokens=48):
+    """Answer the last of `turns` (earlier answers as in the data): (text, raw ids, fixed ids, runs, hidden)."""
+    conv = Conversation()
+    for t in turns:
+        m = t.user_media
+        conv.user(t.user, **({m.modality: source(m, rng)} if m is not None else {}))
+        if t is not turns[-1]:
+            sig = "".join(f"[{SIGNALS[t.assistant_media.modality][0]}{i}]"
+                          for i in range(SIGNALS[t.assistant_media.modality][1])) if t.assistant_media else ""
+            conv.assistant(t.assistant + sig)
+    prompt = model.build_prompt(conv)
+    new = model.generate_ids(prompt, max_new_tokens=max_new_tokens, progress=False)
+    fixed, runs, _ = find_signal_runs(new, model.signal_ids)
+    text, _ = model._answer_text(fixed)
+    conds = []
+    if runs:
+        hidden = model.last_hidden(prompt, fixed)
+        off = prompt.embeds.shape[1]
+        conds = [(m, model.project(m, hidden, off + s)) for m, s in runs]
+    return text, new, conds
+
+
+def signals_ok(model, new, modality) -> bool:
+    """Exactly one complete, in-order run of `modality` (modality None: no signal token at all)."""
+    owner = {t: m for m, ids in model.signal_ids.items() for t in ids}
+    found = [t for t in new if t in owner]
+    return not found if modality is None else found == model.signal_ids[modality]
+
+
+class Decoders:
+    """The shipped decoder pipelines at their sampling.json settings, batched."""
+
+    def __init__(self, model, root=TOY_DIR):
+        from minignext.toy import train_audio_decoder, train_image_decoder, train_video_decoder
+
+        self.image = train_image_decoder.load_pipeline(Path(root) / "image_decoder")
+        self.video = train_video_decoder.load_pipeline(Path(root) / "video_decoder")
+        audio = train_audio_decoder.load_pipeline(Path(root) / "audio_decoder")
+        self.audio = (audio[0], audio[3])
+
+    @torch.no_grad()
+    def __call__(self, modality, conds, seed, batch=32):
+        pipe, settings = getattr(self, modality)
+        out = []
+        for i in range(0, len(conds), batch):
+            c = torch.cat(conds[i:i + batch])
+            kw = {"output_type": "np"} if modality == "image" else {}
+            out += list(pipe(prompt_embeds=c, seed=seed + i, progress=False, **settings, **kw))
+        return out
+
+
+def judge(modality, sample, want: world.Media) -> bool:
+    if modality == "image":
+        return checkers.check_image(sample, want=want.obj).ok
+    if modality == "audio":
+        return checkers.check_audio(sample, want=want.obj).ok
+    return checkers.check_video(sample, want={"colour": want.obj.colour, "direction": want.direction}).ok
+
+
+def evaluate(quick=False, seed=1234, folder=None, root=TOY_DIR) -> list:
+    """The quality table on held-out prompts (test phrasings), judged by minignext.toy.checkers."""
+    from minignext.toy.eval import Metric
+
+    model = load(folder)
+    decoders = Decoders(model, root)
+    n = {k: (6 if quick else v) for k, v in EVAL_N.items()}
+    rng = np.random.default_rng(seed)
+    metrics, sig_media, sig_text = [], [], []
+
+    def turns_of(kind, count, split="train"):
+        return [[world._turn(kind, rng, "test", split)] for _ in range(count)]
+
+    def describe(modality, count, split="train", threshold=None, name=None):
+        right = 0
+        for turns in turns_of(f"describe_{modality}", count, split):
+            text, new, _ = respond(model, turns, rng)
+            right += checkers.check_text(text, want=turns[-1].user_media).ok
+            sig_text.append(signals_ok(model, new, None))
+        metrics.append(Metric(name or f"{modality} -> text", right / count, threshold, count,
+                              "attribute accuracy" + ("" if split == "train" else ", held-out pairs")))
+
+    def make(kind, count, split="train", threshold=None, name=None):
+        dialogues = turns_of(kind, count, split)
+        pending, right = {}, 0
+        for turns in dialogues:
+            want = turns[-1].assistant_media
+            text, new, conds = respond(model, turns, rng)
+            ok = signals_ok(model, new, want.modality)
+            sig_media.append(ok)
+            if ok:
+                pending.setdefault(want.modality, []).append((conds[0][1], want))
+        for modality, items in pending.items():
+            samples = decoders(modality, [c for c, _ in items], seed)
+            right += sum(judge(modality, s, w) for s, (_, w) in zip(samples, items))
+        metrics.append(Metric(name or kind.replace("make_", "text -> ").replace("_to_", " -> "), right / count,
+                              threshold, count, "checker-judged" + ("" if split == "train" else ", held-out pairs")))
+
+    describe("image", n["describe"], threshold=0.95)
+    describe("audio", n["describe"], threshold=0.95)
+    describe("video", n["describe_video"], threshold=0.90)
+    make("make_image", n["make"], threshold=0.90)
+    make("make_audio", n["make"], threshold=0.90)
+    make("make_video", n["make_video"], threshold=0.85)
+    make("image_to_audio", n["cross"], threshold=0.85)
+    make("audio_to_image", n["held"])
+    for turns in [[world._turn("chat", rng, "test", "train")] for _ in range(n["chat"])]:
+        sig_text.append(signals_ok(model, respond(model, turns, rng)[1], None))
+    metrics.append(Metric("signal tokens emitted correctly when media are requested", float(np.mean(sig_media)),
+                          0.98, len(sig_media), "one complete, in-order run of the right modality"))
+    metrics.append(Metric("no signal tokens in text-only answers", float(np.mean(sig_text)), 0.98, len(sig_text)))
+    describe("image", n["held"], "heldout", name="image -> text, held-out colour-shape pairs")
+    make("make_image", n["held"], "heldout", name="text -> image, held-out colour-shape pairs")
+    make("image_to_audio", n["held"], "heldout", name="image -> audio, held-out pairs")
+    right = 0
+    for _ in range(n["held"]):
+        first = world._turn("describe_image", rng, "test", "train")
+        follow = world._turn("ask_first_colour", rng, "test", "train", first=first.user_media, last=first.user_media)
+        right += checkers.check_text(respond(model, [first, follow], rng)[0], want={"colour": first.user_media.obj.colour}).ok
+    metrics.append(Metric("follow-up: colour of the first image", right / n["held"], None, n["held"]))
+    return metrics

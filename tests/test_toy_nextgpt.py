@@ -1,0 +1,132 @@
+"""NExT-GPT's three stages on the toy foundations: a tiny run on random stand-ins, the delta's layout,
+the training tokenisation against the inference prompt, and the shipped toy NExT-GPT when present."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from minignext import weights
+from minignext.imagebind import ImageBind
+from minignext.llama import Llama
+from minignext.nextgpt import NextGPT, load_folder
+from minignext.toy import checkers, decoder_text, train_imagebind, train_llm, train_nextgpt, world
+from minignext.toy.train_audio_decoder import EMBED_DIM
+from minignext.toy.trainer import read_loss_log
+
+SHIPPED = train_nextgpt.OUT_DIR / "nextgpt.json"
+
+
+def build_standins(root: Path) -> Path:
+    """Random foundations in the shipped layouts: ImageBind, LLaMA with its tokenizer, decoder text encoders."""
+    torch.manual_seed(0)
+    tok = train_imagebind.build_tokenizer()
+    train_imagebind.save(root / "imagebind", ImageBind(train_imagebind.model_config(tok)), tok)
+    ltok = train_llm.build_tokenizer(train_llm.corpus(300, seed=0))
+    train_llm.save(root / "llm", Llama(train_llm.model_config(ltok)), ltok)
+    dtok = decoder_text.build_tokenizer()
+    for m in ("image", "video", "audio"):
+        kw = {"with_projection": True, "projection_dim": EMBED_DIM} if m == "audio" else {}
+        decoder_text.save(root / f"{m}_decoder", decoder_text.new_text_encoder(dtok, **kw), dtok)
+    return root
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("nextgpt")
+    root = build_standins(tmp / "foundations")
+    summary = train_nextgpt.train(seed=0, resume=False, progress=False, scale=0.004, out_dir=tmp / "out",
+                                  runs_dir=tmp / "runs", root=root, bank_per_key=1)
+    return tmp, root, summary
+
+
+def test_stages_train_only_their_parts(trained):
+    tmp, root, summary = trained
+    st = summary["stages"]
+    model, _ = train_nextgpt.build(root)
+    h, new = model.llama_model.config.hidden_size, len(model.signal_ids["image"]) + 24 + 8 + 2
+    proj = sum(p.numel() for m in ("image", "video", "audio") for p in model.output_projection(m).parameters())
+    assert st[1]["trainable"] == sum(p.numel() for p in model.llama_proj.parameters())
+    assert st[2]["trainable"] == proj + 2 * new * h                 # the new rows of embed_tokens and lm_head
+    lora = 4 * model.llama_model.config.num_hidden_layers * train_nextgpt.LORA["r"]
+    assert st[3]["trainable"] > st[1]["trainable"] + st[2]["trainable"] + lora * h
+    for stage in (1, 2, 3):
+        log = read_loss_log(f"nextgpt_stage{stage}-seed0-scale0.004", runs_dir=tmp / "runs")
+        assert len(log) == st[stage]["steps"] and all(np.isfinite(r["loss"]) for r in log)
+        assert (stage == 1) == all(r["dist"] == 0 for r in log)     # stage 1 makes no media
+
+
+def test_delta_has_official_names_and_frozen_parts_stay(trained):
+    tmp, root, _ = trained
+    delta = weights.load_safetensors(tmp / "out" / "delta.safetensors")
+    prefixes = ("llama_model.base_model.model.", "llama_proj.", "gen_text_hidden_fcs.0.", "gen_text_hidden_fcs_video.0.",
+                "gen_text_hidden_fcs_audio.0.")
+    assert all(k.startswith(prefixes) for k in delta)
+    key = "llama_model.base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight"
+    assert delta[key].shape == (train_nextgpt.LORA["r"], 192)
+    base = weights.load_safetensors(root / "llm")
+    embed = delta["llama_model.base_model.model.model.embed_tokens.weight"]
+    torch.testing.assert_close(embed[:base["model.embed_tokens.weight"].shape[0]], base["model.embed_tokens.weight"])
+    assert not any("layers.0.self_attn.q_proj.weight" in k for k in delta)     # base weights are not in the delta
+
+    model = load_folder(tmp / "out")       # the toy preset's loader: base + merged LoRA + projections
+    q = model.llama_model.model.layers[0].self_attn.q_proj.weight
+    a, b = delta[key].float(), delta[key.replace("lora_A", "lora_B")].float()
+    scale = train_nextgpt.LORA["alpha"] / train_nextgpt.LORA["r"]
+    torch.testing.assert_close(q, base["model.layers.0.self_attn.q_proj.weight"].float() + scale * b @ a)
+    torch.testing.assert_close(model.llama_proj.weight, delta["llama_proj.weight"].float())
+    reply = model.chat("draw a red circle.", decode=False, progress=False,
+                       force_response=" here is a red circle.[IMG0][IMG1][IMG2][IMG3]")
+    assert reply.signals and reply.conditioning[0][1].shape == (1, decoder_text.CONTEXT_LENGTH, decoder_text.WIDTH)
+
+
+def test_training_tokens_match_the_inference_prompt(trained):
+    _, root, _ = trained
+    model, texts = train_nextgpt.build(root)
+    rng = np.random.default_rng(0)
+    first = world._turn("describe_image", rng, "train", "train")
+    second = world._turn("make_audio", rng, "train", "train")
+    bank = {("image", first.user_media.obj, None): torch.randn(1, model.llama_proj.in_features)}
+    ex = train_nextgpt.encode_dialogue(model, [first, second], bank, train_nextgpt.caption_targets(texts), rng)
+    conv = train_nextgpt.Conversation().user(first.user, image=np.zeros((32, 32, 3), np.uint8))
+    conv.assistant(first.assistant).user(second.user)
+    conv.turns[0].soft.append(torch.zeros(1, model.llama_model.config.hidden_size))   # no encoder pass needed
+    prompt = model.build_prompt(conv)
+    n = len(prompt.ids)
+    assert [0 if i == -1 else i for i in prompt.ids] == ex["ids"][:n]
+    answer = [t for t in ex["labels"][n:] if t != -100]
+    assert model.tokenizer.decode(answer) == f" {second.assistant}" + "".join(
+        f"[AUD{i}]" for i in range(8)) + "\n###"
+    (modality, start, target), = ex["runs"]
+    assert modality == "audio" and ex["ids"][start:start + 8] == model.signal_ids["audio"]
+    assert target.shape == (1, EMBED_DIM)
+
+
+def test_distance_loss_is_mean_euclidean_not_squared(trained):
+    _, root, _ = trained
+    model, _ = train_nextgpt.build(root)
+    hidden = torch.randn(2, 12, model.llama_model.config.hidden_size)
+    target = torch.randn(1, EMBED_DIM)
+    loss = train_nextgpt.distance_loss(model, hidden, [(1, "audio", 3, target)])
+    ids = torch.tensor(model.signal_ids["audio"])
+    pred = model.output_projection("audio")(hidden[1:, 3:11], model.llama_model.embed(ids)[None])
+    torch.testing.assert_close(loss, torch.sqrt(((pred[0] - target) ** 2).sum(-1)).mean())
+
+
+@pytest.mark.skipif(not SHIPPED.is_file(), reason="the toy NExT-GPT is not trained yet")
+def test_shipped_toy_nextgpt_answers_and_asks_for_media():
+    model = NextGPT.from_preset("toy")
+    rng = np.random.default_rng(7)
+    right = 0
+    for _ in range(4):
+        t = world._turn("describe_image", rng, "test", "train")
+        text, new, _ = train_nextgpt.respond(model, [t], rng)
+        right += checkers.check_text(text, want=t.user_media).ok and train_nextgpt.signals_ok(model, new, None)
+    assert right >= 3
+    made = 0
+    for kind, shape in (("make_image", (1, 16, 64)), ("make_video", (1, 16, 64)), ("make_audio", (1, EMBED_DIM))):
+        t = world._turn(kind, rng, "test", "train")
+        _, new, conds = train_nextgpt.respond(model, [t], rng)
+        made += train_nextgpt.signals_ok(model, new, t.assistant_media.modality) and conds[0][1].shape == shape
+    assert made == 3
