@@ -240,11 +240,9 @@ class Llama(nn.Module):
         config = LlamaConfig.from_hf(weights.read_config(folder))
         model = weights.build_on_meta(cls, config)
         sd = weights.load_safetensors(folder, stem="model")
-        if config.tie_word_embeddings:
+        if config.tie_word_embeddings and "model.embed_tokens.weight" in sd:
             # transformers saves a tied matrix once, under the embedding's name.
-            sd.setdefault("lm_head.weight", sd.get("model.embed_tokens.weight"))
-            if sd["lm_head.weight"] is None:
-                sd.pop("lm_head.weight")
+            sd.setdefault("lm_head.weight", sd["model.embed_tokens.weight"])
         weights.load_into(model, sd, dtype=dtype, device=device)
         if config.tie_word_embeddings:
             model.lm_head.weight = model.model.embed_tokens.weight   # assign=True made two parameters
