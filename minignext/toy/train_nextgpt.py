@@ -206,6 +206,16 @@ def collate(model, examples):
     return embeds, labels, runs
 
 
+def signal_distance(pred, target):
+    """Stage 2's alignment loss: the mean over tokens of the Euclidean (L2, not squared) distance."""
+    return (pred - target).norm(dim=-1).mean()
+
+
+def answer_ce(logits, labels):
+    """Next-token cross-entropy where labels != -100: logits at t predict the label at t + 1."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+
+
 def distance_loss(model, hidden, runs):
     """Mean per-token Euclidean distance (not squared) between the projected signal states and the
     decoder text encoder's output, averaged over the modalities present."""
@@ -218,14 +228,14 @@ def distance_loss(model, hidden, runs):
         states = torch.stack([hidden[b, s:s + len(ids)] for b, s, _ in mine])
         emb = model.llama_model.embed(ids)[None].expand(len(mine), -1, -1)
         pred = model.output_projection(modality)(states, emb)
-        losses.append((pred - torch.stack([t for _, _, t in mine])).norm(dim=-1).mean())
+        losses.append(signal_distance(pred, torch.stack([t for _, _, t in mine])))
     return torch.stack(losses).mean() if losses else hidden.new_zeros(())
 
 
 def loss_fn(model, examples):
     embeds, labels, runs = collate(model, examples)
     logits, hidden = model.llama_model(inputs_embeds=embeds, return_hidden=True)
-    ce = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+    ce = answer_ce(logits, labels)
     dist = distance_loss(model, hidden, runs)
     return ce + dist, ce, dist
 
