@@ -1,41 +1,23 @@
 """NExT-GPT's three stages on the toy foundations: a tiny run on random stand-ins, the delta's layout,
 the training tokenisation against the inference prompt, and the shipped toy NExT-GPT when present."""
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 
 from minignext import weights
-from minignext.imagebind import ImageBind
-from minignext.llama import Llama
 from minignext.nextgpt import NextGPT, load_folder
-from minignext.toy import checkers, decoder_text, train_imagebind, train_llm, train_nextgpt, world
+from minignext.toy import checkers, decoder_text, train_nextgpt, world
 from minignext.toy.train_audio_decoder import EMBED_DIM
 from minignext.toy.trainer import read_loss_log
 
 SHIPPED = train_nextgpt.OUT_DIR / "nextgpt.json"
 
 
-def build_standins(root: Path) -> Path:
-    """Random foundations in the shipped layouts: ImageBind, LLaMA with its tokenizer, decoder text encoders."""
-    torch.manual_seed(0)
-    tok = train_imagebind.build_tokenizer()
-    train_imagebind.save(root / "imagebind", ImageBind(train_imagebind.model_config(tok)), tok)
-    ltok = train_llm.build_tokenizer(train_llm.corpus(300, seed=0))
-    train_llm.save(root / "llm", Llama(train_llm.model_config(ltok)), ltok)
-    dtok = decoder_text.build_tokenizer()
-    for m in ("image", "video", "audio"):
-        kw = {"with_projection": True, "projection_dim": EMBED_DIM} if m == "audio" else {}
-        decoder_text.save(root / f"{m}_decoder", decoder_text.new_text_encoder(dtok, **kw), dtok)
-    return root
-
-
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("nextgpt")
-    root = build_standins(tmp / "foundations")
+    root = train_nextgpt.random_foundations(tmp / "foundations")
     summary = train_nextgpt.train(seed=0, resume=False, progress=False, scale=0.004, out_dir=tmp / "out",
                                   runs_dir=tmp / "runs", root=root, bank_per_key=1)
     return tmp, root, summary

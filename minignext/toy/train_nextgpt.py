@@ -363,6 +363,32 @@ def save(model, folder, root=TOY_DIR, overwrite=False) -> Path:
     return folder
 
 
+def random_foundations(root) -> Path:
+    """Untrained stand-ins in the shipped layouts (ImageBind, LLaMA with its tokenizer, the decoders'
+    text encoders): enough to run the stages end to end where the real foundations are absent."""
+    from minignext.imagebind import ImageBind
+    from minignext.llama import Llama
+    from minignext.toy import train_imagebind, train_llm
+    from minignext.toy.train_audio_decoder import EMBED_DIM
+
+    root = Path(root)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        tok = train_imagebind.build_tokenizer()
+        train_imagebind.save(root / "imagebind", ImageBind(train_imagebind.model_config(tok)), tok)
+        ltok = train_llm.build_tokenizer(train_llm.corpus(300, seed=0))
+        train_llm.save(root / "llm", Llama(train_llm.model_config(ltok)), ltok)
+        dtok = decoder_text.build_tokenizer()
+        for m in MODALITIES:
+            kw = {"with_projection": True, "projection_dim": EMBED_DIM} if m == "audio" else {}
+            decoder_text.save(root / f"{m}_decoder", decoder_text.new_text_encoder(dtok, **kw), dtok)
+    return root
+
+
+def foundations_ready(root=TOY_DIR) -> bool:
+    return all((Path(root) / p).is_dir() for p in ("imagebind", "llm", *(f"{m}_decoder" for m in MODALITIES)))
+
+
 # ---------------------------------------------------------------- evaluation
 
 EVAL_N = {"describe": 48, "describe_video": 32, "make": 48, "make_video": 32, "cross": 40, "chat": 24, "held": 12}
