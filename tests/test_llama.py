@@ -45,6 +45,9 @@ def test_config_reads_rope_theta_from_both_places():
     nested = LlamaConfig.from_hf({**BASE, "rope_parameters": {"rope_type": "default", "rope_theta": 321.0}})
     assert (top.rope_theta, nested.rope_theta) == (123.0, 321.0)
     assert nested.num_key_value_heads == 4 and nested.head_dim == 8
+    given = {**BASE, "rope_theta": 123.0, "torch_dtype": "float32", "architectures": ["LlamaForCausalLM"]}
+    frozen = json.dumps(given)
+    assert LlamaConfig.from_hf(given).rope_theta == 123.0 and json.dumps(given) == frozen   # not mutated
     with pytest.raises(ValueError, match="rope_type"):
         LlamaConfig.from_hf({**BASE, "rope_parameters": {"rope_type": "yarn", "factor": 4.0}})
 
