@@ -4,10 +4,10 @@ A thin wrapper over the `tokenizers` library reading a `tokenizer.json` (the fil
 every Hugging Face LLaMA/Vicuna repo ships). The BOS token is added here, not by
 the file's post-processor, so `encode(text, add_bos=False)` means what it says.
 
-The Vicuna v0 template is the one of NExT-GPT's legacy code
-(NExT-GPT-Lagacy/code/model/anyToImageVideoAudio.py, and FastChat's "v0"
-separator style): turns are `### Human: ...` and `### Assistant: ...`, one per
-line, and generation stops at the string "###".
+The Vicuna v0 template is the one NExT-GPT's legacy code builds by hand
+(NExT-GPT-Lagacy/code/inference.py and model/anyToImageVideoAudio.py; FastChat's
+"###" separator style): turns are `### Human: ...` and `### Assistant: ...`, one
+per line, and generation stops at the string "###" (token 835 in Vicuna's vocabulary).
 """
 
 import json
