@@ -194,3 +194,21 @@ def test_vicuna_preset():
     with torch.device("meta"):
         n = sum(p.numel() for p in Llama(c).parameters())
     assert 6.6e9 < n < 6.8e9
+
+
+def test_real_vicuna_checkpoint_fits_if_present():
+    """With the real Vicuna-7B-v0 folder in place, every key and shape fits (headers only)."""
+    from safetensors import safe_open
+
+    from minignext import weights
+    folder = weights.WEIGHTS_DIR / "real" / "nextgpt-7b" / "vicuna-7b-v0"
+    if not (folder / "config.json").is_file():
+        pytest.skip(f"no Vicuna-7B-v0 at {folder} (see README: real checkpoints)")
+    config = LlamaConfig.from_hf(weights.read_config(folder))
+    shapes = {}
+    for file in weights.safetensors_files(folder):
+        with safe_open(file, framework="pt") as f:
+            shapes.update({k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()})
+    if config.tie_word_embeddings:
+        shapes.setdefault("lm_head.weight", shapes["model.embed_tokens.weight"])
+    weights.check_state_dict(weights.build_on_meta(Llama, config).state_dict(), shapes)
