@@ -31,8 +31,8 @@ def test_train_tiny_saves_a_pipeline_that_loads(tmp_path):
     summary = audio.train(seed=0, resume=False, progress=False, scale=0.001, out_dir=tmp_path / "out",
                           runs_dir=tmp_path / "runs")
     folder = tmp_path / "out"
-    assert summary["megabytes"] > 0 and json.loads((folder / "model_index.json").read_text())["vocoder"][1] == \
-        "SpeechT5HifiGan"
+    assert summary["megabytes"] > 0
+    assert json.loads((folder / "model_index.json").read_text())["vocoder"] == ["minignext", "GriffinLim"]
     pipeline, text_encoder, tokenizer, settings = audio.load_pipeline(folder)
     assert isinstance(pipeline, AudioPipeline) and pipeline.sampling_rate == world.SAMPLE_RATE
     embeds = audio.text_embeds(text_encoder, tokenizer, ["a rising low tone", ""])
@@ -50,7 +50,7 @@ def shipped():
     return audio.load_pipeline()
 
 
-def test_shipped_vocoder_turns_true_mels_back_into_the_right_tones(shipped):
+def test_vocoder_turns_true_mels_back_into_the_right_tones(shipped):
     pipeline = shipped[0]
     waves, objs = audio.render_sounds(8, np.random.default_rng(7))
     with torch.no_grad():

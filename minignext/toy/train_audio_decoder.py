@@ -5,7 +5,7 @@ Diffusion Models", arXiv 2301.12503) trained from scratch on the toy world's ton
              from 0 to 2 kHz, natural log clamped at 1e-5, as AudioLDM's log-mel (sec. 2.1; its
              64 bands reach 8 kHz, but every tone of the world lies below 1.3 kHz, so 32 bands up to
              2 kHz give the same resolution per band at half the size). No further normalisation:
-             the VAE reconstructs this log-mel and the vocoder reads it as is (normalize_before=False).
+             the VAE reconstructs this log-mel and the vocoder inverts exactly this.
     VAE      AutoencoderKL, f=4, on the mel as a 1-channel (64, 32) image -> (4, 16, 8) latents.
     UNet     UNet2DCondition with AudioLDM's conditioning (sec. 3.2): no text cross-attention; the
              caption's pooled, L2-normalised text embedding enters through `class_labels`, a linear
@@ -14,16 +14,19 @@ Diffusion Models", arXiv 2301.12503) trained from scratch on the toy world's ton
              encoder is minignext.toy.decoder_text's CLIP tower with a 32-d projection, trained jointly;
              10% of the captions are dropped to "" for classifier-free guidance (AudioLDM's
              unconditional branch is the embedding of the empty text too). EMA weights ship.
-    vocoder  HiFi-GAN (Kong et al. 2020) in the SpeechT5HifiGan layout AudioLDM ships, 250 samples
-             per frame. Trained here on the world's tones with the generator losses only: an L1 loss
-             on the log-mel (their eq. 2) plus a multi-resolution STFT loss (Yamamoto et al. 2020,
-             "Parallel WaveGAN", arXiv 1910.11480, eqs. 4-6), no discriminator: for pure tones the
-             magnitude losses already pin down the frequency, which is what the checker judges.
+    vocoder  Griffin-Lim (minignext.diffusion.GriffinLim, 16 rounds), not a trained HiFi-GAN. The reason,
+             measured: a HiFi-GAN generator in the SpeechT5HifiGan layout (0.37M parameters, 250 samples
+             per frame) trained here with the generator losses only, an L1 log-mel loss (Kong et al.
+             2020, eq. 2) plus a multi-resolution STFT loss (Yamamoto et al. 2020, arXiv 1910.11480),
+             no discriminator, still left strong sidebands at +-64 Hz (the frame rate) around every tone
+             after 600 steps (~15 min of a shared CPU): only 8% of the world's own mels came back as one
+             clean tone by the checker. Griffin-Lim on the same mels: 100%, with no training at all.
 
 The result is a diffusers AudioLDMPipeline folder (model_index.json, unet/, vae/, vocoder/, scheduler/,
 text_encoder/, tokenizer/) plus `sampling.json` (guidance scale and steps of the presets), loaded by
-`minignext.diffusion.AudioPipeline.from_pretrained`. `text_embeds` gives the (B, 32) conditioning that
-NExT-GPT's audio output projection learns to imitate. Weights are stored in fp16.
+`minignext.diffusion.AudioPipeline.from_pretrained` (vocoder/config.json names "GriffinLim" and holds
+the mel settings; it has no weights). `text_embeds` gives the (B, 32) conditioning that NExT-GPT's audio
+output projection learns to imitate. Weights are stored in fp16.
 """
 
 import dataclasses
@@ -34,7 +37,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from minignext import weights
+from minignext.diffusion import GriffinLimConfig
 from minignext.media import mel_filterbank
 from minignext.schedulers import DDPMScheduler
 from minignext.toy import checkers, decoder_text, world
@@ -42,7 +45,6 @@ from minignext.toy.train_image_decoder import EMA, diffusion_loss, folder_megaby
 from minignext.toy.trainer import TOY_DIR, Run
 from minignext.unet import UNet2DCondition, UNet2DConditionConfig
 from minignext.vae import AutoencoderKL, AutoencoderKLConfig
-from minignext.vocoder import HifiGan, HifiGanConfig
 
 OUT_DIR = TOY_DIR / "audio_decoder"
 SR, N_FFT, HOP, N_MELS, F_MAX = world.SAMPLE_RATE, 1024, 250, 32, 2000.0
@@ -73,11 +75,9 @@ def unet_config() -> UNet2DConditionConfig:
                                  class_embeddings_concat=True)
 
 
-def vocoder_config() -> HifiGanConfig:
-    """About 0.3M parameters; 5 * 5 * 5 * 2 = 250 samples per mel frame."""
-    return HifiGanConfig(model_in_dim=N_MELS, sampling_rate=SR, upsample_initial_channel=128,
-                         upsample_rates=(5, 5, 5, 2), upsample_kernel_sizes=(11, 11, 11, 4),
-                         resblock_kernel_sizes=(3, 7), resblock_dilation_sizes=((1, 3), (1, 3)))
+def vocoder_config() -> GriffinLimConfig:
+    return GriffinLimConfig(model_in_dim=N_MELS, sampling_rate=SR, n_fft=N_FFT, hop_length=HOP, f_min=0.0,
+                            f_max=F_MAX, n_iter=16)
 
 
 # ---------------------------------------------------------------- the mel both the VAE and the vocoder use
@@ -111,45 +111,7 @@ def _run(name, seed, scale, modules, opt, steps, lr, resume, progress, runs_dir)
                warmup=min(50, total // 10 + 1), resume=resume, progress_bar=progress, runs_dir=runs_dir)
 
 
-# ---------------------------------------------------------------- 1. the vocoder
-
-def stft_loss(fake, real, sizes=((256, 64), (512, 128), (1024, 256), (2048, 512))):
-    """Multi-resolution STFT loss: spectral convergence plus L1 of the log magnitudes, averaged."""
-    loss = 0.0
-    for n_fft, hop in sizes:
-        window = torch.hann_window(n_fft, device=fake.device)
-        spec = lambda x: torch.stft(x, n_fft, hop, window=window, return_complex=True).abs().clamp(min=1e-5)
-        s_fake, s_real = spec(fake), spec(real)
-        loss = loss + torch.linalg.norm(s_real - s_fake) / torch.linalg.norm(s_real) \
-            + F.l1_loss(s_fake.log(), s_real.log())
-    return loss / len(sizes)
-
-
-def train_vocoder(seed=0, resume=True, progress=True, scale=1.0, runs_dir=None, steps=1000, batch=16,
-                  segment=16, n_sounds=1024, lr=2e-3):
-    waves, _ = render_sounds(max(batch, int(n_sounds * min(1.0, 4 * scale))), np.random.default_rng([seed, 10]))
-    mels = log_mel(waves)
-    torch.manual_seed(seed)
-    vocoder = HifiGan(vocoder_config())
-    opt = torch.optim.AdamW(vocoder.parameters(), lr=lr, betas=(0.8, 0.99), weight_decay=0.0)
-    run = _run("vocoder", seed, scale, {"vocoder": vocoder}, opt, steps, lr, resume, progress, runs_dir)
-    for step in run.steps():
-        g = torch.Generator().manual_seed(seed * 1_000_003 + step)
-        pick = torch.randint(0, len(waves), (batch,), generator=g)
-        start = torch.randint(0, FRAMES - segment + 1, (batch,), generator=g)
-        mel = torch.stack([mels[i, s:s + segment] for i, s in zip(pick.tolist(), start.tolist())])
-        real = torch.stack([waves[i, s * HOP:(s + segment) * HOP] for i, s in zip(pick.tolist(), start.tolist())])
-        fake = vocoder(mel)
-        loss = F.l1_loss(log_mel(fake), log_mel(real)) + 2 * stft_loss(fake, real)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vocoder.parameters(), 1.0)
-        opt.step()
-        run.log(loss.detach())
-    return vocoder.eval().requires_grad_(False), run
-
-
-# ---------------------------------------------------------------- 2. the VAE
+# ---------------------------------------------------------------- 1. the VAE
 
 def train_vae(seed=0, resume=True, progress=True, scale=1.0, runs_dir=None, steps=500, batch=16, n_sounds=2048,
               kl_weight=1e-6, lr=2e-3):
@@ -173,7 +135,7 @@ def train_vae(seed=0, resume=True, progress=True, scale=1.0, runs_dir=None, step
     return vae.eval().requires_grad_(False), run
 
 
-# ---------------------------------------------------------------- 3. the UNet and its text encoder
+# ---------------------------------------------------------------- 2. the UNet and its text encoder
 
 def train_unet(vae, seed=0, resume=True, progress=True, scale=1.0, runs_dir=None, steps=1200, batch=32,
                n_sounds=4096, lr=1e-3):
@@ -213,7 +175,7 @@ def train_unet(vae, seed=0, resume=True, progress=True, scale=1.0, runs_dir=None
 
 # ---------------------------------------------------------------- saving
 
-def save_pipeline(folder, unet, vae, vocoder, text_encoder, tokenizer, overwrite=False):
+def save_pipeline(folder, unet, vae, text_encoder, tokenizer, overwrite=False):
     """A diffusers AudioLDM folder: model_index.json, unet/, vae/, vocoder/, text_encoder/, tokenizer/,
     scheduler/, and sampling.json."""
     folder = Path(folder)
@@ -222,16 +184,13 @@ def save_pipeline(folder, unet, vae, vocoder, text_encoder, tokenizer, overwrite
     save_model(folder / "unet", unet, "UNet2DConditionModel", overwrite=overwrite)
     save_model(folder / "vae", vae, "AutoencoderKL", overwrite=overwrite)
     (folder / "vocoder").mkdir(parents=True, exist_ok=True)
-    config = {"architectures": ["SpeechT5HifiGan"], "model_type": "hifigan", **hf_config(vocoder.config, None)}
-    config.pop("_class_name")
-    (folder / "vocoder" / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    weights.save_safetensors({k: v.to(STORE_DTYPE) for k, v in vocoder.state_dict().items()},
-                             folder / "vocoder" / "model.safetensors", overwrite=overwrite)
+    vocoder = hf_config(vocoder_config(), "GriffinLim")
+    (folder / "vocoder" / "config.json").write_text(json.dumps(vocoder, indent=2) + "\n")
     decoder_text.save(folder, text_encoder, tokenizer, dtype=STORE_DTYPE, overwrite=overwrite)
     (folder / "scheduler").mkdir(exist_ok=True)
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(SCHEDULER, indent=2) + "\n")
     index = {"_class_name": "AudioLDMPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
-             "vae": ["diffusers", "AutoencoderKL"], "vocoder": ["transformers", "SpeechT5HifiGan"],
+             "vae": ["diffusers", "AutoencoderKL"], "vocoder": ["minignext", "GriffinLim"],
              "text_encoder": ["transformers", "CLIPTextModelWithProjection"],
              "tokenizer": ["transformers", "CLIPTokenizer"], "scheduler": ["diffusers", SCHEDULER["_class_name"]]}
     (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
@@ -241,13 +200,12 @@ def save_pipeline(folder, unet, vae, vocoder, text_encoder, tokenizer, overwrite
 
 def train(seed=0, resume=True, progress=True, scale=1.0, out_dir=None, runs_dir=None) -> dict:
     out = Path(out_dir or OUT_DIR)
-    vocoder, voc_run = train_vocoder(seed, resume, progress, scale, runs_dir)
     vae, vae_run = train_vae(seed, resume, progress, scale, runs_dir)
     unet, text_encoder, tokenizer, unet_run = train_unet(vae, seed, resume, progress, scale, runs_dir)
-    save_pipeline(out, unet, vae, vocoder, text_encoder, tokenizer, overwrite=True)
+    save_pipeline(out, unet, vae, text_encoder, tokenizer, overwrite=True)
     last = lambda run: round(sum(r["loss"] for r in run.history[-50:]) / max(1, len(run.history[-50:])), 4)
-    return {"folder": str(out), "vocoder_loss": last(voc_run), "vae_loss": last(vae_run), "unet_loss": last(unet_run),
-            "vocoder_minutes": round(voc_run.seconds / 60, 2), "vae_minutes": round(vae_run.seconds / 60, 2),
+    return {"folder": str(out), "vae_loss": last(vae_run), "unet_loss": last(unet_run),
+            "vae_minutes": round(vae_run.seconds / 60, 2),
             "unet_minutes": round(unet_run.seconds / 60, 2), "megabytes": folder_megabytes(out)}
 
 
