@@ -95,7 +95,9 @@ class RMSNorm(nn.Module):
 def rms_norm(x, weight, eps):
     """x / sqrt(mean(x^2) + eps) * weight over the last dim; computed in fp32 and scaled
     after casting back, like the reference."""
-    return weight * F.rms_norm(x.float(), x.shape[-1:], eps=eps).to(x.dtype)
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(x.dtype)
 
 
 def rope_tables(head_dim, max_positions, theta, device=None):
