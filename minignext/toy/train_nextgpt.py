@@ -275,8 +275,8 @@ def count_trainable(model, stage) -> dict:
     return {"stage": stage, "trainable": n, "total": total, "percent": round(100 * n / total, 3)}
 
 
-def run_stage(model, stage, bank, targets, seed=0, resume=True, progress=True, scale=1.0, runs_dir=None):
-    cfg = STAGES[stage]
+def run_stage(model, stage, bank, targets, seed=0, resume=True, progress=True, scale=1.0, runs_dir=None, batch=None):
+    cfg = {**STAGES[stage], **({"batch": batch} if batch else {})}
     params = trainable(model, stage)
     opt = torch.optim.Adam(params, lr=cfg["lr"], betas=(0.9, 0.95))
     total = max(2, int(cfg["steps"] * scale))
