@@ -46,9 +46,9 @@ OUT_DIR = TOY_DIR / "nextgpt"
 LORA = {"r": 16, "alpha": 16.0}            # NExT-GPT: r = alpha = 32 on a 4096-wide LLM
 PROJECTION = dict(d_model=64, nhead=4, num_encoder_layers=2, num_decoder_layers=2, dim_feedforward=128)
 STAGES = {                                  # steps, batch, peak lr
-    1: dict(steps=300, batch=32, lr=3e-3),
-    2: dict(steps=500, batch=32, lr=2e-3),
-    3: dict(steps=900, batch=16, lr=1e-3),
+    1: dict(steps=250, batch=32, lr=3e-3),
+    2: dict(steps=300, batch=16, lr=2e-3),
+    3: dict(steps=600, batch=16, lr=1e-3),
 }
 BANK_PER_KEY = 8                            # rendered samples per (modality, object[, direction])
 STORE_DTYPE = torch.float16
@@ -92,10 +92,13 @@ def build(root=TOY_DIR, seed=0) -> tuple[NextGPT, dict]:
     """A NextGPT over the frozen foundations with fresh projections and new token rows."""
     encoder, llm, tok, texts = load_foundations(root)
     torch.manual_seed(seed)
+    spelled = [tok.encode(name, add_bos=False) for name in (SPLICE_OPEN, SPLICE_CLOSE)]   # the LLM's <Img></Img>
     new = add_nextgpt_tokens(tok, llm)
-    with torch.no_grad():       # distinct random rows (resize starts them all at the mean row)
+    with torch.no_grad():       # distinct random rows (resize starts them all at the mean row) ...
         for w in {id(p): p for p in (llm.model.embed_tokens.weight, llm.lm_head.weight)}.values():
             w[new] = torch.randn(len(new), w.shape[1]) * w[:new[0]].std()
+        for i, ids in zip(new[:2], spelled):                          # ... but <Img> as the LLM spelled it
+            llm.model.embed_tokens.weight[i] = llm.embed(torch.tensor(ids)).mean(0)
     projections = {}
     for m in MODALITIES:
         q, d = conditioning(texts, m, [""]).shape[1:]
