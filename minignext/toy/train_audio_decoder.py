@@ -2,10 +2,12 @@
 Diffusion Models", arXiv 2301.12503) trained from scratch on the toy world's tones.
 
     mel      1 s at 16 kHz -> (64 frames, 32 bins): |STFT| (1024-point Hann, hop 250), HTK mel bands
-             from 0 to 2 kHz, natural log clamped at 1e-5, as AudioLDM's log-mel (sec. 2.1; its
-             64 bands reach 8 kHz, but every tone of the world lies below 1.3 kHz, so 32 bands up to
-             2 kHz give the same resolution per band at half the size). No further normalisation:
-             the VAE reconstructs this log-mel and the vocoder inverts exactly this.
+             from 0 to 2 kHz, natural log, as AudioLDM's log-mel (sec. 2.1; its 64 bands reach 8 kHz,
+             but every tone of the world lies below 1.3 kHz, so 32 bands up to 2 kHz give the same
+             resolution per band at half the size). AudioLDM clamps at 1e-5; here at 1, about 40 dB
+             under a tone, which silences the world's faint hiss: with it, most of every mel was random
+             noise floor, and a first UNet spent its steps on that texture and ignored the caption.
+             No further normalisation: the VAE reconstructs this log-mel and the vocoder inverts it.
     VAE      AutoencoderKL, f=4, on the mel as a 1-channel (64, 32) image -> (4, 16, 8) latents.
     UNet     UNet2DCondition with AudioLDM's conditioning (sec. 3.2): no text cross-attention; the
              caption's pooled, L2-normalised text embedding enters through `class_labels`, a linear
@@ -49,6 +51,7 @@ from minignext.vae import AutoencoderKL, AutoencoderKLConfig
 OUT_DIR = TOY_DIR / "audio_decoder"
 SR, N_FFT, HOP, N_MELS, F_MAX = world.SAMPLE_RATE, 1024, 250, 32, 2000.0
 FRAMES = int(world.AUDIO_SECONDS * SR) // HOP          # 64 mel frames per clip
+MEL_FLOOR = 1.0         # the world's -60 dB hiss stays below it, so the background is exactly log 1 = 0
 EMBED_DIM = 32
 SCHEDULER = {"_class_name": "DDIMScheduler", "num_train_timesteps": 1000, "beta_schedule": "scaled_linear",
              "beta_start": 0.0015, "beta_end": 0.0195, "steps_offset": 1, "set_alpha_to_one": False,
@@ -90,7 +93,7 @@ def log_mel(wave: torch.Tensor) -> torch.Tensor:
     spec = torch.stft(wave, N_FFT, HOP, window=torch.hann_window(N_FFT, device=wave.device), center=True,
                       pad_mode="reflect", return_complex=True).abs()           # (B, N_FFT // 2 + 1, frames + 1)
     mel = _MEL_BANK.to(wave.device) @ spec[..., : wave.shape[-1] // HOP]
-    return mel.clamp(min=1e-5).log().transpose(1, 2)
+    return mel.clamp(min=MEL_FLOOR).log().transpose(1, 2)
 
 
 def render_sounds(n, rng, split="train"):
@@ -113,7 +116,7 @@ def _run(name, seed, scale, modules, opt, steps, lr, resume, progress, runs_dir)
 
 # ---------------------------------------------------------------- 1. the VAE
 
-def train_vae(seed=0, resume=True, progress=True, scale=1.0, runs_dir=None, steps=500, batch=16, n_sounds=2048,
+def train_vae(seed=0, resume=True, progress=True, scale=1.0, runs_dir=None, steps=300, batch=16, n_sounds=2048,
               kl_weight=1e-6, lr=2e-3):
     waves, _ = render_sounds(max(batch, int(n_sounds * min(1.0, 4 * scale))), np.random.default_rng([seed, 20]))
     mels = log_mel(waves)[:, None]                                          # (N, 1, frames, bins)
@@ -137,8 +140,8 @@ def train_vae(seed=0, resume=True, progress=True, scale=1.0, runs_dir=None, step
 
 # ---------------------------------------------------------------- 2. the UNet and its text encoder
 
-def train_unet(vae, seed=0, resume=True, progress=True, scale=1.0, runs_dir=None, steps=1200, batch=32,
-               n_sounds=4096, lr=1e-3):
+def train_unet(vae, seed=0, resume=True, progress=True, scale=1.0, runs_dir=None, steps=1000, batch=32,
+               n_sounds=4096, lr=2e-3):
     rng = np.random.default_rng([seed, 30])
     waves, objs = render_sounds(max(batch, int(n_sounds * min(1.0, 4 * scale))), rng)
     with torch.no_grad():
