@@ -40,6 +40,7 @@ from minignext.nextgpt import (MODALITIES, SIGNALS, SPLICE_CLOSE, SPLICE_OPEN, C
 from minignext.projection import OutputProjectionConfig
 from minignext.tokenizer import VICUNA_V0
 from minignext.toy import checkers, decoder_text, world
+from minignext.toy.train_audio_decoder import EMBED_DIM
 from minignext.toy.trainer import TOY_DIR, Run
 
 OUT_DIR = TOY_DIR / "nextgpt"
@@ -52,29 +53,42 @@ STAGES = {                                  # steps, batch, peak lr
 }
 BANK_PER_KEY = 8                            # rendered samples per (modality, object[, direction])
 STORE_DTYPE = torch.float16
+COND_SHAPES = {"image": (decoder_text.CONTEXT_LENGTH, decoder_text.WIDTH),   # Q x D each decoder is conditioned on
+               "video": (decoder_text.CONTEXT_LENGTH, decoder_text.WIDTH), "audio": (1, EMBED_DIM)}
 DECODER_KWARGS = {"image": {}, "audio": {"audio_length_in_s": world.AUDIO_SECONDS},
                   "video": {"num_frames": world.N_FRAMES}}
 
 
 # ---------------------------------------------------------------- the model and its frozen helpers
 
-def load_foundations(root=TOY_DIR):
-    """The frozen toy parts: ImageBind, the LLM with NExT-GPT's tokens added, and per modality the
-    decoder's text encoder and tokenizer (fp32)."""
+def load_foundations(root=TOY_DIR, decoders=True):
+    """The frozen toy parts: ImageBind, the LLM and its tokenizer, and (decoders=True) per modality the
+    decoder's text encoder and tokenizer, all fp32. Stage 1 needs no decoder."""
     from minignext.imagebind import ImageBind
     from minignext.llama import Llama
     from minignext.tokenizer import Tokenizer
 
     root = Path(root)
-    missing = [p for p in ("imagebind", "llm", *(f"{m}_decoder" for m in MODALITIES)) if not (root / p).is_dir()]
+    need = ("imagebind", "llm", *(f"{m}_decoder" for m in MODALITIES if decoders))
+    missing = [p for p in need if not (root / p).is_dir()]
     if missing:
         raise FileNotFoundError(f"{root} lacks the toy foundations {', '.join(missing)}; train them first with "
                                 f"`python -m minignext.toy.train foundations`")
     encoder = ImageBind.from_pretrained(root / "imagebind", dtype=torch.float32).requires_grad_(False)
     llm = Llama.from_pretrained(root / "llm", dtype=torch.float32)
     tok = Tokenizer.from_pretrained(root / "llm")
-    texts = {m: decoder_text.load(root / f"{m}_decoder") for m in MODALITIES}
+    texts = {m: decoder_text.load(root / f"{m}_decoder") for m in MODALITIES} if decoders else None
     return encoder, llm, tok, texts
+
+
+def load_texts(root=TOY_DIR):
+    """The decoders' frozen text encoders; their conditioning must have the shapes of COND_SHAPES."""
+    texts = load_foundations(root)[3]
+    for m, shape in COND_SHAPES.items():
+        got = tuple(conditioning(texts, m, [""]).shape[1:])
+        if got != shape:
+            raise weights.WeightsError(f"the {m} decoder's text encoder gives conditioning {got}, expected {shape}")
+    return texts
 
 
 @torch.no_grad()
@@ -88,9 +102,11 @@ def conditioning(texts, modality, captions) -> torch.Tensor:
     return decoder_text.encode(enc, tok, captions)
 
 
-def build(root=TOY_DIR, seed=0) -> tuple[NextGPT, dict]:
-    """A NextGPT over the frozen foundations with fresh projections and new token rows."""
-    encoder, llm, tok, texts = load_foundations(root)
+def build(root=TOY_DIR, seed=0, decoders=True) -> tuple[NextGPT, dict]:
+    """A NextGPT over the frozen foundations with fresh projections and new token rows, and the
+    decoders' text encoders (None with decoders=False)."""
+    encoder, llm, tok, _ = load_foundations(root, decoders=False)
+    texts = load_texts(root) if decoders else None
     torch.manual_seed(seed)
     spelled = [tok.encode(name, add_bos=False) for name in (SPLICE_OPEN, SPLICE_CLOSE)]   # the LLM's <Img></Img>
     new = add_nextgpt_tokens(tok, llm)
@@ -101,7 +117,7 @@ def build(root=TOY_DIR, seed=0) -> tuple[NextGPT, dict]:
             llm.model.embed_tokens.weight[i] = llm.embed(torch.tensor(ids)).mean(0)
     projections = {}
     for m in MODALITIES:
-        q, d = conditioning(texts, m, [""]).shape[1:]
+        q, d = COND_SHAPES[m]
         projections[m] = OutputProjectionConfig(in_dim=llm.config.hidden_size, out_dim=d, num_queries=q,
                                                 num_signal_tokens=SIGNALS[m][1], **PROJECTION)
     model = NextGPT(encoder, llm, tok, projections, enc_dim=encoder.config.out_embed_dim)
@@ -313,11 +329,12 @@ def caption_targets(texts):
 def train(seed=0, resume=True, progress=True, scale=1.0, out_dir=None, runs_dir=None, root=TOY_DIR,
           bank_per_key=BANK_PER_KEY) -> dict:
     t0 = time.perf_counter()
-    model, texts = build(root, seed)
+    model, _ = build(root, seed, decoders=False)
     bank = media_bank(model, "train", seed, bank_per_key)
-    targets = caption_targets(texts)
-    summary = {"stages": {}}
+    summary, targets = {"stages": {}}, None
     for stage in (1, 2, 3):
+        if stage == 2:      # stage 1 needs no decoder: it can run while the decoders still train
+            targets = caption_targets(load_texts(root))
         if stage == 3:
             add_lora(model.llama_model, LORA["r"], LORA["alpha"])
         run = run_stage(model, stage, bank, targets, seed, resume, progress, scale, runs_dir)
@@ -372,7 +389,6 @@ def random_foundations(root) -> Path:
     from minignext.imagebind import ImageBind
     from minignext.llama import Llama
     from minignext.toy import train_imagebind, train_llm
-    from minignext.toy.train_audio_decoder import EMBED_DIM
 
     root = Path(root)
     with torch.random.fork_rng():
