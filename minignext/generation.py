@@ -94,8 +94,9 @@ def _loop(model, input_ids, inputs_embeds, max_new_tokens, temperature, top_p, t
     device = prompt.device
     generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
     stops = torch.tensor(stop_token_ids, dtype=torch.long, device=device)
-    pad = model.config.pad_token_id if model.config.pad_token_id is not None else (
-        stop_token_ids[0] if stop_token_ids else 0)
+    pad = model.config.pad_token_id
+    if pad is None or pad < 0:      # some LLaMA configs say -1
+        pad = stop_token_ids[0] if stop_token_ids else 0
     done = torch.zeros(b, dtype=torch.bool, device=device)
     texts = [[] for _ in range(b)]
 

@@ -72,7 +72,10 @@ class LlamaConfig:
         if d.get("hidden_act", "silu") != "silu":
             raise ValueError(f"hidden_act {d['hidden_act']!r} is not supported; LLaMA uses 'silu'")
         theta = rope.get("rope_theta", d.get("rope_theta", cls.rope_theta))
-        return config_from_dict(cls, d, rope_theta=float(theta))
+        extra = {}
+        if "max_position_embeddings" not in d and "max_sequence_length" in d:   # 2023-era LLaMA configs
+            extra["max_position_embeddings"] = d["max_sequence_length"]
+        return config_from_dict(cls, d, rope_theta=float(theta), **extra)
 
     @classmethod
     def vicuna_7b(cls) -> "LlamaConfig":

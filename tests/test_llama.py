@@ -48,6 +48,8 @@ def test_config_reads_rope_theta_from_both_places():
     given = {**BASE, "rope_theta": 123.0, "torch_dtype": "float32", "architectures": ["LlamaForCausalLM"]}
     frozen = json.dumps(given)
     assert LlamaConfig.from_hf(given).rope_theta == 123.0 and json.dumps(given) == frozen   # not mutated
+    early = {k: v for k, v in BASE.items() if k != "max_position_embeddings"} | {"max_sequence_length": 2048}
+    assert LlamaConfig.from_hf(early).max_position_embeddings == 2048      # 2023-era LLaMA/Vicuna files
     with pytest.raises(ValueError, match="rope_type"):
         LlamaConfig.from_hf({**BASE, "rope_parameters": {"rope_type": "yarn", "factor": 4.0}})
 
