@@ -8,6 +8,7 @@ import torch
 from torch.testing import assert_close
 
 from fixtures_clip import write_tiny_clip_tokenizer
+from minignext import weights
 from minignext.diffusion import ImagePipeline, classifier_free_guidance, denoise
 from minignext.schedulers import DDIMScheduler
 
@@ -152,3 +153,22 @@ def test_denoise_guidance_arithmetic():
             num_inference_steps=1, progress=False)
     assert torch.allclose(sched.seen, torch.full((1, 4, 2, 2), 1.0 + 7.5 * 2.0))
     assert torch.equal(classifier_free_guidance(uncond, cond, 1.0), cond)
+
+
+SD15_FOLDER = weights.WEIGHTS_DIR / "hub" / "stable-diffusion-v1-5--stable-diffusion-v1-5"
+
+
+@pytest.mark.skipif(not (SD15_FOLDER / "unet" / "diffusion_pytorch_model.safetensors").is_file(),
+                    reason=f"no Stable Diffusion 1.5 at {SD15_FOLDER} (minignext download nextgpt-7b)")
+def test_real_sd15_matches_diffusers():
+    ref = diffusers.StableDiffusionPipeline.from_pretrained(SD15_FOLDER, safety_checker=None,
+                                                            requires_safety_checker=False)
+    ref.scheduler = diffusers.DDIMScheduler.from_config(ref.scheduler.config)
+    ref.set_progress_bar_config(disable=True)
+    mine = ImagePipeline.from_pretrained(SD15_FOLDER, scheduler="DDIMScheduler")
+    assert mine.unet.config.cross_attention_dim == 768 and mine.vae.scaling_factor == 0.18215
+    latents = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    kwargs = dict(num_inference_steps=2, guidance_scale=7.5, latents=latents, output_type="np")
+    want = ref("a red apple on a table", **kwargs).images
+    got = mine("a red apple on a table", progress=False, **kwargs)
+    assert_close(torch.from_numpy(got), torch.from_numpy(want), atol=1e-3, rtol=0)
