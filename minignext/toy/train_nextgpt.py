@@ -428,12 +428,12 @@ def source(m: world.Media, rng):
     return (torch.from_numpy(x), world.SAMPLE_RATE) if m.modality == "audio" else x
 
 
-def respond(model, turns, rng, max_new_tokens=48):
+def respond(model, turns, rng, max_new_tokens=64):
     """Answer the last of `turns` (earlier answers as in the data): (text, raw ids, fixed ids, runs, hidden)."""
     conv = Conversation()
     for t in turns:
         m = t.user_media
-        conv.user(t.user, **({m.modality: source(m, rng)} if m is not None else {}))
+        conv.user(t.user, **({m.modality: [source(m, rng)]} if m is not None else {}))
         if t is not turns[-1]:
             sig = "".join(f"[{SIGNALS[t.assistant_media.modality][0]}{i}]"
                           for i in range(SIGNALS[t.assistant_media.modality][1])) if t.assistant_media else ""
