@@ -51,6 +51,6 @@ def main(argv=None):
           f"median of {args.repeats}")
     print(f"  diffusers  {ref_s * 1000:8.1f} ms/step   (CPU time {ref_c * 1000:8.1f} ms)")
     print(f"  minignext  {mine_s * 1000:8.1f} ms/step   (CPU time {mine_c * 1000:8.1f} ms)")
-    print(f"  ratio minignext/diffusers {mine_s / ref_s:.3f}   (CPU time {mine_c / ref_c:.3f}; "
-          f"max |diff| {diff:.2e})")
+    print(f"  ratio minignext/diffusers {mine_s / ref_s:.3f}   (CPU time {mine_c / ref_c:.3f}; best of "
+          f"{args.repeats} {min(wall['mine']) / min(wall['ref']):.3f}; max |diff| {diff:.2e})")
     return mine_s / ref_s
