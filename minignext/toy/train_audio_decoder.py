@@ -13,9 +13,10 @@ Diffusion Models", arXiv 2301.12503) trained from scratch on the toy world's ton
              caption's pooled, L2-normalised text embedding enters through `class_labels`, a linear
              projection concatenated to the time embedding. Its attention blocks attend to the latent
              itself, with cross_attention_dim = the block widths, as in AudioLDM's config. The text
-             encoder is minignext.toy.decoder_text's CLIP tower with a 32-d projection, trained jointly;
-             10% of the captions are dropped to "" for classifier-free guidance (AudioLDM's
-             unconditional branch is the embedding of the empty text too). EMA weights ship.
+             encoder is minignext.toy.decoder_text's CLIP tower with a 32-d projection, pretrained and
+             then frozen as CLAP is (see train_text_encoder); 10% of the captions are dropped to "" for
+             classifier-free guidance (AudioLDM's unconditional branch is the embedding of the empty
+             text too). EMA weights of the UNet ship.
     vocoder  Griffin-Lim (minignext.diffusion.GriffinLim, 16 rounds), not a trained HiFi-GAN. The reason,
              measured: a HiFi-GAN generator in the SpeechT5HifiGan layout (0.37M parameters, 250 samples
              per frame) trained here with the generator losses only, an L1 log-mel loss (Kong et al.
@@ -138,10 +139,43 @@ def train_vae(seed=0, resume=True, progress=True, scale=1.0, runs_dir=None, step
     return vae.eval().requires_grad_(False), run
 
 
-# ---------------------------------------------------------------- 2. the UNet and its text encoder
+# ---------------------------------------------------------------- 2. the text encoder, CLAP's stand-in
 
-def train_unet(vae, seed=0, resume=True, progress=True, scale=1.0, runs_dir=None, steps=1000, batch=32,
-               n_sounds=4096, lr=2e-3):
+def train_text_encoder(seed=0, resume=True, progress=True, scale=1.0, runs_dir=None, steps=300, batch=256, lr=3e-3):
+    """AudioLDM conditions on a frozen, pretrained CLAP text embedding. Trained jointly with the UNet
+    from scratch, the toy text encoder's normalised embeddings stayed nearly parallel (cosine 0.98
+    between different sounds) and the UNet learned to ignore them. So it is pretrained first: two
+    linear heads read the pitch and the contour off the normalised embedding (cross-entropy); the
+    empty caption has a class of its own in each, so the unconditional branch is distinct too."""
+    torch.manual_seed(seed)
+    tokenizer = decoder_text.build_tokenizer()
+    text_encoder = decoder_text.new_text_encoder(tokenizer, seed=seed, with_projection=True, projection_dim=EMBED_DIM)
+    heads = torch.nn.ModuleDict({"pitch": torch.nn.Linear(EMBED_DIM, len(world.PITCHES) + 1),
+                                 "contour": torch.nn.Linear(EMBED_DIM, len(world.CONTOURS) + 1)})
+    params = list(text_encoder.parameters()) + list(heads.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    run = _run("text", seed, scale, {"text_encoder": text_encoder, "heads": heads}, opt, steps, lr, resume,
+               progress, runs_dir)
+    for step in run.steps():
+        rng = np.random.default_rng([seed, 40, step])
+        objs = [world.sample_object(rng, "train") for _ in range(batch)]
+        captions = decoder_text.drop_captions([world.caption(o, rng, "audio") for o in objs], CAPTION_DROPOUT, rng)
+        labels = {name: torch.tensor([values.index(getattr(o, name)) if c else len(values)
+                                      for o, c in zip(objs, captions)])
+                  for name, values in (("pitch", world.PITCHES), ("contour", world.CONTOURS))}
+        embeds = text_embeds(text_encoder, tokenizer, captions)
+        loss = sum(F.cross_entropy(heads[k](embeds * 8), labels[k]) for k in heads)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        run.log(loss.detach())
+    return text_encoder.eval().requires_grad_(False), tokenizer, run
+
+
+# ---------------------------------------------------------------- 3. the UNet
+
+def train_unet(vae, text_encoder, tokenizer, seed=0, resume=True, progress=True, scale=1.0, runs_dir=None,
+               steps=1000, batch=32, n_sounds=4096, lr=2e-3):
     rng = np.random.default_rng([seed, 30])
     waves, objs = render_sounds(max(batch, int(n_sounds * min(1.0, 4 * scale))), rng)
     with torch.no_grad():
@@ -149,31 +183,27 @@ def train_unet(vae, seed=0, resume=True, progress=True, scale=1.0, runs_dir=None
     mean, std = torch.cat([p.mean for p in posts]), torch.cat([p.std for p in posts])
     vae.config = dataclasses.replace(vae.config, scaling_factor=round(1.0 / mean.std().item(), 5))
     torch.manual_seed(seed)
-    tokenizer = decoder_text.build_tokenizer()
-    text_encoder = decoder_text.new_text_encoder(tokenizer, seed=seed, with_projection=True, projection_dim=EMBED_DIM)
     unet = UNet2DCondition(unet_config())
-    ema_unet, ema_text = EMA(unet, 0.99), EMA(text_encoder, 0.99)
-    params = list(unet.parameters()) + list(text_encoder.parameters())
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    ema = EMA(unet, 0.99)
+    opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0)
     scheduler = DDPMScheduler.from_config(SCHEDULER)
-    run = _run("unet", seed, scale, {"unet": unet, "text_encoder": text_encoder, "ema_unet": ema_unet,
-                                     "ema_text": ema_text}, opt, steps, lr, resume, progress, runs_dir)
+    run = _run("unet", seed, scale, {"unet": unet, "ema": ema}, opt, steps, lr, resume, progress, runs_dir)
     for step in run.steps():
         g = torch.Generator().manual_seed(seed * 1_000_003 + step)
         pick = torch.randint(0, len(objs), (batch,), generator=g)
         latents = (mean[pick] + std[pick] * torch.randn(mean[pick].shape, generator=g)) * vae.scaling_factor
         step_rng = np.random.default_rng([seed, 31, step])
         captions = [world.caption(objs[i], step_rng, "audio") for i in pick.tolist()]
-        cond = text_embeds(text_encoder, tokenizer, decoder_text.drop_captions(captions, CAPTION_DROPOUT, step_rng))
+        with torch.no_grad():
+            cond = text_embeds(text_encoder, tokenizer, decoder_text.drop_captions(captions, CAPTION_DROPOUT, step_rng))
         loss = diffusion_loss(lambda x, t, c: unet(x, t, class_labels=c), scheduler, latents, cond, g)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
         opt.step()
-        ema_unet.update(unet)
-        ema_text.update(text_encoder)
+        ema.update(unet)
         run.log(loss.detach())
-    return ema_unet.shadow, ema_text.shadow, tokenizer, run
+    return ema.shadow, run
 
 
 # ---------------------------------------------------------------- saving
@@ -204,11 +234,12 @@ def save_pipeline(folder, unet, vae, text_encoder, tokenizer, overwrite=False):
 def train(seed=0, resume=True, progress=True, scale=1.0, out_dir=None, runs_dir=None) -> dict:
     out = Path(out_dir or OUT_DIR)
     vae, vae_run = train_vae(seed, resume, progress, scale, runs_dir)
-    unet, text_encoder, tokenizer, unet_run = train_unet(vae, seed, resume, progress, scale, runs_dir)
+    text_encoder, tokenizer, text_run = train_text_encoder(seed, resume, progress, scale, runs_dir)
+    unet, unet_run = train_unet(vae, text_encoder, tokenizer, seed, resume, progress, scale, runs_dir)
     save_pipeline(out, unet, vae, text_encoder, tokenizer, overwrite=True)
     last = lambda run: round(sum(r["loss"] for r in run.history[-50:]) / max(1, len(run.history[-50:])), 4)
-    return {"folder": str(out), "vae_loss": last(vae_run), "unet_loss": last(unet_run),
-            "vae_minutes": round(vae_run.seconds / 60, 2),
+    return {"folder": str(out), "vae_loss": last(vae_run), "text_loss": last(text_run), "unet_loss": last(unet_run),
+            "vae_minutes": round(vae_run.seconds / 60, 2), "text_minutes": round(text_run.seconds / 60, 2),
             "unet_minutes": round(unet_run.seconds / 60, 2), "megabytes": folder_megabytes(out)}
 
 
