@@ -175,7 +175,7 @@ def train_text_encoder(seed=0, resume=True, progress=True, scale=1.0, runs_dir=N
 # ---------------------------------------------------------------- 3. the UNet
 
 def train_unet(vae, text_encoder, tokenizer, seed=0, resume=True, progress=True, scale=1.0, runs_dir=None,
-               steps=1000, batch=32, n_sounds=4096, lr=2e-3):
+               steps=2500, batch=32, n_sounds=4096, lr=2e-3):
     rng = np.random.default_rng([seed, 30])
     waves, objs = render_sounds(max(batch, int(n_sounds * min(1.0, 4 * scale))), rng)
     with torch.no_grad():
