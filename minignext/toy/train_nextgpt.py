@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from minignext import weights
 from minignext.lora import add_lora, lora_parameters
-from minignext.nextgpt import (MODALITIES, SIGNALS, SPLICE_CLOSE, SPLICE_OPEN, Conversation, NextGPT,
+from minignext.nextgpt import (MODALITIES, PROJECTION_NAMES, SIGNALS, SPLICE_CLOSE, SPLICE_OPEN, Conversation, NextGPT,
                                add_nextgpt_tokens, find_signal_runs, freeze_old_rows)
 from minignext.projection import OutputProjectionConfig
 from minignext.tokenizer import VICUNA_V0
@@ -47,10 +47,11 @@ OUT_DIR = TOY_DIR / "nextgpt"
 LORA = {"r": 16, "alpha": 16.0}            # NExT-GPT: r = alpha = 32 on a 4096-wide LLM
 PROJECTION = dict(d_model=64, nhead=4, num_encoder_layers=2, num_decoder_layers=2, dim_feedforward=128)
 STAGES = {                                  # steps, batch, peak lr
-    1: dict(steps=250, batch=32, lr=3e-3),
-    2: dict(steps=300, batch=16, lr=2e-3),
+    1: dict(steps=250, batch=32, lr=5e-3),
+    2: dict(steps=300, batch=16, lr=5e-3),
     3: dict(steps=600, batch=16, lr=1e-3),
 }
+PROJECTION_LR_SCALE = 4.0                   # stage 3: both projections learn faster than the LoRA factors
 BANK_PER_KEY = 8                            # rendered samples per (modality, object[, direction])
 STORE_DTYPE = torch.float16
 COND_SHAPES = {"image": (decoder_text.CONTEXT_LENGTH, decoder_text.WIDTH),   # Q x D each decoder is conditioned on
@@ -297,7 +298,11 @@ def count_trainable(model, stage) -> dict:
 def run_stage(model, stage, bank, targets, seed=0, resume=True, progress=True, scale=1.0, runs_dir=None, batch=None):
     cfg = {**STAGES[stage], **({"batch": batch} if batch else {})}
     params = trainable(model, stage)
-    opt = torch.optim.Adam(params, lr=cfg["lr"], betas=(0.9, 0.95))
+    fast = {id(p) for m in ("llama_proj", *(PROJECTION_NAMES[m] for m in MODALITIES))
+            for p in getattr(model, m).parameters()} if stage == 3 else set()
+    groups = [{"params": [p for p in params if id(p) not in fast]},
+              {"params": [p for p in params if id(p) in fast], "lr_scale": PROJECTION_LR_SCALE}]
+    opt = torch.optim.Adam([g for g in groups if g["params"]], lr=cfg["lr"], betas=(0.9, 0.95))
     total = max(2, int(cfg["steps"] * scale))
     run = Run(f"nextgpt_stage{stage}-seed{seed}-scale{scale:g}", {"model": model}, opt, total, cfg["lr"],
               warmup=min(50, total // 10 + 1), resume=resume, progress_bar=progress, runs_dir=runs_dir)
@@ -313,6 +318,16 @@ def run_stage(model, stage, bank, targets, seed=0, resume=True, progress=True, s
         run.log(loss.item(), ce=ce.item(), dist=dist.item())
     model.eval()
     return run
+
+
+@torch.no_grad()
+def start_at_mean_target(model, targets):
+    """Set each output projection's final bias to the mean conditioning over the world's objects, so
+    that training spends its steps on what tells the objects apart (a resumed run overwrites this)."""
+    for m in MODALITIES:
+        dirs = world.DIRECTIONS if m == "video" else (None,)
+        mean = torch.stack([targets(world.Media(m, o, d)) for o in world.train_combinations() for d in dirs]).mean((0, 1))
+        model.output_projection(m).model.bias.copy_(mean)
 
 
 def caption_targets(texts):
@@ -335,6 +350,7 @@ def train(seed=0, resume=True, progress=True, scale=1.0, out_dir=None, runs_dir=
     for stage in (1, 2, 3):
         if stage == 2:      # stage 1 needs no decoder: it can run while the decoders still train
             targets = caption_targets(load_texts(root))
+            start_at_mean_target(model, targets)
         if stage == 3:
             add_lora(model.llama_model, LORA["r"], LORA["alpha"])
         run = run_stage(model, stage, bank, targets, seed, resume, progress, scale, runs_dir)

@@ -53,7 +53,7 @@ class Run:
         for step in bar:
             self.step = step
             for group in self.optimizer.param_groups:
-                group["lr"] = lr_at(step, self.total, self.peak_lr, self.warmup)
+                group["lr"] = lr_at(step, self.total, self.peak_lr, self.warmup) * group.get("lr_scale", 1.0)
             yield step
             if self.history:
                 bar.set_postfix(f"loss {self.history[-1]['loss']:.4f}")
