@@ -57,7 +57,7 @@ EMBED_DIM = 32
 SCHEDULER = {"_class_name": "DDIMScheduler", "num_train_timesteps": 1000, "beta_schedule": "scaled_linear",
              "beta_start": 0.0015, "beta_end": 0.0195, "steps_offset": 1, "set_alpha_to_one": False,
              "clip_sample": False, "prediction_type": "epsilon"}      # AudioLDM's schedule
-SAMPLING = {"guidance_scale": 3.0, "num_inference_steps": 25}
+SAMPLING = {"guidance_scale": 4.0, "num_inference_steps": 25}
 CAPTION_DROPOUT = 0.1
 STORE_DTYPE = torch.float16
 
