@@ -705,13 +705,22 @@ def load_folder(folder, dtype=None, device=None) -> NextGPT:
 
 def _folder_pipeline(modality, path, dtype, device):
     """A decoder from a diffusers-layout folder; AudioLDM's unconditional CLAP vector comes from
-    unconditional_embeds.safetensors next to it (minignext has no CLAP text encoder)."""
+    unconditional_embeds.safetensors next to it (minignext has no CLAP text encoder) or, for the
+    toy decoder, from its own CLIP-style text_encoder/ (the normalised embedding of "")."""
     from minignext import diffusion
 
     cls = getattr(diffusion, PIPELINES[modality])
     if modality != "audio":
         return cls.from_pretrained(path, dtype=dtype, device=device)
     uncond = Path(path) / "unconditional_embeds.safetensors"
+    if not uncond.is_file() and (Path(path) / "text_encoder").is_dir():
+        from minignext.clip import CLIPText, CLIPTokenizer
+
+        enc = CLIPText.from_pretrained(Path(path) / "text_encoder", dtype=torch.float32)
+        tok = CLIPTokenizer.from_pretrained(Path(path) / "tokenizer")
+        with torch.no_grad():
+            embeds = F.normalize(enc(tok([""], max_length=tok.model_max_length)).embeds, dim=-1)[0]
+        return cls.from_pretrained(path, dtype=dtype, device=device, unconditional_embeds=embeds)
     if not uncond.is_file():
         raise WeightsError(f"{uncond} is missing: the audio decoder needs the CLAP embedding of \"\" for "
                            f"classifier-free guidance (a tensor named 'embeds')")
