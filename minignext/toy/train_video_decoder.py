@@ -157,7 +157,7 @@ def evaluate(quick=False, seed=1234, folder=None) -> list:
     from minignext.toy.eval import Metric
 
     pipeline, settings = load_pipeline(folder)
-    n, n_held = (16, 8) if quick else (96, 32)
+    n, n_held = (16, 8) if quick else (48, 16)
     objs, dirs, caps = prompts(n, seed, "train", "test")
     h_objs, h_dirs, h_caps = prompts(n_held, seed + 1, "heldout", "test")
     note = f"DDIM {settings['num_inference_steps']} steps, guidance {settings['guidance_scale']}; colour and direction"
