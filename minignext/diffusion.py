@@ -73,6 +73,26 @@ def to_output(images, output_type):
                             else (a * 255).round().astype(np.uint8)) for a in array]
 
 
+
+def load_sd_folder(path, unet_class, scheduler=None, dtype=None, device=None) -> dict:
+    """The parts of a diffusers StableDiffusion or TextToVideoSD folder: unet, vae and scheduler, plus
+    text_encoder and tokenizer where model_index.json lists them. `scheduler` names another class."""
+    from minignext.clip import CLIPText, CLIPTokenizer
+    from minignext.vae import AutoencoderKL
+
+    folder = weights.resolve(path)
+    index = weights.read_config(folder, "model_index.json")
+    sched_cfg = weights.read_config(folder / "scheduler", "scheduler_config.json")
+    if scheduler is not None:
+        sched_cfg = {**sched_cfg, "_class_name": scheduler}
+    has = lambda name: index.get(name) not in (None, [None, None]) and (folder / name).is_dir()
+    return dict(unet=unet_class.from_pretrained(folder / "unet", dtype=dtype, device=device),
+                vae=AutoencoderKL.from_pretrained(folder / "vae", dtype=dtype, device=device),
+                scheduler=scheduler_from_config(sched_cfg),
+                text_encoder=CLIPText.from_pretrained(folder / "text_encoder", dtype=dtype, device=device)
+                if has("text_encoder") else None,
+                tokenizer=CLIPTokenizer.from_pretrained(folder / "tokenizer") if has("tokenizer") else None)
+
 class ImagePipeline:
     """Text or prompt embeddings -> images, with Stable Diffusion's UNet, VAE and scheduler."""
 
@@ -85,22 +105,9 @@ class ImagePipeline:
         """A diffusers Stable Diffusion folder: model_index.json, unet/, vae/, scheduler/ and,
         if present, text_encoder/ and tokenizer/. `scheduler` may name a class to use instead of
         the one in scheduler_config.json (SD-1.5 ships PNDM, which minignext replaces by DDIM)."""
-        from minignext.clip import CLIPText, CLIPTokenizer
         from minignext.unet import UNet2DCondition
-        from minignext.vae import AutoencoderKL
 
-        folder = weights.resolve(path)
-        index = weights.read_config(folder, "model_index.json")
-        sched_cfg = weights.read_config(folder / "scheduler", "scheduler_config.json")
-        if scheduler is not None:
-            sched_cfg = {**sched_cfg, "_class_name": scheduler}
-        has = lambda name: index.get(name) not in (None, [None, None]) and (folder / name).is_dir()
-        return cls(unet=UNet2DCondition.from_pretrained(folder / "unet", dtype=dtype, device=device),
-                   vae=AutoencoderKL.from_pretrained(folder / "vae", dtype=dtype, device=device),
-                   scheduler=scheduler_from_config(sched_cfg),
-                   text_encoder=CLIPText.from_pretrained(folder / "text_encoder", dtype=dtype, device=device)
-                   if has("text_encoder") else None,
-                   tokenizer=CLIPTokenizer.from_pretrained(folder / "tokenizer") if has("tokenizer") else None)
+        return cls(**load_sd_folder(path, UNet2DCondition, scheduler, dtype, device))
 
     @property
     def device(self):
@@ -408,22 +415,10 @@ class VideoPipeline(ImagePipeline):
     def from_pretrained(cls, path, dtype=None, device=None, scheduler=None):
         """A diffusers TextToVideoSD folder: model_index.json, unet/ (3D), vae/, scheduler/ and, if
         present, text_encoder/ and tokenizer/."""
-        from minignext.clip import CLIPText, CLIPTokenizer
         from minignext.unet3d import UNet3DCondition
-        from minignext.vae import AutoencoderKL
 
-        folder = weights.resolve(path)
-        index = weights.read_config(folder, "model_index.json")
-        sched_cfg = weights.read_config(folder / "scheduler", "scheduler_config.json")
-        if scheduler is not None:
-            sched_cfg = {**sched_cfg, "_class_name": scheduler}
-        has = lambda name: index.get(name) not in (None, [None, None]) and (folder / name).is_dir()
-        return cls(unet3d=UNet3DCondition.from_pretrained(folder / "unet", dtype=dtype, device=device),
-                   vae=AutoencoderKL.from_pretrained(folder / "vae", dtype=dtype, device=device),
-                   scheduler=scheduler_from_config(sched_cfg),
-                   text_encoder=CLIPText.from_pretrained(folder / "text_encoder", dtype=dtype, device=device)
-                   if has("text_encoder") else None,
-                   tokenizer=CLIPTokenizer.from_pretrained(folder / "tokenizer") if has("tokenizer") else None)
+        parts = load_sd_folder(path, UNet3DCondition, scheduler, dtype, device)
+        return cls(unet3d=parts.pop("unet"), **parts)
 
     def _initial_video_latents(self, batch, num_frames, height, width, seed, latents):
         """Unit-variance noise (B, C, F, h, w), or the given latents after checking their shape."""
