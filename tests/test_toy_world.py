@@ -221,7 +221,7 @@ def test_dialogues_cover_every_kind_and_stay_consistent():
     kinds = set()
     for _ in range(400):
         turns = w.sample_dialogue(rng)
-        first = None
+        first = last = None
         for t in turns:
             kinds.add(t.kind)
             media = t.assistant_media or t.user_media
