@@ -234,7 +234,8 @@ class Conversation:
     def user(self, text, image=None, audio=None, video=None) -> "Conversation":
         media = []
         for modality, items in (("image", image), ("audio", audio), ("video", video)):
-            items = [] if items is None else items if isinstance(items, (list, tuple)) else [items]
+            # a list holds several inputs; anything else (a path, an image, a (waveform, rate) pair) is one
+            items = [] if items is None else items if isinstance(items, list) else [items]
             media += [(modality, x) for x in items]
         self.turns.append(Turn("user", text, media))
         return self

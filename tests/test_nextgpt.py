@@ -292,3 +292,13 @@ def test_several_inputs_of_several_modalities_in_one_turn(model, inputs):
         assert prompt.ids[p - 1] == model.splice_ids[0] and prompt.ids[p + 1] == model.splice_ids[1]
     torch.testing.assert_close(prompt.embeds[0, a], prompt.embeds[0, b])
     torch.testing.assert_close(prompt.embeds[0, c], model.encode("audio", inputs["audio"])[0])
+
+
+def test_a_waveform_rate_pair_is_one_audio_input():
+    import numpy as np
+    from minignext.nextgpt import Conversation
+    wave = np.zeros(16000, dtype=np.float32)
+    conv = Conversation().user("hear this", audio=(wave, 16000), image=["a.png", "b.png"])
+    kinds = [m for m, _ in conv.turns[0].media]
+    assert kinds == ["image", "image", "audio"]
+    assert conv.turns[0].media[2][1][1] == 16000
