@@ -13,6 +13,14 @@ os.environ.setdefault("MINIGNEXT_PROGRESS", "0")
 torch.set_num_threads(1)
 
 
+def perturb(module, scale=0.05):
+    """Add small noise to every parameter, so no zero-initialised layer hides a wrong wiring."""
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn_like(p) * scale)
+    return module
+
+
 def pytest_addoption(parser):
     parser.addoption(
         "--exercises", default="solutions",

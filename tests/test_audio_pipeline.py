@@ -8,6 +8,7 @@ from torch.testing import assert_close
 from minignext.diffusion import AudioPipeline
 from minignext.schedulers import DDIMScheduler
 from minignext.unet import UNet2DCondition
+from conftest import perturb
 
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
@@ -26,31 +27,15 @@ AUDIOLDM_UNET = dict(sample_size=8, in_channels=4, out_channels=4, block_out_cha
                      class_embeddings_concat=True)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny models run fastest on one thread; two threads on a loaded 2-core machine spin-wait."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def _perturb(model, scale=0.05):
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * scale)
-    return model.eval()
-
-
 @pytest.fixture(scope="module")
 def audioldm(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny_audioldm")
     torch.manual_seed(0)
-    unet = _perturb(diffusers.UNet2DConditionModel(**AUDIOLDM_UNET))
-    vae = _perturb(diffusers.AutoencoderKL(
+    unet = perturb(diffusers.UNet2DConditionModel(**AUDIOLDM_UNET)).eval()
+    vae = perturb(diffusers.AutoencoderKL(
         block_out_channels=(8, 16), in_channels=1, out_channels=1, latent_channels=4, norm_num_groups=4,
         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-        scaling_factor=0.9227))
+        scaling_factor=0.9227)).eval()
     vocoder = transformers.SpeechT5HifiGan(transformers.SpeechT5HifiGanConfig(
         model_in_dim=16, sampling_rate=16000, upsample_initial_channel=16, upsample_rates=[2, 2],
         upsample_kernel_sizes=[4, 4], resblock_kernel_sizes=[3, 5], resblock_dilation_sizes=[[1, 3], [1, 3]],

@@ -11,6 +11,7 @@ from fixtures_clip import write_tiny_clip_tokenizer
 from minignext import weights
 from minignext.diffusion import ImagePipeline, classifier_free_guidance, denoise
 from minignext.schedulers import DDIMScheduler
+from conftest import perturb
 
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
@@ -18,23 +19,6 @@ transformers = pytest.importorskip("transformers")
 SD15_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
                       steps_offset=1, set_alpha_to_one=False, clip_sample=False)
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors gain nothing from threads, and on a busy machine a second thread
-    that is descheduled makes every op wait for it (seen: 37 s instead of 0.4 s)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-
-def _perturb(model, scale=0.05):
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * scale)
-    return model.eval()
 
 
 @pytest.fixture(scope="module")
@@ -44,17 +28,17 @@ def sd_folder(tmp_path_factory):
     tok_dir = write_tiny_clip_tokenizer(folder / "tok_src")
     vocab = json.loads((tok_dir / "vocab.json").read_text())
     tokenizer = transformers.CLIPTokenizer.from_pretrained(tok_dir)
-    text_encoder = _perturb(transformers.CLIPTextModel(transformers.CLIPTextConfig(
+    text_encoder = perturb(transformers.CLIPTextModel(transformers.CLIPTextConfig(
         vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
         max_position_embeddings=77, bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
-        pad_token_id=vocab["<|endoftext|>"])), 0.0)
-    unet = _perturb(diffusers.UNet2DConditionModel(
+        pad_token_id=vocab["<|endoftext|>"])), 0.0).eval()
+    unet = perturb(diffusers.UNet2DConditionModel(
         sample_size=4, block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=4, cross_attention_dim=32,
         attention_head_dim=4, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")))
-    vae = _perturb(diffusers.AutoencoderKL(
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))).eval()
+    vae = perturb(diffusers.AutoencoderKL(
         block_out_channels=(8, 8, 16, 16), norm_num_groups=4, latent_channels=4,
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4))
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)).eval()
     pipe = diffusers.StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
         scheduler=diffusers.DDIMScheduler(**SD15_SCHEDULER), safety_checker=None, feature_extractor=None,

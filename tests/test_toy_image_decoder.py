@@ -13,18 +13,9 @@ from minignext.toy import checkers, decoder_text, world
 from minignext.toy import train_image_decoder as image_decoder
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("image_decoder")
-    torch.set_num_threads(1)
     summary = image_decoder.train(scale=0.002, progress=False, resume=False, out_dir=root / "out",
                                   runs_dir=root / "runs")
     return root / "out", summary

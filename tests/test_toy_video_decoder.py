@@ -10,22 +10,13 @@ from minignext.toy import checkers, decoder_text
 from minignext.toy import train_image_decoder as image_decoder
 from minignext.toy import train_video_decoder as video_decoder
 from minignext.unet import UNet2DCondition
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from conftest import perturb
 
 
 def test_video_unet_starts_as_the_image_unet_on_every_frame():
     torch.manual_seed(0)
     image = UNet2DCondition(image_decoder.unet_config()).eval()
-    with torch.no_grad():            # random weights everywhere, so no layer is trivially zero
-        for p in image.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
+    perturb(image)
     video = video_decoder.unet_from_image(image).eval()
     g = torch.Generator().manual_seed(1)
     x, cond = torch.randn(2, 4, 8, 8, 8, generator=g), torch.randn(2, 16, 64, generator=g)
@@ -39,7 +30,6 @@ def test_video_unet_starts_as_the_image_unet_on_every_frame():
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("video_decoder")
-    torch.set_num_threads(1)
     image_dir = image_decoder.OUT_DIR
     if not (image_dir / "model_index.json").is_file():
         image_dir = root / "image"

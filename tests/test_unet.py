@@ -7,6 +7,7 @@ from torch.testing import assert_close
 
 from minignext import weights
 from minignext.unet import UNet2DCondition, UNet2DConditionConfig, timestep_embedding
+from conftest import perturb
 
 BASE = dict(sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
             norm_num_groups=8, cross_attention_dim=24, attention_head_dim=4,
@@ -29,23 +30,11 @@ CONFIGS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors gain nothing from threads, and on a busy machine a second thread
-    that is descheduled makes every op wait for it (seen: 37 s instead of 0.4 s)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 
 def build_pair(tmp_path, overrides):
     torch.manual_seed(0)
     ref = UNet2DConditionModel(**{**BASE, **overrides}).eval()
-    with torch.no_grad():                        # random non-zero weights everywhere, incl. zero-init convs
-        for p in ref.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
+    perturb(ref)
     ref.save_pretrained(tmp_path)
     return ref, UNet2DCondition.from_pretrained(tmp_path)
 

@@ -6,6 +6,7 @@ from torch.testing import assert_close
 
 from minignext import weights
 from minignext.unet3d import TemporalConvLayer, TransformerTemporalModel, UNet3DCondition, UNet3DConditionConfig
+from conftest import perturb
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -24,26 +25,9 @@ CONFIGS = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny models run fastest on one thread; two threads on a loaded 2-core machine spin-wait."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def randomize(module, std=0.05):
-    """Non-zero weights everywhere, including the zero-initialised last temporal conv."""
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(torch.randn_like(p) * std)
-    return module
-
-
 def build_pair(tmp_path, overrides):
     torch.manual_seed(0)
-    ref = randomize(diffusers.UNet3DConditionModel(**{**BASE, **overrides}).eval())
+    ref = perturb(diffusers.UNet3DConditionModel(**{**BASE, **overrides}).eval())
     ref.save_pretrained(tmp_path)
     return ref, UNet3DCondition.from_pretrained(tmp_path)
 
@@ -88,7 +72,7 @@ def test_temporal_layers_only_mix_frames():
     """Frames are independent of each other once the temporal layers are the identity,
     and mixed when they are active."""
     torch.manual_seed(0)
-    conv, attn = randomize(TemporalConvLayer(8, groups=2)).eval(), randomize(TransformerTemporalModel(2, 4, 8, 2)).eval()
+    conv, attn = perturb(TemporalConvLayer(8, groups=2)).eval(), perturb(TransformerTemporalModel(2, 4, 8, 2)).eval()
     x = torch.randn(2 * 4, 8, 3, 3)                     # 2 clips of 4 frames
     x2 = x.clone()
     x2[1] += 1.0                                        # change frame 1 of clip 0

@@ -7,6 +7,7 @@ from torch.testing import assert_close
 
 from minignext import weights
 from minignext.vae import AutoencoderKL, AutoencoderKLConfig
+from conftest import perturb
 
 CONFIGS = {
     "sd_like": dict(block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2,
@@ -22,23 +23,11 @@ CONFIGS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors gain nothing from threads, and on a busy machine a second thread
-    that is descheduled makes every op wait for it (seen: 37 s instead of 0.4 s)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 
 def build_pair(tmp_path, name):
     torch.manual_seed(0)
     ref = RefAutoencoderKL(**CONFIGS[name]).eval()
-    with torch.no_grad():
-        for p in ref.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
+    perturb(ref)
     ref.save_pretrained(tmp_path)
     return ref, AutoencoderKL.from_pretrained(tmp_path)
 

@@ -9,6 +9,7 @@ from torch.testing import assert_close
 from minignext.diffusion import VideoPipeline
 from minignext.schedulers import DDIMScheduler
 from minignext.unet3d import UNet3DCondition
+from conftest import perturb
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -17,33 +18,17 @@ ZEROSCOPE_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="sc
                            num_train_timesteps=1000, steps_offset=1, set_alpha_to_one=False, clip_sample=False)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny models run fastest on one thread; two threads on a loaded 2-core machine spin-wait."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def _perturb(model, scale=0.05):
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * scale)
-    return model.eval()
-
-
 @pytest.fixture(scope="module")
 def t2v(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny_t2v")
     torch.manual_seed(0)
-    unet = _perturb(diffusers.UNet3DConditionModel(
+    unet = perturb(diffusers.UNet3DConditionModel(
         sample_size=4, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
         norm_num_groups=4, cross_attention_dim=TEXT_DIM, attention_head_dim=4,
-        down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"), up_block_types=("UpBlock3D", "CrossAttnUpBlock3D")))
-    vae = _perturb(diffusers.AutoencoderKL(
+        down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"), up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"))).eval()
+    vae = perturb(diffusers.AutoencoderKL(
         block_out_channels=(8, 8, 16, 16), norm_num_groups=4, latent_channels=4,
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4))
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)).eval()
     pipe = diffusers.TextToVideoSDPipeline(vae=vae, text_encoder=None, tokenizer=None, unet=unet,
                                            scheduler=diffusers.DDIMScheduler(**ZEROSCOPE_SCHEDULER))
     pipe.set_progress_bar_config(disable=True)

@@ -19,15 +19,6 @@ CONFIGS = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny models run fastest on one thread; two threads on a loaded 2-core machine spin-wait."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def reference(tmp_path, fields, seed=0):
     torch.manual_seed(seed)
     ref = transformers.SpeechT5HifiGan(transformers.SpeechT5HifiGanConfig(**fields)).eval()
