@@ -433,7 +433,4 @@ class UNet2DCondition(nn.Module):
         folder = weights.resolve(path)
         model = weights.build_on_meta(cls, UNet2DConditionConfig.from_hf(weights.read_config(folder)))
         sd = weights.load_safetensors(folder, stem="diffusion_pytorch_model")
-        # Copy out of the memory map: mapped tensors sit at arbitrary 8-byte offsets, and oneDNN and
-        # BLAS kernels run a few percent slower on weights that are not 64-byte aligned.
-        sd = {k: v.clone() for k, v in sd.items()}
         return weights.load_into(model, sd, dtype=dtype, device=device).eval()
