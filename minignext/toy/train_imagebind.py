@@ -44,7 +44,7 @@ from minignext.clip import CLIP_SPLIT, CLIPTokenizer
 from minignext.imagebind import ImageBind, ImageBindConfig
 from minignext.toy import world
 from minignext.toy.decoder_text import vocabulary
-from minignext.toy.trainer import TOY_DIR, Run
+from minignext.toy.trainer import TOY_DIR, Run, summary
 
 OUT_DIR = TOY_DIR / "imagebind"
 PAD, UNK, BOS, EOS = "<|pad|>", "<|unk|>", "<|startoftext|>", "<|endoftext|>"
@@ -201,10 +201,7 @@ def train(seed=0, resume=True, progress=True, scale=1.0, out_dir=None, runs_dir=
         run.log(loss.item(), **{k: v.item() for k, v in losses.items()}, scale=logit_scale(model).item())
     model.eval()
     save(out_dir, model, tokenizer, overwrite=True)
-    return {"steps": steps, "params": sum(p.numel() for p in model.parameters()),
-            "final_loss": round(run.history[-1]["loss"], 4) if run.history else None,
-            "mb": round(sum(f.stat().st_size for f in out_dir.iterdir()) / 1e6, 2),
-            "train_seconds": round(time.perf_counter() - t0, 1), "out_dir": str(out_dir)}
+    return summary(steps, model, run, out_dir, time.perf_counter() - t0)
 
 
 def save(folder, model: ImageBind, tokenizer: CLIPTokenizer, dtype=torch.float16, overwrite=False):

@@ -34,7 +34,7 @@ from minignext import weights
 from minignext.llama import Llama, LlamaConfig
 from minignext.tokenizer import VICUNA_V0, Tokenizer
 from minignext.toy import world
-from minignext.toy.trainer import TOY_DIR, Run
+from minignext.toy.trainer import TOY_DIR, Run, summary
 
 OUT_DIR = TOY_DIR / "llm"
 SPECIAL = ("<unk>", "<s>", "</s>")        # ids 0, 1, 2 as in LLaMA; <unk> doubles as padding
@@ -137,10 +137,7 @@ def train(seed=0, resume=True, progress=True, scale=1.0, out_dir=None, runs_dir=
         run.log(loss.item())
     model.eval()
     save(out_dir, model, tokenizer, overwrite=True)
-    return {"steps": steps, "params": sum(p.numel() for p in model.parameters()),
-            "final_loss": round(run.history[-1]["loss"], 4) if run.history else None,
-            "mb": round(sum(f.stat().st_size for f in out_dir.iterdir()) / 1e6, 2),
-            "train_seconds": round(time.perf_counter() - t0, 1), "out_dir": str(out_dir)}
+    return summary(steps, model, run, out_dir, time.perf_counter() - t0)
 
 
 def save(folder, model: Llama, tokenizer: Tokenizer, dtype=torch.float16, overwrite=False):

@@ -92,6 +92,14 @@ class Run:
             self.history = [json.loads(line) for line in open(self.dir / "loss.jsonl")]
 
 
+def summary(steps, model, run, out_dir, seconds) -> dict:
+    """What a part's train() reports once it has saved its weights into out_dir."""
+    return {"steps": steps, "params": sum(p.numel() for p in model.parameters()),
+            "final_loss": round(run.history[-1]["loss"], 4) if run.history else None,
+            "mb": round(sum(f.stat().st_size for f in Path(out_dir).iterdir()) / 1e6, 2),
+            "train_seconds": round(seconds, 1), "out_dir": str(out_dir)}
+
+
 def read_loss_log(name, runs_dir=None) -> list[dict]:
     path = Path(runs_dir or RUNS_DIR) / name / "loss.jsonl"
     return [json.loads(line) for line in open(path)] if path.is_file() else []
