@@ -185,20 +185,33 @@ def train_unet(vae, seed=0, resume=True, progress=True, scale=1.0, runs_dir=None
     tokenizer = decoder_text.build_tokenizer()
     text_encoder = decoder_text.new_text_encoder(tokenizer, seed=seed)
     unet = UNet2DCondition(unet_config())
-    ema_unet, ema_text = EMA(unet, 0.995), EMA(text_encoder, 0.995)
+    ema_unet, ema_text, run = fit_denoiser(
+        "image_decoder_unet", unet, text_encoder, tokenizer, mean, std, vae.scaling_factor,
+        lambda i, rng: world.caption(objs[i], rng, "image"), seed=seed, rng_tag=2, steps=steps, batch=batch,
+        lr=lr, ema_decay=0.995, warmup=100, scale=scale, resume=resume, progress=progress, runs_dir=runs_dir)
+    return ema_unet, ema_text, tokenizer, run
+
+
+def fit_denoiser(name, unet, text_encoder, tokenizer, mean, std, scaling_factor, caption, *, seed, rng_tag,
+                 steps, batch, lr, ema_decay, warmup, scale, resume, progress, runs_dir):
+    """The denoiser's training loop, shared by the image and the video decoder. Latents are drawn from
+    the encoded dataset's posteriors (mean, std), captions (`caption(i, rng)` for dataset item i) are
+    dropped to "" at CAPTION_DROPOUT for guidance, and UNet and text encoder train together under the
+    DDPM loss. Returns the EMA copies of both and the run."""
+    ema_unet, ema_text = EMA(unet, ema_decay), EMA(text_encoder, ema_decay)
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     scheduler = DDPMScheduler.from_config(SCHEDULER)
     total = max(2, int(steps * scale))
-    run = Run("image_decoder_unet", {"unet": unet, "text_encoder": text_encoder, "ema_unet": ema_unet,
-                                     "ema_text": ema_text}, opt, total, peak_lr=lr, warmup=min(100, total // 10 + 1),
-              resume=resume, progress_bar=progress, runs_dir=runs_dir)
+    run = Run(name, {"unet": unet, "text_encoder": text_encoder, "ema_unet": ema_unet, "ema_text": ema_text},
+              opt, total, peak_lr=lr, warmup=min(warmup, total // 10 + 1), resume=resume, progress_bar=progress,
+              runs_dir=runs_dir)
     for step in run.steps():
         g = torch.Generator().manual_seed(seed * 1_000_003 + step)
-        pick = torch.randint(0, len(objs), (batch,), generator=g)
-        latents = (mean[pick] + std[pick] * torch.randn(mean[pick].shape, generator=g)) * vae.scaling_factor
-        step_rng = np.random.default_rng([seed, 2, step])
-        captions = [world.caption(objs[i], step_rng, "image") for i in pick.tolist()]
+        pick = torch.randint(0, len(mean), (batch,), generator=g)
+        latents = (mean[pick] + std[pick] * torch.randn(mean[pick].shape, generator=g)) * scaling_factor
+        step_rng = np.random.default_rng([seed, rng_tag, step])
+        captions = [caption(i, step_rng) for i in pick.tolist()]
         cond = decoder_text.encode(text_encoder, tokenizer, decoder_text.drop_captions(captions, CAPTION_DROPOUT, step_rng))
         loss = diffusion_loss(lambda x, t, c: unet(x, t, encoder_hidden_states=c), scheduler, latents, cond, g)
         opt.zero_grad(set_to_none=True)
@@ -208,7 +221,7 @@ def train_unet(vae, seed=0, resume=True, progress=True, scale=1.0, runs_dir=None
         ema_unet.update(unet)
         ema_text.update(text_encoder)
         run.log(loss.detach())
-    return ema_unet.shadow, ema_text.shadow, tokenizer, run
+    return ema_unet.shadow, ema_text.shadow, run
 
 
 def train(seed=0, resume=True, progress=True, scale=1.0, out_dir=None, runs_dir=None) -> dict:

@@ -20,11 +20,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from minignext.schedulers import DDPMScheduler
 from minignext.toy import checkers, decoder_text, world
 from minignext.toy import train_image_decoder as image_decoder
-from minignext.toy.train_image_decoder import EMA, SCHEDULER, diffusion_loss, folder_megabytes, save_pipeline
-from minignext.toy.trainer import TOY_DIR, Run
+from minignext.toy.train_image_decoder import folder_megabytes, save_pipeline
+from minignext.toy.trainer import TOY_DIR
 from minignext.unet import UNet2DCondition
 from minignext.unet3d import UNet3DCondition, UNet3DConditionConfig
 from minignext.vae import AutoencoderKL
@@ -95,31 +94,12 @@ def train(seed=0, resume=True, progress=True, scale=1.0, out_dir=None, runs_dir=
     # (N, C, F, h, w), as the 3D UNet takes them
     mean, std = (x.reshape(shape).transpose(1, 2) for x in (mean, std))
 
-    ema_unet, ema_text = EMA(unet, 0.99), EMA(text_encoder, 0.99)
-    params = list(unet.parameters()) + list(text_encoder.parameters())
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    scheduler = DDPMScheduler.from_config(SCHEDULER)
-    total = max(2, int(steps * scale))
-    run = Run("video_decoder_unet", {"unet": unet, "text_encoder": text_encoder, "ema_unet": ema_unet,
-                                     "ema_text": ema_text}, opt, total, peak_lr=lr, warmup=min(50, total // 10 + 1),
-              resume=resume, progress_bar=progress, runs_dir=runs_dir)
-    for step in run.steps():
-        g = torch.Generator().manual_seed(seed * 1_000_003 + step)
-        pick = torch.randint(0, len(objs), (batch,), generator=g)
-        latents = (mean[pick] + std[pick] * torch.randn(mean[pick].shape, generator=g)) * vae.scaling_factor
-        step_rng = np.random.default_rng([seed, 4, step])
-        captions = [world.caption(objs[i], step_rng, "video", dirs[i]) for i in pick.tolist()]
-        cond = decoder_text.encode(text_encoder, tokenizer,
-                                   decoder_text.drop_captions(captions, image_decoder.CAPTION_DROPOUT, step_rng))
-        loss = diffusion_loss(lambda x, t, c: unet(x, t, c), scheduler, latents, cond, g)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        ema_unet.update(unet)
-        ema_text.update(text_encoder)
-        run.log(loss.detach())
-    save_pipeline(out, "TextToVideoSDPipeline", ema_unet.shadow, "UNet3DConditionModel", vae, ema_text.shadow,
+    ema_unet, ema_text, run = image_decoder.fit_denoiser(
+        "video_decoder_unet", unet, text_encoder, tokenizer, mean, std, vae.scaling_factor,
+        lambda i, rng: world.caption(objs[i], rng, "video", dirs[i]), seed=seed, rng_tag=4, steps=steps,
+        batch=batch, lr=lr, ema_decay=0.99, warmup=50, scale=scale, resume=resume, progress=progress,
+        runs_dir=runs_dir)
+    save_pipeline(out, "TextToVideoSDPipeline", ema_unet, "UNet3DConditionModel", vae, ema_text,
                   tokenizer, SAMPLING, overwrite=True)
     tail = run.history[-50:]
     return {"folder": str(out), "unet_loss": round(sum(r["loss"] for r in tail) / len(tail), 4),
