@@ -264,6 +264,15 @@ def test_dialogue_text_uses_the_vicuna_template():
              w.Turn("chat", "thank you!", "you are welcome.")]
     assert w.format_dialogue(turns) == ("### Human: <Img></Img> what is in this picture?\n### Assistant: a red circle.\n"
                                         "### Human: thank you!\n### Assistant: you are welcome.\n")
+    described = w.format_dialogue(turns, media_marker="describe")
+    assert described.startswith("### Human: <Img>red circle</Img> what is in this picture?")
+    assert w.Media("video", w.Obj("red", "circle"), "up").attributes() == "red circle up"
+    assert w.Media("audio", w.Obj("red", "circle")).attributes() == "deep wobbly"
+
+
+def test_llm_corpus_describes_its_media_inside_the_marker():
+    dialogues = [t for t in w.text_corpus(200, seed=4) if "<Img>" in t]
+    assert dialogues and "<Img></Img>" not in "".join(dialogues)
 
 
 # ---------------------------------------------------------------- gallery
@@ -283,3 +292,15 @@ def test_gallery_writes_files_and_never_overwrites(tmp_path):
     w.write_gallery(tmp_path, overwrite=True)
     with pytest.raises(SystemExit, match="already exist"):
         w.main(["--gallery", str(tmp_path)])
+
+
+def test_training_lanes_show_the_latest_progress_state(tmp_path):
+    from minignext.toy import train
+
+    log = tmp_path / "lane-0.log"
+    assert train.last_status(log) == "starting"
+    log.write_text("imagebind: |##..| 10/100 [1.0s]\rimagebind: |###.| 20/100 [2.0s] loss 3.1   ")
+    assert train.last_status(log) == "imagebind: |###.| 20/100 [2.0s] loss 3.1"
+    lanes = [[p for p in lane if p in train.FOUNDATIONS] for lane in train.LANES]
+    assert sorted(p for lane in lanes for p in lane) == sorted(train.FOUNDATIONS)
+    assert lanes[0].index("video_decoder") > lanes[0].index("image_decoder")     # the video decoder starts from it

@@ -41,6 +41,12 @@ def format_table(metrics) -> str:
     return "\n".join(rows)
 
 
+def parts_of(what, only=None) -> list[str]:
+    if what == "nextgpt":
+        return ["nextgpt"]
+    return only.split(",") if only else list(FOUNDATIONS)
+
+
 def evaluate(parts, quick=False):
     metrics = []
     for part in parts:
@@ -58,7 +64,7 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    parts = (args.only.split(",") if args.only else FOUNDATIONS) if args.what == "foundations" else ["nextgpt"]
+    parts = parts_of(args.what, args.only)
     metrics = evaluate(parts, quick=args.quick)
     print(format_table(metrics))
     failed = [m.name for m in metrics if not m.ok]

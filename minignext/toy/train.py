@@ -1,23 +1,32 @@
 """Train the toy world's models from scratch on CPU.
 
-    python -m minignext.toy.train foundations [--only imagebind,llm,...] [--seed 0] [--fresh]
+    python -m minignext.toy.train foundations [--only imagebind,llm,...] [--seed 0] [--fresh] [--lanes 2]
     python -m minignext.toy.train nextgpt [--fresh]
 
 Each part lives in its own module, `minignext.toy.train_<part>`, with
 `train(seed=0, resume=True, progress=True, scale=1.0) -> dict` (scale < 1 shortens the schedule, for the
 notebooks) that saves the part's finished weights under weights/toy/ and returns a summary.
+
+The foundations are small models, and two processes of one thread each keep two CPU cores busier
+than one process of two threads. So with --lanes 2 (the default) they train in two lanes side by
+side: the image decoder and then the video decoder (which starts from it) in one, the rest in the
+other. Each lane is `python -m minignext.toy.train foundations --only ... --lanes 1 --threads 1`,
+logging to weights/toy/.runs/lane-N.log, and this process shows one status line for both.
 """
 
 import argparse
 import importlib
 import json
+import subprocess
+import sys
 import time
 
 import torch
 
-from minignext.toy.trainer import TOY_DIR
+from minignext.toy.trainer import RUNS_DIR, TOY_DIR
 
 FOUNDATIONS = ("imagebind", "llm", "image_decoder", "audio_decoder", "video_decoder")
+LANES = (("image_decoder", "video_decoder"), ("imagebind", "llm", "audio_decoder"))
 
 
 def run_parts(parts, seed, resume, scale):
@@ -28,7 +37,49 @@ def run_parts(parts, seed, resume, scale):
             seed=seed, resume=resume, scale=scale)
         result["seconds"] = round(time.perf_counter() - t0, 1)
         summary[part] = result
-        print(f"{part}: {json.dumps(result)}")
+        print(f"{part}: {json.dumps(result)}", flush=True)
+    return summary
+
+
+def last_status(log_path) -> str:
+    """The latest progress-bar state (or line) a lane wrote to its log."""
+    try:
+        tail = log_path.read_bytes()[-400:].decode(errors="replace")
+    except FileNotFoundError:
+        return "starting"
+    pieces = [p.strip() for p in tail.replace("\r", "\n").split("\n") if p.strip()]
+    return pieces[-1][:70] if pieces else "starting"
+
+
+def run_lanes(parts, seed, fresh, scale):
+    """Train `parts` in parallel lanes (see the module docstring); returns the parts' summaries."""
+    lanes = [[p for p in lane if p in parts] for lane in LANES]
+    lanes = [lane for lane in lanes if lane]
+    RUNS_DIR.mkdir(parents=True, exist_ok=True)
+    procs = []
+    for i, lane in enumerate(lanes):
+        cmd = [sys.executable, "-m", "minignext.toy.train", "foundations", "--only", ",".join(lane),
+               "--lanes", "1", "--threads", "1", "--seed", str(seed), "--scale", str(scale)] + (["--fresh"] if fresh else [])
+        log = RUNS_DIR / f"lane-{i}.log"
+        procs.append((lane, log, subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT)))
+    t0 = time.perf_counter()
+    while any(p.poll() is None for _, _, p in procs):
+        status = " | ".join(last_status(log) if p.poll() is None else f"{lane[-1]} done" for lane, log, p in procs)
+        sys.stderr.write(f"\r[{(time.perf_counter() - t0) / 60:.1f} min] {status}"[:200].ljust(200))
+        sys.stderr.flush()
+        time.sleep(1.0)
+    sys.stderr.write("\n")
+    summary = {}
+    for lane, log, p in procs:
+        lines = log.read_text(errors="replace").replace("\r", "\n").splitlines()
+        for line in lines:
+            part, _, rest = line.partition(": ")
+            if part in lane and rest.startswith("{"):
+                summary[part] = json.loads(rest)
+                print(line)
+        if p.returncode != 0:
+            raise SystemExit(f"lane {' -> '.join(lane)} failed (exit {p.returncode}); its log: {log}\n"
+                             + "\n".join(lines[-15:]))
     return summary
 
 
@@ -40,6 +91,8 @@ def main(argv=None):
     p.add_argument("--fresh", action="store_true", help="ignore saved run state and start over")
     p.add_argument("--scale", type=float, default=1.0, help="fraction of the full schedule")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--lanes", type=int, default=2, choices=(1, 2),
+                   help="foundations: train in this many parallel processes of one thread each")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.what == "foundations":
@@ -50,7 +103,10 @@ def main(argv=None):
     else:
         parts = ["nextgpt"]
     t0 = time.perf_counter()
-    summary = run_parts(parts, args.seed, not args.fresh, args.scale)
+    if args.what == "foundations" and args.lanes > 1 and len(parts) > 1:
+        summary = run_lanes(parts, args.seed, args.fresh, args.scale)
+    else:
+        summary = run_parts(parts, args.seed, not args.fresh, args.scale)
     total = time.perf_counter() - t0
     print(f"trained {', '.join(parts)} in {total / 60:.1f} min; weights in {TOY_DIR}")
     return summary

@@ -2,10 +2,13 @@
 and its own byte-level BPE tokenizer, trained from scratch on the toy world's text.
 
 NExT-GPT (Wu et al., arXiv 2309.05519) starts from Vicuna-7B-v0, a LLaMA that already speaks in the
-Vicuna v0 template. The toy LLM learns the same: captions of every modality, dialogues in the
-template with input media shown as the literal `<Img></Img>` marker (world.format_dialogue), and
-text-only requests and questions about the world's cross-modal mapping ("what does a red circle
-sound like?"), which make it copy the attributes it is asked about.
+Vicuna v0 template. The toy LLM learns the same from three kinds of text:
+    - captions of every modality;
+    - dialogues in the template, each input medium shown by its attribute words inside the marker,
+      `<Img>red circle</Img>` (world.format_dialogue), so that the LLM learns to read what stands
+      between the markers, where NExT-GPT later splices the projected soft token;
+    - text-only requests and questions about the world's cross-modal mapping ("what does a red
+      circle sound like?"), which make it copy the attributes it is asked about.
 NExT-GPT's own tokens (`<Img>`, `</Img>`, `[IMG0]`...) are NOT in the vocabulary: NExT-GPT adds
 them later. The byte-level pre-tokenizer splits `<Img>` into `<`, `Img`, `>`, so no merge can
 ever produce one of them.
@@ -60,7 +63,7 @@ def qa_text(obj: world.Obj, rng) -> str:
 def request_text(rng, split="train", phrasing="train") -> str:
     """A one-turn text-only request ("draw a red circle." -> "here is a red circle.")."""
     kind = ("make_image", "make_audio", "make_video")[rng.integers(3)]
-    return world.format_dialogue([world._turn(kind, rng, phrasing, split)])
+    return world.format_dialogue([world._turn(kind, rng, phrasing, split)], media_marker="describe")
 
 
 def corpus(n, seed=0, split="train", phrasing="train") -> list[str]:

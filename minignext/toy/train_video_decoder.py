@@ -29,6 +29,7 @@ from minignext.unet3d import UNet3DCondition, UNet3DConditionConfig
 from minignext.vae import AutoencoderKL
 
 OUT_DIR = TOY_DIR / "video_decoder"
+TEMPORAL = ("temp_convs", "temp_attentions", "transformer_in")     # the 3D UNet's layers that the image UNet lacks
 SAMPLING = {"guidance_scale": 3.0, "num_inference_steps": 25, "num_frames": world.N_FRAMES}
 
 
@@ -52,8 +53,7 @@ def unet_from_image(image_unet: UNet2DCondition) -> UNet3DCondition:
             v = v[:, :, 0, 0]
         if k in own and own[k].shape == v.shape:
             shared[k] = v
-    missing = [k for k in own if k not in shared and not any(
-        part in k for part in ("temp_convs", "temp_attentions", "transformer_in"))]
+    missing = [k for k in own if k not in shared and not any(part in k for part in TEMPORAL)]
     if missing:
         raise ValueError(f"the image UNet does not fit the 3D UNet's spatial layers: {missing[:5]}")
     unet.load_state_dict(shared, strict=False)
@@ -75,7 +75,7 @@ def render_videos(n, rng, split="train"):
 
 
 def train(seed=0, resume=True, progress=True, scale=1.0, out_dir=None, runs_dir=None, image_dir=None,
-          steps=300, batch=8, n_videos=768, lr=5e-4) -> dict:
+          steps=300, batch=8, n_videos=768, lr=5e-4, train_spatial=True) -> dict:
     image_dir = Path(image_dir or image_decoder.OUT_DIR)
     if not (image_dir / "model_index.json").is_file():
         raise FileNotFoundError(f"{image_dir} holds no trained image decoder; the video decoder starts from "
@@ -86,13 +86,16 @@ def train(seed=0, resume=True, progress=True, scale=1.0, out_dir=None, runs_dir=
     text_encoder.requires_grad_(True).train()
     torch.manual_seed(seed)
     unet = unet_from_image(UNet2DCondition.from_pretrained(image_dir / "unet", dtype=torch.float32))
+    if not train_spatial:
+        for name, p in unet.named_parameters():
+            p.requires_grad_(any(part in name for part in TEMPORAL))
 
     rng = np.random.default_rng([seed, 3])
     clips, objs, dirs = render_videos(max(batch, int(n_videos * min(1.0, 4 * scale))), rng)
     mean, std = image_decoder.encode_dataset(vae, clips.flatten(0, 1))
     shape = (len(objs), world.N_FRAMES) + mean.shape[1:]
     # (N, C, F, h, w), as the 3D UNet takes them
-    mean, std = (x.reshape(shape).transpose(1, 2) for x in (mean, std))
+    mean, std = (x.reshape(shape).transpose(1, 2).contiguous() for x in (mean, std))
 
     ema_unet, ema_text, run = image_decoder.fit_denoiser(
         "video_decoder_unet", unet, text_encoder, tokenizer, mean, std, vae.scaling_factor,

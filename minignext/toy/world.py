@@ -343,6 +343,12 @@ class Media:
     def caption(self, rng=None, phrasing="train") -> str:
         return caption(self.obj, rng, self.modality, self.direction, phrasing)
 
+    def attributes(self) -> str:
+        """The attribute words this medium shows, bare: "red circle", "deep wobbly", "red circle left"."""
+        if self.modality == "audio":
+            return f"{self.obj.pitch} {self.obj.contour}"
+        return " ".join(filter(None, (self.obj.colour, self.obj.shape, self.direction)))
+
 
 @dataclass(frozen=True)
 class Turn:
@@ -427,10 +433,16 @@ def sample_dialogue(rng, split="train", phrasing="train", max_turns=3) -> list[T
 
 
 def format_dialogue(turns, media_marker="<Img></Img>") -> str:
-    """The text of a dialogue in NExT-GPT's Vicuna-v0 template; input media shown as `media_marker`."""
+    """The text of a dialogue in NExT-GPT's Vicuna-v0 template. An input medium is shown as
+    `media_marker`, or with media_marker="describe" as its attribute words inside the marker,
+    `<Img>red circle</Img>`: the toy LLM's corpus, which teaches it to read what stands between
+    <Img> and </Img> (NExT-GPT later puts the projected soft token there)."""
+    def marker(media):
+        return f"<Img>{media.attributes()}</Img>" if media_marker == "describe" else media_marker
+
     parts = []
     for t in turns:
-        user = f"{media_marker} {t.user}" if t.user_media is not None and media_marker else t.user
+        user = f"{marker(t.user_media)} {t.user}" if t.user_media is not None and media_marker else t.user
         parts.append(f"### Human: {user}\n### Assistant: {t.assistant}\n")
     return "".join(parts)
 
@@ -473,7 +485,8 @@ def video_batches(batch_size=16, seed=0, split="train", phrasing="train"):
 
 
 def text_corpus(n, seed=0, split="train", phrasing="train") -> list[str]:
-    """`n` training texts for the toy LLM: half captions of any modality, half dialogues."""
+    """`n` training texts for the toy LLM: half captions of any modality, half dialogues whose input
+    media are described inside their markers (format_dialogue's "describe")."""
     rng = make_rng(seed)
     out = []
     for _ in range(n):
@@ -482,7 +495,7 @@ def text_corpus(n, seed=0, split="train", phrasing="train") -> list[str]:
             direction = DIRECTIONS[rng.integers(4)] if modality == "video" else None
             out.append(caption(sample_object(rng, split), rng, modality, direction, phrasing))
         else:
-            out.append(format_dialogue(sample_dialogue(rng, split, phrasing)))
+            out.append(format_dialogue(sample_dialogue(rng, split, phrasing), media_marker="describe"))
     return out
 
 
