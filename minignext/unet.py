@@ -217,14 +217,35 @@ class FeedForward(nn.Module):
         return x
 
 
+class SinusoidalPositions(nn.Module):
+    """Adds the fixed sine-cosine table of Vaswani et al. 2017 (sec. 3.5) to a (B, T, dim) sequence."""
+
+    def __init__(self, dim, max_len):
+        super().__init__()
+        position = torch.arange(max_len).unsqueeze(1)
+        freqs = torch.exp(torch.arange(0, dim, 2) * (-math.log(10000.0) / dim))
+        table = torch.zeros(1, max_len, dim)
+        table[0, :, 0::2], table[0, :, 1::2] = torch.sin(position * freqs), torch.cos(position * freqs)
+        self.register_buffer("pe", table)              # saved, as diffusers saves it
+
+    def forward(self, x):
+        if x.shape[1] > self.pe.shape[1]:
+            raise ValueError(f"a sequence of {x.shape[1]} is longer than the {self.pe.shape[1]} positions "
+                             f"this block was built for")
+        return x + self.pe[:, :x.shape[1]]
+
+
 class BasicTransformerBlock(nn.Module):
     """Pre-LayerNorm: self-attention (attn1), cross-attention (attn2), GEGLU feed-forward.
-    Without a context, attn2 attends to the tokens themselves, as diffusers does."""
+    Without a context, attn2 attends to the tokens themselves, as diffusers does. With
+    `positions` (a maximum length), a sine-cosine position table is added to the normalised input
+    of both attentions, as diffusers' positional_embeddings="sinusoidal"."""
 
     def __init__(self, dim, heads, dim_head, cross_attention_dim=None, only_cross_attention=False,
-                 upcast_attention=False, dropout=0.0):
+                 upcast_attention=False, dropout=0.0, positions=None):
         super().__init__()
         self.only_cross_attention = only_cross_attention
+        self.pos_embed = SinusoidalPositions(dim, positions) if positions else None
         self.norm1 = nn.LayerNorm(dim)
         self.attn1 = Attention(dim, cross_attention_dim if only_cross_attention else None, heads, dim_head,
                                upcast=upcast_attention)
@@ -234,8 +255,9 @@ class BasicTransformerBlock(nn.Module):
         self.ff = FeedForward(dim, dropout=dropout)
 
     def forward(self, x, context=None):
-        x = x + self.attn1(self.norm1(x), context if self.only_cross_attention else None)
-        x = x + self.attn2(self.norm2(x), context)
+        pos = self.pos_embed or (lambda y: y)
+        x = x + self.attn1(pos(self.norm1(x)), context if self.only_cross_attention else None)
+        x = x + self.attn2(pos(self.norm2(x)), context)
         return x + self.ff(self.norm3(x))
 
 

@@ -11,7 +11,11 @@ batch: (B, C, F, H, W) -> (B*F, C, H, W). The temporal layers unfold them again:
     TemporalConvLayer       (B, C, F, H, W), convolutions of kernel (3, 1, 1): each pixel
                             looks at its neighbours in time only;
     TransformerTemporalModel  (B*H*W, F, C): each pixel is a sequence of F frames that
-                            attends to itself (self-attention twice, no text).
+                            attends to itself (self-attention twice, no text). ZeroScope's
+                            carry no frame positions (only the temporal convolutions' zero
+                            padding tells the first frame from the last); with the config's
+                            temporal_positions they get a sine-cosine table, as AnimateDiff's
+                            motion modules do.
 Both end in a residual connection, so a model with those layers zeroed is a per-frame
 image UNet.
 """
@@ -46,6 +50,9 @@ class UNet3DConditionConfig:
     attention_head_dim: int = 8                 # channels per head (in the 3D UNet the name is right; the
                                                 # 2D UNet reads the same key as a number of heads)
     transformer_in_heads: int = 8               # heads of transformer_in; diffusers fixes it at 8
+    temporal_positions: int | None = None       # not in ZeroScope (None): a sine-cosine table of this many
+                                                # frames in every temporal attention, as AnimateDiff's motion
+                                                # modules have (diffusers positional_embeddings="sinusoidal")
     act_fn: str = "silu"
 
     def __post_init__(self):
@@ -116,13 +123,13 @@ class TemporalConvLayer(nn.Module):
 class TransformerTemporalModel(nn.Module):
     """Attention across frames: every pixel of every clip is one sequence of F tokens."""
 
-    def __init__(self, heads, dim_head, in_channels, groups=32):
+    def __init__(self, heads, dim_head, in_channels, groups=32, positions=None):
         super().__init__()
         inner = heads * dim_head
         self.norm = nn.GroupNorm(groups, in_channels, eps=1e-6)
         self.proj_in = nn.Linear(in_channels, inner)
         # diffusers builds it with double_self_attention: attn2 is a second self-attention
-        self.transformer_blocks = nn.ModuleList([BasicTransformerBlock(inner, heads, dim_head)])
+        self.transformer_blocks = nn.ModuleList([BasicTransformerBlock(inner, heads, dim_head, positions=positions)])
         self.proj_out = nn.Linear(inner, in_channels)
 
     def forward(self, x, num_frames):
@@ -146,7 +153,7 @@ def _attentions(cfg, channels):
     heads, d = channels // cfg.attention_head_dim, cfg.attention_head_dim
     spatial = Transformer2DModel(heads, d, channels, 1, cfg.cross_attention_dim, cfg.norm_num_groups,
                                  use_linear_projection=True)
-    return spatial, TransformerTemporalModel(heads, d, channels, cfg.norm_num_groups)
+    return spatial, TransformerTemporalModel(heads, d, channels, cfg.norm_num_groups, cfg.temporal_positions)
 
 
 class DownBlock3D(nn.Module):
@@ -241,7 +248,7 @@ class UNet3DCondition(nn.Module):
         self.time_proj = Timesteps(ch[0], flip_sin_to_cos=True, freq_shift=0)
         self.time_embedding = TimestepEmbedding(ch[0], cfg.time_embed_dim)
         self.transformer_in = TransformerTemporalModel(cfg.transformer_in_heads, cfg.attention_head_dim, ch[0],
-                                                       cfg.norm_num_groups)
+                                                       cfg.norm_num_groups, cfg.temporal_positions)
         self.down_blocks = nn.ModuleList([DOWN_BLOCKS[kind](cfg, i, ch[max(i - 1, 0)], ch[i])
                                           for i, kind in enumerate(cfg.down_block_types)])
         self.mid_block = UNetMidBlock3DCrossAttn(cfg)

@@ -117,3 +117,39 @@ def test_zeroscope_sized_config_has_the_checkpoint_keys_and_shapes():
     mine = weights.build_on_meta(UNet3DCondition, UNet3DConditionConfig.from_hf(cfg))
     shapes = lambda m: {k: tuple(v.shape) for k, v in m.state_dict().items()}
     assert shapes(mine) == shapes(ref)
+
+
+def test_temporal_positions_match_diffusers_sinusoidal_temporal_transformer():
+    """temporal_positions is diffusers' TransformerTemporalModel(positional_embeddings="sinusoidal"), the
+    AnimateDiff motion-module form; without it the frames are an unordered set."""
+    from diffusers.models.transformers.transformer_temporal import TransformerTemporalModel as Ref
+
+    torch.manual_seed(0)
+    ref = perturb(Ref(num_attention_heads=2, attention_head_dim=4, in_channels=8, norm_num_groups=2,
+                      double_self_attention=True, positional_embeddings="sinusoidal", num_positional_embeddings=6)).eval()
+    mine = TransformerTemporalModel(2, 4, 8, 2, positions=6).eval()
+    weights.load_into(mine, ref.state_dict())
+    x = torch.randn(2 * 5, 8, 3, 3)                  # 2 clips of 5 frames
+    with torch.no_grad():
+        assert_close(mine(x, 5), ref(x, num_frames=5).sample, atol=1e-5, rtol=1e-5)
+        flipped = x.reshape(2, 5, 8, 3, 3).flip(1).reshape(10, 8, 3, 3)
+        unordered = TransformerTemporalModel(2, 4, 8, 2).eval()
+        weights.load_into(unordered, {k: v for k, v in ref.state_dict().items() if "pos_embed" not in k})
+        back = lambda y: y.reshape(2, 5, 8, 3, 3).flip(1).reshape(10, 8, 3, 3)      # noqa: E731
+        assert_close(back(unordered(flipped, 5)), unordered(x, 5), atol=1e-5, rtol=1e-5)
+        assert (back(mine(flipped, 5)) - mine(x, 5)).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="longer than the 6 positions"):
+        mine(torch.randn(7, 8, 3, 3), 7)
+
+
+def test_temporal_positions_reach_every_temporal_attention():
+    cfg = UNet3DConditionConfig.from_hf({**BASE, "temporal_positions": 8})
+    model = UNet3DCondition(cfg)
+    temporal = [m for m in model.modules() if isinstance(m, TransformerTemporalModel)]
+    assert len(temporal) == 5          # transformer_in, the down block (1), the mid block (1), the up block (2)
+    for m in temporal:
+        block = m.transformer_blocks[0]
+        assert block.pos_embed.pe.shape == (1, 8, block.norm1.normalized_shape[0])
+    x, context = torch.randn(1, 4, 3, 8, 8), torch.randn(1, 5, 12)
+    assert model(x, 10, context).shape == x.shape
+    assert UNet3DCondition(UNet3DConditionConfig(**BASE)).transformer_in.transformer_blocks[0].pos_embed is None
