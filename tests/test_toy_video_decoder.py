@@ -53,10 +53,21 @@ def test_tiny_training_writes_a_text_to_video_folder(tiny_run):
 
 
 def test_tiny_training_unet_matches_diffusers(tiny_run):
+    """diffusers' UNet3DConditionModel has no switch for frame positions, but its temporal blocks are
+    the ones that take positional_embeddings="sinusoidal": the reference gets them put in by hand."""
     diffusers = pytest.importorskip("diffusers")
+    from diffusers.models.embeddings import SinusoidalPositionalEmbedding
+    from diffusers.models.transformers.transformer_temporal import TransformerTemporalModel
+
     folder, _ = tiny_run
     pipe, _ = video_decoder.load_pipeline(folder)
     ref = diffusers.UNet3DConditionModel.from_pretrained(folder / "unet", torch_dtype=torch.float32).eval()
+    positions = video_decoder.unet_config().temporal_positions
+    assert positions >= 8
+    for module in ref.modules():
+        if isinstance(module, TransformerTemporalModel):
+            for block in module.transformer_blocks:
+                block.pos_embed = SinusoidalPositionalEmbedding(block.norm1.normalized_shape[0], positions)
     g = torch.Generator().manual_seed(0)
     x, cond = torch.randn(1, 4, 8, 8, 8, generator=g), torch.randn(1, 16, 64, generator=g)
     with torch.no_grad():

@@ -301,6 +301,7 @@ def test_training_lanes_show_the_latest_progress_state(tmp_path):
     assert train.last_status(log) == "starting"
     log.write_text("imagebind: |##..| 10/100 [1.0s]\rimagebind: |###.| 20/100 [2.0s] loss 3.1   ")
     assert train.last_status(log) == "imagebind: |###.| 20/100 [2.0s] loss 3.1"
-    lanes = [[p for p in lane if p in train.FOUNDATIONS] for lane in train.LANES]
-    assert sorted(p for lane in lanes for p in lane) == sorted(train.FOUNDATIONS)
-    assert lanes[0].index("video_decoder") > lanes[0].index("image_decoder")     # the video decoder starts from it
+    order = [[p for lane in phase for p in lane] for phase in train.PHASES]
+    assert sorted(sum(order, [])) == sorted(train.FOUNDATIONS)
+    phase_of = {p: i for i, parts in enumerate(order) for p in parts}
+    assert phase_of["video_decoder"] > phase_of["image_decoder"]        # the video decoder starts from it

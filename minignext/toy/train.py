@@ -8,10 +8,11 @@ Each part lives in its own module, `minignext.toy.train_<part>`, with
 notebooks) that saves the part's finished weights under weights/toy/ and returns a summary.
 
 The foundations are small models, and two processes of one thread each keep two CPU cores busier
-than one process of two threads. So with --lanes 2 (the default) they train in two lanes side by
-side: the image decoder and then the video decoder (which starts from it) in one, the rest in the
-other. Each lane is `python -m minignext.toy.train foundations --only ... --lanes 1 --threads 1`,
-logging to weights/toy/.runs/lane-N.log, and this process shows one status line for both.
+than one process of two threads. So with --lanes 2 (the default) they train in two phases: first
+two lanes side by side, the image decoder in one and ImageBind, the LLM and the audio decoder in
+the other; then the video decoder, which starts from the image decoder, alone with both threads.
+Each lane is `python -m minignext.toy.train foundations --only ... --lanes 1 --threads N`, logging
+to weights/toy/.runs/lane-PART.log (PART its first part), and this process shows one status line for all of them.
 """
 
 import argparse
@@ -26,7 +27,8 @@ import torch
 from minignext.toy.trainer import RUNS_DIR, TOY_DIR
 
 FOUNDATIONS = ("imagebind", "llm", "image_decoder", "audio_decoder", "video_decoder")
-LANES = (("image_decoder", "video_decoder"), ("imagebind", "llm", "audio_decoder"))
+PHASES = ((("image_decoder",), ("imagebind", "llm", "audio_decoder")),      # two lanes side by side
+          (("video_decoder",),))                                             # then one, with both threads
 
 
 def run_parts(parts, seed, resume, scale):
@@ -51,16 +53,25 @@ def last_status(log_path) -> str:
     return pieces[-1][:70] if pieces else "starting"
 
 
-def run_lanes(parts, seed, fresh, scale):
-    """Train `parts` in parallel lanes (see the module docstring); returns the parts' summaries."""
-    lanes = [[p for p in lane if p in parts] for lane in LANES]
-    lanes = [lane for lane in lanes if lane]
+def run_phases(parts, seed, fresh, scale, threads=2):
+    """Train `parts` phase by phase, the lanes of a phase in parallel (see the module docstring)."""
+    summary = {}
+    for phase in PHASES:
+        lanes = [[p for p in lane if p in parts] for lane in phase]
+        lanes = [lane for lane in lanes if lane]
+        if lanes:
+            summary.update(run_lanes(lanes, seed, fresh, scale, max(1, threads // len(lanes))))
+    return summary
+
+
+def run_lanes(lanes, seed, fresh, scale, threads):
+    """Train each lane (a list of parts) in its own process; returns the parts' summaries."""
     RUNS_DIR.mkdir(parents=True, exist_ok=True)
     procs = []
-    for i, lane in enumerate(lanes):
+    for lane in lanes:
         cmd = [sys.executable, "-m", "minignext.toy.train", "foundations", "--only", ",".join(lane),
-               "--lanes", "1", "--threads", "1", "--seed", str(seed), "--scale", str(scale)] + (["--fresh"] if fresh else [])
-        log = RUNS_DIR / f"lane-{i}.log"
+               "--lanes", "1", "--threads", str(threads), "--seed", str(seed), "--scale", str(scale)] + (["--fresh"] if fresh else [])
+        log = RUNS_DIR / f"lane-{lane[0]}.log"
         procs.append((lane, log, subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT)))
     t0 = time.perf_counter()
     while any(p.poll() is None for _, _, p in procs):
@@ -104,7 +115,7 @@ def main(argv=None):
         parts = ["nextgpt"]
     t0 = time.perf_counter()
     if args.what == "foundations" and args.lanes > 1 and len(parts) > 1:
-        summary = run_lanes(parts, args.seed, args.fresh, args.scale)
+        summary = run_phases(parts, args.seed, args.fresh, args.scale, args.threads)
     else:
         summary = run_parts(parts, args.seed, not args.fresh, args.scale)
     total = time.perf_counter() - t0

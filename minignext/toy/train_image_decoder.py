@@ -69,11 +69,20 @@ class EMA(torch.nn.Module):
             s.lerp_(p.detach(), 1 - self.decay)
 
 
-def diffusion_loss(unet_fn, scheduler, latents, cond, generator):
-    """One DDPM training step's loss: noise latents at a random t (eq. 4), predict the noise (eq. 14)."""
+def diffusion_loss(unet_fn, scheduler, latents, cond, generator, max_weight=1.0):
+    """One DDPM training step's loss: noise latents at a random t (eq. 4), predict the noise (eq. 14).
+
+    max_weight > 1 weights each sample by min(1 / SNR(t), max_weight), at least 1: the plain noise
+    loss scales an error in the predicted clean latents by SNR(t), almost nothing at the high noise
+    levels where a sampler lays out the picture (and a video its motion); this turns those terms
+    towards a clean-latent loss (Salimans & Ho 2022, "Progressive Distillation", sec. 4)."""
     t = torch.randint(0, len(scheduler), (latents.shape[0],), generator=generator)
     noise = torch.randn(latents.shape, generator=generator)
-    return F.mse_loss(unet_fn(scheduler.add_noise(latents, noise, t), t, cond), noise)
+    err = (unet_fn(scheduler.add_noise(latents, noise, t), t, cond) - noise).pow(2).flatten(1).mean(1)
+    if max_weight == 1.0:
+        return err.mean()
+    abar = scheduler.alphas_cumprod[t]
+    return (err * ((1 - abar) / abar).clamp(1.0, max_weight)).mean()
 
 
 def hf_config(config, class_name) -> dict:
@@ -193,7 +202,7 @@ def train_unet(vae, seed=0, resume=True, progress=True, scale=1.0, runs_dir=None
 
 
 def fit_denoiser(name, unet, text_encoder, tokenizer, mean, std, scaling_factor, caption, *, seed, rng_tag,
-                 steps, batch, lr, ema_decay, warmup, scale, resume, progress, runs_dir):
+                 steps, batch, lr, ema_decay, warmup, scale, resume, progress, runs_dir, max_weight=1.0):
     """The denoiser's training loop, shared by the image and the video decoder. Latents are drawn from
     the encoded dataset's posteriors (mean, std), captions (`caption(i, rng)` for dataset item i) are
     dropped to "" at CAPTION_DROPOUT for guidance, and UNet and text encoder train together under the
@@ -213,7 +222,8 @@ def fit_denoiser(name, unet, text_encoder, tokenizer, mean, std, scaling_factor,
         step_rng = np.random.default_rng([seed, rng_tag, step])
         captions = [caption(i, step_rng) for i in pick.tolist()]
         cond = decoder_text.encode(text_encoder, tokenizer, decoder_text.drop_captions(captions, CAPTION_DROPOUT, step_rng))
-        loss = diffusion_loss(lambda x, t, c: unet(x, t, encoder_hidden_states=c), scheduler, latents, cond, g)
+        loss = diffusion_loss(lambda x, t, c: unet(x, t, encoder_hidden_states=c), scheduler, latents, cond, g,
+                              max_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

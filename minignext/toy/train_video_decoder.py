@@ -80,7 +80,7 @@ def render_videos(n, rng, split="train"):
 
 
 def train(seed=0, resume=True, progress=True, scale=1.0, out_dir=None, runs_dir=None, image_dir=None,
-          steps=300, batch=8, n_videos=768, lr=5e-4, train_spatial=True) -> dict:
+          steps=300, batch=8, n_videos=768, lr=5e-4, train_spatial=True, max_weight=1.0) -> dict:
     image_dir = Path(image_dir or image_decoder.OUT_DIR)
     if not (image_dir / "model_index.json").is_file():
         raise FileNotFoundError(f"{image_dir} holds no trained image decoder; the video decoder starts from "
@@ -106,7 +106,7 @@ def train(seed=0, resume=True, progress=True, scale=1.0, out_dir=None, runs_dir=
         "video_decoder_unet", unet, text_encoder, tokenizer, mean, std, vae.scaling_factor,
         lambda i, rng: world.caption(objs[i], rng, "video", dirs[i]), seed=seed, rng_tag=4, steps=steps,
         batch=batch, lr=lr, ema_decay=0.99, warmup=50, scale=scale, resume=resume, progress=progress,
-        runs_dir=runs_dir)
+        runs_dir=runs_dir, max_weight=max_weight)
     save_pipeline(out, "TextToVideoSDPipeline", ema_unet, "UNet3DConditionModel", vae, ema_text,
                   tokenizer, SAMPLING, overwrite=True)
     tail = run.history[-50:]
