@@ -15,7 +15,8 @@ batch: (B, C, F, H, W) -> (B*F, C, H, W). The temporal layers unfold them again:
                             carry no frame positions (only the temporal convolutions' zero
                             padding tells the first frame from the last); with the config's
                             temporal_positions they get a sine-cosine table, as AnimateDiff's
-                            motion modules do.
+                            motion modules do, and with temporal_cross_attention the blocks'
+                            ones read the text in their second attention.
 Both end in a residual connection, so a model with those layers zeroed is a per-frame
 image UNet.
 """
@@ -53,6 +54,8 @@ class UNet3DConditionConfig:
     temporal_positions: int | None = None       # not in ZeroScope (None): a sine-cosine table of this many
                                                 # frames in every temporal attention, as AnimateDiff's motion
                                                 # modules have (diffusers positional_embeddings="sinusoidal")
+    temporal_cross_attention: bool = False      # not in ZeroScope (False): the blocks' temporal attentions
+                                                # attend to the text in their second attention (attn2)
     act_fn: str = "silu"
 
     def __post_init__(self):
@@ -123,22 +126,29 @@ class TemporalConvLayer(nn.Module):
 class TransformerTemporalModel(nn.Module):
     """Attention across frames: every pixel of every clip is one sequence of F tokens."""
 
-    def __init__(self, heads, dim_head, in_channels, groups=32, positions=None):
+    def __init__(self, heads, dim_head, in_channels, groups=32, positions=None, cross_attention_dim=None):
         super().__init__()
         inner = heads * dim_head
         self.norm = nn.GroupNorm(groups, in_channels, eps=1e-6)
         self.proj_in = nn.Linear(in_channels, inner)
-        # diffusers builds it with double_self_attention: attn2 is a second self-attention
-        self.transformer_blocks = nn.ModuleList([BasicTransformerBlock(inner, heads, dim_head, positions=positions)])
+        # diffusers builds it with double_self_attention: attn2 is a second self-attention, unless
+        # the block is given a cross_attention_dim (then attn2 reads the text)
+        self.cross = cross_attention_dim is not None
+        self.transformer_blocks = nn.ModuleList([BasicTransformerBlock(inner, heads, dim_head, cross_attention_dim,
+                                                                       positions=positions)])
         self.proj_out = nn.Linear(inner, in_channels)
 
-    def forward(self, x, num_frames):
+    def forward(self, x, num_frames, context=None):
+        """x (B*F, C, H, W); context (B*F, T, D), the per-frame text states, read only by a block
+        built with a cross_attention_dim."""
         h, w = x.shape[-2:]
         # GroupNorm statistics are taken over the whole clip (all frames), not per frame
         y = fold_frames(self.norm(unfold_frames(x, num_frames)))
         y = self.proj_in(pixels_as_sequences(y, num_frames))
+        if self.cross:          # one copy of the clip's text per pixel sequence, (B*H*W, T, D)
+            context = context[::num_frames].repeat_interleave(h * w, dim=0)
         for block in self.transformer_blocks:
-            y = block(y)
+            y = block(y, context if self.cross else None)
         return x + sequences_as_pixels(self.proj_out(y), h, w)
 
 
@@ -153,7 +163,8 @@ def _attentions(cfg, channels):
     heads, d = channels // cfg.attention_head_dim, cfg.attention_head_dim
     spatial = Transformer2DModel(heads, d, channels, 1, cfg.cross_attention_dim, cfg.norm_num_groups,
                                  use_linear_projection=True)
-    return spatial, TransformerTemporalModel(heads, d, channels, cfg.norm_num_groups, cfg.temporal_positions)
+    return spatial, TransformerTemporalModel(heads, d, channels, cfg.norm_num_groups, cfg.temporal_positions,
+                                             cfg.cross_attention_dim if cfg.temporal_cross_attention else None)
 
 
 class DownBlock3D(nn.Module):
@@ -174,7 +185,7 @@ class DownBlock3D(nn.Module):
         for i, (resnet, temp_conv) in enumerate(zip(self.resnets, self.temp_convs)):
             x = temp_conv(resnet(x, temb), num_frames)
             if hasattr(self, "attentions"):
-                x = self.temp_attentions[i](self.attentions[i](x, context), num_frames)
+                x = self.temp_attentions[i](self.attentions[i](x, context), num_frames, context)
             skips.append(x)
         if hasattr(self, "downsamplers"):
             x = self.downsamplers[0](x)
@@ -205,7 +216,7 @@ class UpBlock3D(nn.Module):
         for i, (resnet, temp_conv) in enumerate(zip(self.resnets, self.temp_convs)):
             x = temp_conv(resnet(torch.cat([x, skips.pop()], dim=1), temb), num_frames)
             if hasattr(self, "attentions"):
-                x = self.temp_attentions[i](self.attentions[i](x, context), num_frames)
+                x = self.temp_attentions[i](self.attentions[i](x, context), num_frames, context)
         if hasattr(self, "upsamplers"):
             x = self.upsamplers[0](x, size)
         return x
@@ -227,7 +238,7 @@ class UNetMidBlock3DCrossAttn(nn.Module):
 
     def forward(self, x, temb, context, num_frames):
         x = self.temp_convs[0](self.resnets[0](x, temb), num_frames)
-        x = self.temp_attentions[0](self.attentions[0](x, context), num_frames)
+        x = self.temp_attentions[0](self.attentions[0](x, context), num_frames, context)
         return self.temp_convs[1](self.resnets[1](x, temb), num_frames)
 
 

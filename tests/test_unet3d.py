@@ -153,3 +153,33 @@ def test_temporal_positions_reach_every_temporal_attention():
     x, context = torch.randn(1, 4, 3, 8, 8), torch.randn(1, 5, 12)
     assert model(x, 10, context).shape == x.shape
     assert UNet3DCondition(UNet3DConditionConfig(**BASE)).transformer_in.transformer_blocks[0].pos_embed is None
+
+
+def test_temporal_cross_attention_matches_diffusers_temporal_transformer_with_text():
+    """temporal_cross_attention is diffusers' TransformerTemporalModel with a cross_attention_dim (attn2
+    reads the text), given one copy of the clip's text per pixel sequence."""
+    from diffusers.models.transformers.transformer_temporal import TransformerTemporalModel as Ref
+
+    torch.manual_seed(0)
+    ref = perturb(Ref(num_attention_heads=2, attention_head_dim=4, in_channels=8, norm_num_groups=2,
+                      cross_attention_dim=6, double_self_attention=False, positional_embeddings="sinusoidal",
+                      num_positional_embeddings=8)).eval()
+    mine = TransformerTemporalModel(2, 4, 8, 2, positions=8, cross_attention_dim=6).eval()
+    weights.load_into(mine, ref.state_dict())
+    x, text = torch.randn(2 * 5, 8, 3, 3), torch.randn(2, 4, 6)          # 2 clips of 5 frames, 3x3 pixels
+    with torch.no_grad():
+        want = ref(x, encoder_hidden_states=text.repeat_interleave(9, 0), num_frames=5).sample
+        got = mine(x, 5, text.repeat_interleave(5, 0))                     # the UNet's per-frame context
+        assert_close(got, want, atol=1e-5, rtol=1e-5)
+        other = mine(x, 5, torch.randn(2, 4, 6).repeat_interleave(5, 0))
+    assert (other - got).abs().max() > 1e-3
+
+
+def test_unet3d_with_both_extensions_runs_and_reads_the_text_in_time():
+    model = perturb(UNet3DCondition(UNet3DConditionConfig(**BASE, temporal_positions=8,
+                                                          temporal_cross_attention=True))).eval()
+    assert model.down_blocks[0].temp_attentions[0].transformer_blocks[0].attn2.to_k.in_features == 12
+    assert not model.transformer_in.cross
+    x, context = torch.randn(1, 4, 3, 8, 8), torch.randn(1, 5, 12)
+    with torch.no_grad():
+        assert model(x, 10, context).shape == x.shape
