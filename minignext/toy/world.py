@@ -244,7 +244,10 @@ CONTOUR_VERBS = {"steady": "stays steady", "rising": "rises", "falling": "falls"
 DIRECTION_WORDS = {"left": ("left", "to the left"), "right": ("right", "to the right"),
                    "up": ("up", "upwards"), "down": ("down", "downwards")}
 
-# Each list: training phrasings first, then the test-only phrasings after the "|" marker.
+# Each list: training phrasings first, then the test-only phrasings after the "|" marker. A test-only
+# instruction is a new sentence made of the world's own words ("draw me {x}, please."): a model whose
+# whole language is this world cannot know that an unseen verb ("paint", "film") asks for a picture
+# or a video, so held-out instructions test new sentence frames, not new vocabulary.
 CAPTIONS = {
     "image": ["a {colour} {shape}", "a {shape} that is {colour}", "a picture of a {colour} {shape}",
               "an image of a {colour} {shape}", "|", "a {colour} {shape} on a grey background"],
@@ -260,19 +263,19 @@ INSTRUCTIONS = {
                        "|", "tell me about this sound."],
     "describe_video": ["what happens in this video?", "describe this video.", "what is moving here?",
                        "|", "tell me about this video."],
-    "make_image": ["draw {x}.", "show me a picture of {x}.", "make an image of {x}.", "|", "can you paint {x}?"],
-    "make_audio": ["play {x}.", "make the sound of {x}.", "let me hear {x}.", "|", "can you produce {x}?"],
-    "make_video": ["make a video of {x}.", "show me {x}.", "animate {x}.", "|", "can you film {x}?"],
+    "make_image": ["draw {x}.", "show me a picture of {x}.", "make an image of {x}.", "|", "draw me {x}, please."],
+    "make_audio": ["play {x}.", "make the sound of {x}.", "let me hear {x}.", "|", "please play me {x}."],
+    "make_video": ["make a video of {x}.", "show me {x}.", "animate {x}.", "|", "animate me {x}, please."],
     "image_to_audio": ["what does this picture sound like?", "play the sound of this picture.",
-                       "|", "how would this image sound?"],
-    "audio_to_image": ["what does this sound look like?", "draw this sound.", "|", "how would this sound look?"],
+                       "|", "what would this picture sound like?"],
+    "audio_to_image": ["what does this sound look like?", "draw this sound.", "|", "what would this sound look like?"],
     "image_to_video": ["make this move {direction}.", "animate this picture going {direction}.",
-                       "|", "can this slide {direction}?"],
+                       "|", "now animate this going {direction}."],
     "video_to_audio": ["what does this video sound like?", "play the sound of this video.",
-                       "|", "how would this video sound?"],
-    "follow_move": ["now make it move {direction}.", "make it go {direction}.", "|", "now slide it {direction}."],
-    "follow_recolour": ["now make it {colour}.", "make it {colour} instead.", "|", "paint it {colour} now."],
-    "follow_sound": ["and what does it sound like?", "now play its sound.", "|", "how does it sound?"],
+                       "|", "what would this video sound like?"],
+    "follow_move": ["now make it move {direction}.", "make it go {direction}.", "|", "now let it go {direction}."],
+    "follow_recolour": ["now make it {colour}.", "make it {colour} instead.", "|", "now make it {colour}, please."],
+    "follow_sound": ["and what does it sound like?", "now play its sound.", "|", "what would it sound like?"],
     "ask_first_colour": ["what colour was the first one?", "which colour did the first one have?",
                          "|", "remind me, what colour was the first one?"],
     "ask_first_shape": ["what shape was the first one?", "which shape was the first one?",
