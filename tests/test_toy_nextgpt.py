@@ -112,3 +112,17 @@ def test_shipped_toy_nextgpt_answers_and_asks_for_media():
         _, new, conds = train_nextgpt.respond(model, [t], rng)
         made += train_nextgpt.signals_ok(model, new, t.assistant_media.modality) and conds[0][1].shape == shape
     assert made == 3
+
+
+def test_stage3_fillers_come_from_the_training_phrasings_only():
+    fillers = train_nextgpt.filler_words()
+    assert fillers and set(fillers) <= set(train_nextgpt.FILLERS)
+    held_out_words = {"please", "would"}             # words of the held-out instructions only
+    assert not held_out_words & set(fillers)
+    rng = np.random.default_rng(0)
+    texts = [train_nextgpt.add_fillers("draw a red circle.", rng, p=1.0) for _ in range(20)]
+    for text in texts:
+        extra = text.split()
+        for word in "draw a red circle.".split():
+            extra.remove(word)
+        assert 1 <= len(extra) <= 2 and set(extra) <= set(fillers), text

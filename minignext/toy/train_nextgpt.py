@@ -26,7 +26,9 @@ next to nextgpt.json that points at the foundations.
 import json
 import os
 import time
-from dataclasses import asdict
+import functools
+import re
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -195,11 +197,33 @@ def encode_dialogue(model, turns, bank, targets, rng, loss_on="all"):
     return {"ids": ids, "labels": labels, "soft": soft, "runs": runs}
 
 
+FILLERS = ("now", "me", "so", "then", "and", "the", "a", "too", "you", "good", "it", "fine", "i", "thank")
+
+
+@functools.cache
+def filler_words() -> tuple:
+    """The FILLERS (small words that change no request) that the training phrasings contain: the
+    held-out phrasings' own words stay out of training."""
+    seen = set(re.findall(r"[a-z]+", " ".join(world.text_corpus(3000, seed=0))))
+    return tuple(w for w in FILLERS if w in seen)
+
+
+def add_fillers(text, rng, p=0.3):
+    """With probability p, 1-2 filler words inserted at random places: the instruction's intent must be
+    read from its key words, not from the exact template (held-out instructions are new sentences)."""
+    if rng.random() >= p:
+        return text
+    words, fillers = text.split(), filler_words()
+    for _ in range(rng.integers(1, 3)):
+        words.insert(rng.integers(len(words) + 1), fillers[rng.integers(len(fillers))])
+    return " ".join(words)
+
+
 def stage_turn(stage, rng, split="train", phrasing="train"):
     """One training dialogue of `stage`: 1 describes a medium with its bare caption, 2 makes a medium,
-    3 is a mixed multi-turn dialogue."""
+    3 is a mixed multi-turn dialogue whose user turns sometimes carry filler words (add_fillers)."""
     if stage == 3:
-        return world.sample_dialogue(rng, split, phrasing)
+        return [replace(t, user=add_fillers(t.user, rng)) for t in world.sample_dialogue(rng, split, phrasing)]
     modality = MODALITIES[rng.integers(3)]
     kind = ("describe_" if stage == 1 else "make_") + modality
     t = world._turn(kind, rng, phrasing, split)
