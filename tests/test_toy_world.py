@@ -305,3 +305,27 @@ def test_training_lanes_show_the_latest_progress_state(tmp_path):
     assert sorted(sum(order, [])) == sorted(train.FOUNDATIONS)
     phase_of = {p: i for i, parts in enumerate(order) for p in parts}
     assert phase_of["video_decoder"] > phase_of["image_decoder"]        # the video decoder starts from it
+
+
+def test_a_run_times_its_own_steps_and_resumes(tmp_path):
+    import time as clock
+
+    import torch
+    from minignext.toy.trainer import Run, read_loss_log
+
+    def run(total, resume):
+        layer = torch.nn.Linear(2, 1)
+        opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+        r = Run("tiny", {"layer": layer}, opt, total, peak_lr=0.1, warmup=1, resume=resume, progress_bar=False,
+                runs_dir=tmp_path)
+        for _ in r.steps():
+            r.log(layer(torch.ones(1, 2)).pow(2).sum().backward() or 0.0)
+            opt.step()
+        return r, layer
+
+    first, _ = run(3, resume=False)
+    took = first.seconds
+    clock.sleep(0.05)
+    assert first.seconds == took                        # a finished run's time stops with its steps
+    again, _ = run(5, resume=True)                      # picks up at step 3
+    assert [row["step"] for row in read_loss_log("tiny", runs_dir=tmp_path)] == [0, 1, 2, 3, 4]

@@ -42,7 +42,7 @@ class Run:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.save_every, self.progress_bar = save_every, progress_bar
         self.step, self.history = 0, []
-        self.started = time.perf_counter()
+        self.started, self.finished = time.perf_counter(), None
         if resume and (self.dir / "state.pt").is_file():
             self._load()
         elif (self.dir / "loss.jsonl").exists():
@@ -62,6 +62,7 @@ class Run:
                 self._save()
         self.step = self.total
         self._save()
+        self.finished = time.perf_counter()
 
     def log(self, loss, **extra):
         row = {"step": self.step, "loss": float(loss), **{k: float(v) for k, v in extra.items()}}
@@ -71,7 +72,8 @@ class Run:
 
     @property
     def seconds(self):
-        return time.perf_counter() - self.started
+        """Wall time from the start of this run (or this resume) to the end of its steps, or to now."""
+        return (self.finished or time.perf_counter()) - self.started
 
     def _save(self):
         state = {"step": self.step, "optimizer": self.optimizer.state_dict(),
