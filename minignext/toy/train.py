@@ -72,7 +72,8 @@ def run_lanes(lanes, seed, fresh, scale, threads):
         cmd = [sys.executable, "-m", "minignext.toy.train", "foundations", "--only", ",".join(lane),
                "--lanes", "1", "--threads", str(threads), "--seed", str(seed), "--scale", str(scale)] + (["--fresh"] if fresh else [])
         log = RUNS_DIR / f"lane-{lane[0]}.log"
-        procs.append((lane, log, subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT)))
+        with open(log, "w") as out:             # the child keeps its own copy of the handle
+            procs.append((lane, log, subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)))
     t0 = time.perf_counter()
     while any(p.poll() is None for _, _, p in procs):
         status = " | ".join(last_status(log) if p.poll() is None else f"{lane[-1]} done" for lane, log, p in procs)

@@ -45,7 +45,7 @@ from minignext.media import mel_filterbank
 from minignext.schedulers import DDPMScheduler
 from minignext.toy import checkers, decoder_text, world
 from minignext.toy.train_image_decoder import EMA, diffusion_loss, folder_megabytes, hf_config, save_model
-from minignext.toy.trainer import TOY_DIR, Run
+from minignext.toy.trainer import TOY_DIR, Run, optimizer_step
 from minignext.unet import UNet2DCondition, UNet2DConditionConfig
 from minignext.vae import AutoencoderKL, AutoencoderKLConfig
 
@@ -131,10 +131,7 @@ def train_vae(seed=0, resume=True, progress=True, scale=1.0, runs_dir=None, step
         posterior = vae.encode(x)
         recon = vae.decode(posterior.sample(g))
         loss = F.l1_loss(recon, x) + F.mse_loss(recon, x) + kl_weight * posterior.kl().mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
+        optimizer_step(opt, loss, vae.parameters())
         run.log(loss.detach())
     return vae.eval().requires_grad_(False), run
 
@@ -165,9 +162,7 @@ def train_text_encoder(seed=0, resume=True, progress=True, scale=1.0, runs_dir=N
                   for name, values in (("pitch", world.PITCHES), ("contour", world.CONTOURS))}
         embeds = text_embeds(text_encoder, tokenizer, captions)
         loss = sum(F.cross_entropy(heads[k](embeds * 8), labels[k]) for k in heads)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        optimizer_step(opt, loss, params, max_norm=None)
         run.log(loss.detach())
     return text_encoder.eval().requires_grad_(False), tokenizer, run
 
@@ -197,10 +192,7 @@ def train_unet(vae, text_encoder, tokenizer, seed=0, resume=True, progress=True,
         with torch.no_grad():
             cond = text_embeds(text_encoder, tokenizer, decoder_text.drop_captions(captions, CAPTION_DROPOUT, step_rng))
         loss = diffusion_loss(lambda x, t, c: unet(x, t, class_labels=c), scheduler, latents, cond, g)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        opt.step()
+        optimizer_step(opt, loss, unet.parameters())
         ema.update(unet)
         run.log(loss.detach())
     return ema.shadow, run

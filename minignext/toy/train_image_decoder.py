@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from minignext import weights
 from minignext.schedulers import DDPMScheduler
 from minignext.toy import checkers, decoder_text, world
-from minignext.toy.trainer import TOY_DIR, Run
+from minignext.toy.trainer import TOY_DIR, Run, optimizer_step
 from minignext.unet import UNet2DCondition, UNet2DConditionConfig
 from minignext.vae import AutoencoderKL, AutoencoderKLConfig
 
@@ -152,10 +152,7 @@ def _vae_phase(name, vae, seed, steps, lr, weighted, resume, progress, scale, ru
         w = object_weights(x) if weighted else torch.ones_like(x[:, :1])
         err = recon - x
         loss = (w * err.abs()).mean() + (w * err ** 2).mean() + kl_weight * posterior.kl().mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
+        optimizer_step(opt, loss, vae.parameters())
         run.log(loss.detach())
     return run
 
@@ -224,10 +221,7 @@ def fit_denoiser(name, unet, text_encoder, tokenizer, mean, std, scaling_factor,
         cond = decoder_text.encode(text_encoder, tokenizer, decoder_text.drop_captions(captions, CAPTION_DROPOUT, step_rng))
         loss = diffusion_loss(lambda x, t, c: unet(x, t, encoder_hidden_states=c), scheduler, latents, cond, g,
                               max_weight)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        optimizer_step(opt, loss, params)
         ema_unet.update(unet)
         ema_text.update(text_encoder)
         run.log(loss.detach())

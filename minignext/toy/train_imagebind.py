@@ -44,7 +44,7 @@ from minignext.clip import CLIP_SPLIT, CLIPTokenizer
 from minignext.imagebind import ImageBind, ImageBindConfig
 from minignext.toy import world
 from minignext.toy.decoder_text import vocabulary
-from minignext.toy.trainer import TOY_DIR, Run, summary
+from minignext.toy.trainer import TOY_DIR, Run, optimizer_step, summary
 
 OUT_DIR = TOY_DIR / "imagebind"
 PAD, UNK, BOS, EOS = "<|pad|>", "<|unk|>", "<|startoftext|>", "<|endoftext|>"
@@ -124,11 +124,7 @@ FILLER_WORDS = [w for w in vocabulary() if w.isalpha() and w not in ATTRIBUTE_WO
 def add_fillers(caption, rng, p=0.3):
     """With probability p, insert 1-3 words that name no attribute, so that the text branch learns to
     read the attributes and ignore phrasing it has not seen."""
-    words = caption.split()
-    if rng.random() < p:
-        for _ in range(rng.integers(1, 4)):
-            words.insert(rng.integers(len(words) + 1), FILLER_WORDS[rng.integers(len(FILLER_WORDS))])
-    return " ".join(words)
+    return world.insert_fillers(caption, rng, FILLER_WORDS, p, most=3)
 
 
 def class_id(obj, direction=None):
@@ -194,10 +190,7 @@ def train(seed=0, resume=True, progress=True, scale=1.0, out_dir=None, runs_dir=
             text = model.embed("text", tokenizer(captions))
             losses[modality] = info_nce(emb, text, labels, logit_scale(model))
         loss = sum(losses.values())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        optimizer_step(opt, loss, model.parameters())
         run.log(loss.item(), **{k: v.item() for k, v in losses.items()}, scale=logit_scale(model).item())
     model.eval()
     save(out_dir, model, tokenizer, overwrite=True)

@@ -37,7 +37,7 @@ from minignext import weights
 from minignext.llama import Llama, LlamaConfig
 from minignext.tokenizer import VICUNA_V0, Tokenizer
 from minignext.toy import world
-from minignext.toy.trainer import TOY_DIR, Run, summary
+from minignext.toy.trainer import TOY_DIR, Run, optimizer_step, summary
 
 OUT_DIR = TOY_DIR / "llm"
 SPECIAL = ("<unk>", "<s>", "</s>")        # ids 0, 1, 2 as in LLaMA; <unk> doubles as padding
@@ -133,10 +133,7 @@ def train(seed=0, resume=True, progress=True, scale=1.0, out_dir=None, runs_dir=
         rng = np.random.default_rng([seed, step])        # the batch depends on the step only: resumable
         ids, targets = pad_batch([data[i] for i in rng.integers(len(data), size=SCHEDULE["batch_size"])])
         loss = lm_loss(model, ids, targets)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        optimizer_step(opt, loss, model.parameters())
         run.log(loss.item())
     model.eval()
     save(out_dir, model, tokenizer, overwrite=True)

@@ -43,7 +43,7 @@ from minignext.projection import OutputProjectionConfig
 from minignext.tokenizer import VICUNA_V0
 from minignext.toy import checkers, decoder_text, world
 from minignext.toy.train_audio_decoder import EMBED_DIM
-from minignext.toy.trainer import TOY_DIR, Run
+from minignext.toy.trainer import TOY_DIR, Run, optimizer_step
 
 OUT_DIR = TOY_DIR / "nextgpt"
 LORA = {"r": 16, "alpha": 16.0}            # NExT-GPT: r = alpha = 32 on a 4096-wide LLM
@@ -211,12 +211,7 @@ def filler_words() -> tuple:
 def add_fillers(text, rng, p=0.3):
     """With probability p, 1-2 filler words inserted at random places: the instruction's intent must be
     read from its key words, not from the exact template (held-out instructions are new sentences)."""
-    if rng.random() >= p:
-        return text
-    words, fillers = text.split(), filler_words()
-    for _ in range(rng.integers(1, 3)):
-        words.insert(rng.integers(len(words) + 1), fillers[rng.integers(len(fillers))])
-    return " ".join(words)
+    return world.insert_fillers(text, rng, filler_words(), p, most=2)
 
 
 def stage_turn(stage, rng, split="train", phrasing="train"):
@@ -335,10 +330,7 @@ def run_stage(model, stage, bank, targets, seed=0, resume=True, progress=True, s
         rng = np.random.default_rng([seed, stage, step])      # the batch depends on the step only: resumable
         examples = [encode_dialogue(model, stage_turn(stage, rng), bank, targets, rng) for _ in range(cfg["batch"])]
         loss, ce, dist = loss_fn(model, examples)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        optimizer_step(opt, loss, params)
         run.log(loss.item(), ce=ce.item(), dist=dist.item())
     model.eval()
     return run

@@ -94,6 +94,16 @@ class Run:
             self.history = [json.loads(line) for line in open(self.dir / "loss.jsonl")]
 
 
+def optimizer_step(optimizer, loss, params, max_norm=1.0):
+    """One training step: backward `loss`, clip the gradients of `params` to `max_norm` (None: no
+    clipping), step."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if max_norm is not None:
+        torch.nn.utils.clip_grad_norm_(params, max_norm)
+    optimizer.step()
+
+
 def summary(steps, model, run, out_dir, seconds) -> dict:
     """What a part's train() reports once it has saved its weights into out_dir."""
     return {"steps": steps, "params": sum(p.numel() for p in model.parameters()),

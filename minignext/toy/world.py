@@ -435,6 +435,16 @@ def sample_dialogue(rng, split="train", phrasing="train", max_turns=3) -> list[T
     return turns
 
 
+def insert_fillers(text, rng, fillers, p=0.3, most=3) -> str:
+    """With probability p, 1..most words drawn from `fillers` inserted at random places in `text`: a
+    model trained on such text learns to read the words that matter, not the exact template."""
+    words = text.split()
+    if rng.random() < p:
+        for _ in range(rng.integers(1, most + 1)):
+            words.insert(rng.integers(len(words) + 1), fillers[rng.integers(len(fillers))])
+    return " ".join(words)
+
+
 def format_dialogue(turns, media_marker="<Img></Img>") -> str:
     """The text of a dialogue in NExT-GPT's Vicuna-v0 template. An input medium is shown as
     `media_marker`, or with media_marker="describe" as its attribute words inside the marker,
