@@ -2,6 +2,7 @@
 match their attributes by direct measurement (the checkers have their own tests)."""
 
 import itertools
+import re
 
 import numpy as np
 import pytest
@@ -176,11 +177,21 @@ def test_several_phrasings_per_meaning_and_test_phrasings_never_in_training_text
     assert len({w.caption(o, rng, "image") for _ in range(100)}) >= 4
     assert w.caption(o) == "a red circle"  # rng=None: the canonical phrasing
     corpus = "\n".join(w.text_corpus(3000, seed=0))
-    for marker in ("grey background", "beep that", "sliding", "tell me about", "can you paint",
-                   "can you produce", "can you film", "how would this", "remind me", "paint it", "hi there"):
+    for marker in (" in red", " in yellow", "beep that", "that is moving", "what do you see in this", "describe what you",
+                   "make a picture of", "can you play", "make a video that", "let me hear this",
+                   "a picture of this sound", "now let me hear it", "now make this one", "the colour of the first",
+                   "hi there"):
         assert marker not in corpus, marker
     test_text = "\n".join(w.text_corpus(3000, seed=0, phrasing="test"))
-    assert "grey background" in test_text and "tell me about" in test_text
+    assert "that is moving" in test_text and "let me hear this" in test_text
+
+
+def test_held_out_instructions_use_only_words_of_the_training_phrasings():
+    words = lambda texts: set(re.findall(r"[a-z]+", " ".join(texts)))  # noqa: E731
+    known = words(w.text_corpus(4000, seed=0))
+    for kind, options in {**w.INSTRUCTIONS, **w.CAPTIONS}.items():
+        new = words(re.sub(r"\{\w+\}", " ", t) for t in w._templates(options, "test")) - known
+        assert not new, (kind, new)
 
 
 def test_training_text_never_names_a_held_out_pair():

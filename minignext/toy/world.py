@@ -245,41 +245,46 @@ DIRECTION_WORDS = {"left": ("left", "to the left"), "right": ("right", "to the r
                    "up": ("up", "upwards"), "down": ("down", "downwards")}
 
 # Each list: training phrasings first, then the test-only phrasings after the "|" marker. A test-only
-# instruction is a new sentence made of the world's own words ("draw me {x}, please."): a model whose
-# whole language is this world cannot know that an unseen verb ("paint", "film") asks for a picture
-# or a video, so held-out instructions test new sentence frames, not new vocabulary.
+# instruction is a new sentence made only of words that the training phrasings use ("let me hear this
+# picture." from "let me hear {x}." and "play the sound of this picture."): a model whose whole
+# language is this world cannot know what an unseen word ("paint", "would", "please") asks for, so
+# held-out instructions test new sentence frames, not new vocabulary. The same holds for the test
+# captions, which the held-out requests embed ("make a picture of a box in yellow.").
 CAPTIONS = {
     "image": ["a {colour} {shape}", "a {shape} that is {colour}", "a picture of a {colour} {shape}",
-              "an image of a {colour} {shape}", "|", "a {colour} {shape} on a grey background"],
+              "an image of a {colour} {shape}", "|", "a {shape} in {colour}"],
     "audio": ["a {contour} {pitch} tone", "a {pitch} tone that {verb}", "the sound of a {contour} {pitch} tone",
               "a {contour} {pitch} beep", "|", "a {pitch} beep that {verb}"],
     "video": ["a {colour} {shape} moving {direction}", "a {colour} {shape} that moves {direction}",
-              "a video of a {colour} {shape} going {direction}", "|", "a {colour} {shape} sliding {direction}"],
+              "a video of a {colour} {shape} going {direction}", "|", "a {colour} {shape} that is moving {direction}"],
 }
 INSTRUCTIONS = {
     "describe_image": ["what is in this picture?", "describe this image.", "what do you see?",
-                       "|", "tell me about this picture."],
+                       "|", "what do you see in this picture?"],
     "describe_audio": ["what is this sound?", "describe this sound.", "what do you hear?",
-                       "|", "tell me about this sound."],
+                       "|", "describe what you hear."],
     "describe_video": ["what happens in this video?", "describe this video.", "what is moving here?",
-                       "|", "tell me about this video."],
-    "make_image": ["draw {x}.", "show me a picture of {x}.", "make an image of {x}.", "|", "draw me {x}, please."],
-    "make_audio": ["play {x}.", "make the sound of {x}.", "let me hear {x}.", "|", "please play me {x}."],
-    "make_video": ["make a video of {x}.", "show me {x}.", "animate {x}.", "|", "animate me {x}, please."],
-    "image_to_audio": ["what does this picture sound like?", "play the sound of this picture.",
-                       "|", "what would this picture sound like?"],
-    "audio_to_image": ["what does this sound look like?", "draw this sound.", "|", "what would this sound look like?"],
+                       "|", "what do you see in this video?"],
+    "make_image": ["draw {x}.", "show me a picture of {x}.", "make an image of {x}.", "can you draw {x}?",
+                   "make an image that shows {x}.", "|", "make a picture of {x}."],
+    "make_audio": ["play {x}.", "make the sound of {x}.", "let me hear {x}.", "|", "can you play {x}?"],
+    "make_video": ["make a video of {x}.", "show me {x}.", "animate {x}.", "can you animate {x}?",
+                   "|", "make a video that shows {x}."],
+    "image_to_audio": ["what does this picture sound like?", "play the sound of this picture.", "play this picture.",
+                       "|", "let me hear this picture."],
+    "audio_to_image": ["what does this sound look like?", "draw this sound.", "let me see this sound.",
+                       "|", "show me a picture of this sound."],
     "image_to_video": ["make this move {direction}.", "animate this picture going {direction}.",
                        "|", "now animate this going {direction}."],
-    "video_to_audio": ["what does this video sound like?", "play the sound of this video.",
-                       "|", "what would this video sound like?"],
+    "video_to_audio": ["what does this video sound like?", "play the sound of this video.", "play this video.",
+                       "|", "let me hear this video."],
     "follow_move": ["now make it move {direction}.", "make it go {direction}.", "|", "now let it go {direction}."],
-    "follow_recolour": ["now make it {colour}.", "make it {colour} instead.", "|", "now make it {colour}, please."],
-    "follow_sound": ["and what does it sound like?", "now play its sound.", "|", "what would it sound like?"],
+    "follow_recolour": ["now make it {colour}.", "make it {colour} instead.", "|", "now make this one {colour}."],
+    "follow_sound": ["and what does it sound like?", "now play its sound.", "|", "now let me hear it."],
     "ask_first_colour": ["what colour was the first one?", "which colour did the first one have?",
-                         "|", "remind me, what colour was the first one?"],
+                         "|", "what was the colour of the first one?"],
     "ask_first_shape": ["what shape was the first one?", "which shape was the first one?",
-                        "|", "remind me, what shape was the first one?"],
+                        "|", "what was the shape of the first one?"],
 }
 ANSWERS = {
     "describe_image": ["{x}.", "it is {x}.", "i see {x}."],
