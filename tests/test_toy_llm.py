@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -44,6 +45,27 @@ def test_batches_ignore_padding():
     ids, targets = train_llm.pad_batch([[1, 5, 6, 2], [1, 7, 2]])
     assert ids.tolist() == [[1, 5, 6, 2], [1, 7, 2, 0]]
     assert targets.tolist() == [[5, 6, 2, -100], [7, 2, -100, -100]]
+
+
+def test_markers_fold_into_one_position_that_is_never_predicted():
+    texts = ["### Human: <Img>magenta circle left</Img> describe this video.\n### Assistant: a magenta disc.\n",
+             "a red circle"]
+    tok = train_llm.build_tokenizer(train_llm.corpus(500, seed=3) + texts)
+    data = train_llm.encode_corpus(tok, texts)
+    spans = train_llm.marker_spans(tok, texts)
+    assert spans[1] == [] and len(spans[0]) == 1
+    a, b = spans[0][0]
+    assert tok.decode(data[0][a:b]) == "magenta circle left"
+    embed = torch.nn.Embedding(tok.vocab_size, 8)
+    x, y = train_llm.fold_markers(embed, data, spans, np.random.default_rng(0), p=1.0)
+    n = len(data[0]) - (b - a) + 1
+    assert x.shape == (2, n, 8)
+    torch.testing.assert_close(x[0, a], embed(torch.tensor(data[0][a:b])).sum(0) / (b - a) ** 0.5)
+    torch.testing.assert_close(x[0, a + 1:n], embed(torch.tensor(data[0][b:])))
+    assert y[0, a - 1] == -100 and y[0, a] == data[0][b]             # nothing predicts the fold; it predicts </
+    assert y[0, :a - 1].tolist() == data[0][1:a] and y[0, n - 1] == -100
+    kept, _ = train_llm.fold_markers(embed, data, spans, np.random.default_rng(0), p=0.0)
+    torch.testing.assert_close(kept[0], embed(torch.tensor(data[0])))
 
 
 needs_shipped = pytest.mark.skipif(not (SHIPPED / "model.safetensors").is_file(),

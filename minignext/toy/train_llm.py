@@ -9,6 +9,12 @@ Vicuna v0 template. The toy LLM learns the same from three kinds of text:
       between the markers, where NExT-GPT later splices the projected soft token;
     - text-only requests and questions about the world's cross-modal mapping ("what does a red
       circle sound like?"), which make it copy the attributes it is asked about.
+NExT-GPT reads each input medium from ONE position, the projected soft token, while the corpus shows
+a medium by two or three words. A model this small does not learn by itself to read three attributes
+(colour, shape, direction) out of one position, and stage 1 trains only the projection that writes
+it. So half of the markers in each batch are folded into one position whose input embedding is the
+scaled sum of their words' embeddings (`fold_markers`): the LLM learns to read a whole medium from a
+single vector, which is what the projection must then produce.
 NExT-GPT's own tokens (`<Img>`, `</Img>`, `[IMG0]`...) are NOT in the vocabulary: NExT-GPT adds
 them later. The byte-level pre-tokenizer splits `<Img>` into `<`, `Img`, `>`, so no merge can
 ever produce one of them.
@@ -47,6 +53,7 @@ MODEL = dict(hidden_size=192, intermediate_size=512, num_hidden_layers=4, num_at
              num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-6,
              bos_token_id=1, eos_token_id=2, pad_token_id=0)
 SCHEDULE = dict(steps=600, batch_size=32, peak_lr=3e-3, warmup=40, corpus=20000)
+FOLD_P = 0.5                              # share of the media markers folded into one position
 
 
 def qa_text(obj: world.Obj, rng) -> str:
@@ -98,6 +105,50 @@ def encode_corpus(tokenizer: Tokenizer, texts) -> list[list[int]]:
     return [(bos + e.ids + eos)[:MAX_TOKENS] for e in tokenizer.tok.encode_batch(texts, add_special_tokens=False)]
 
 
+def marker_spans(tokenizer: Tokenizer, texts) -> list[list[tuple[int, int]]]:
+    """Per text, the token ranges [a, b) of what stands between <Img> and </Img>, in the ids of
+    encode_corpus (which puts <s> first). The byte-level pre-tokenizer cuts at "<Img>" and "</Img>",
+    so the words inside always start and end on token boundaries."""
+    out = []
+    for text, enc in zip(texts, tokenizer.tok.encode_batch(texts, add_special_tokens=False)):
+        spans = []
+        for m in re.finditer(r"<Img>(.+?)</Img>", text):
+            inside = [i + 1 for i, (a, b) in enumerate(enc.offsets) if a >= m.start(1) and b <= m.end(1)]
+            if inside and inside[-1] < MAX_TOKENS - 1:
+                spans.append((inside[0], inside[-1] + 1))
+        out.append(spans)
+    return out
+
+
+def fold_markers(embed, seqs, spans, rng, p=FOLD_P):
+    """Right-padded input embeddings (B, T, D) and next-token targets (B, T), where each marker's span
+    is, with probability p, folded into one position: the sum of its token embeddings over sqrt(n).
+    Nothing is predicted at or into a folded position. `embed` maps ids (T,) -> (T, D)."""
+    rows, targets = [], []
+    for seq, marks in zip(seqs, spans):
+        ids = torch.tensor(seq)
+        e, want = embed(ids), ids.clone()
+        pieces, keep, last = [], [], 0
+        for a, b in marks:
+            if rng.random() >= p:
+                continue
+            pieces += [e[last:a], e[a:b].sum(0, keepdim=True) / (b - a) ** 0.5]
+            keep += [want[last:a], torch.tensor([-100])]
+            last = b
+        pieces.append(e[last:])
+        keep.append(want[last:])
+        x, w = torch.cat(pieces), torch.cat(keep)
+        # target at i is the token at i + 1; a folded position (-100) is never a target
+        rows.append(x)
+        targets.append(torch.cat([w[1:], torch.tensor([-100])]))
+    t = max(len(r) for r in rows)
+    x = torch.zeros(len(rows), t, rows[0].shape[-1], dtype=rows[0].dtype)
+    y = torch.full((len(rows), t), -100, dtype=torch.long)
+    for i, (r, w) in enumerate(zip(rows, targets)):
+        x[i, :len(r)], y[i, :len(w)] = r, w
+    return x, y
+
+
 def pad_batch(seqs, pad_id=0):
     """Right-padded ids (B, T) and next-token targets with -100 on padding. Right padding needs no
     attention mask: with a causal mask no real token ever sees the padding after it."""
@@ -110,8 +161,8 @@ def pad_batch(seqs, pad_id=0):
     return ids, targets
 
 
-def lm_loss(model, ids, targets):
-    logits = model(ids)
+def lm_loss(model, ids, targets, inputs_embeds=None):
+    logits = model(ids) if inputs_embeds is None else model(inputs_embeds=inputs_embeds)
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
 
 
@@ -122,6 +173,7 @@ def train(seed=0, resume=True, progress=True, scale=1.0, out_dir=None, runs_dir=
     texts = corpus(max(1000, int(SCHEDULE["corpus"] * scale)), seed=seed)
     tokenizer = build_tokenizer(texts)
     data = encode_corpus(tokenizer, texts)
+    spans = marker_spans(tokenizer, texts)
     torch.manual_seed(seed)
     model = Llama(model_config(tokenizer))
     opt = torch.optim.AdamW(model.parameters(), lr=SCHEDULE["peak_lr"], betas=(0.9, 0.95), weight_decay=0.01)
@@ -131,8 +183,9 @@ def train(seed=0, resume=True, progress=True, scale=1.0, out_dir=None, runs_dir=
     model.train()
     for step in run.steps():
         rng = np.random.default_rng([seed, step])        # the batch depends on the step only: resumable
-        ids, targets = pad_batch([data[i] for i in rng.integers(len(data), size=SCHEDULE["batch_size"])])
-        loss = lm_loss(model, ids, targets)
+        pick = rng.integers(len(data), size=SCHEDULE["batch_size"])
+        embeds, targets = fold_markers(model.model.embed_tokens, [data[i] for i in pick], [spans[i] for i in pick], rng)
+        loss = lm_loss(model, None, targets, inputs_embeds=embeds)
         optimizer_step(opt, loss, model.parameters())
         run.log(loss.item())
     model.eval()
