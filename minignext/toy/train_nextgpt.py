@@ -49,7 +49,7 @@ OUT_DIR = TOY_DIR / "nextgpt"
 LORA = {"r": 16, "alpha": 16.0}            # NExT-GPT: r = alpha = 32 on a 4096-wide LLM
 PROJECTION = dict(d_model=64, nhead=4, num_encoder_layers=2, num_decoder_layers=2, dim_feedforward=128)
 STAGES = {                                  # steps, batch, peak lr
-    1: dict(steps=600, batch=32, lr=5e-3),
+    1: dict(steps=2000, batch=32, lr=5e-3),
     2: dict(steps=1500, batch=16, lr=5e-3),
     3: dict(steps=1500, batch=16, lr=1e-3),
 }
