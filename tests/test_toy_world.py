@@ -177,7 +177,7 @@ def test_several_phrasings_per_meaning_and_test_phrasings_never_in_training_text
     assert len({w.caption(o, rng, "image") for _ in range(100)}) >= 4
     assert w.caption(o) == "a red circle"  # rng=None: the canonical phrasing
     corpus = "\n".join(w.text_corpus(3000, seed=0))
-    for marker in (" in red", " in yellow", "beep that", "that is moving", "what do you see in this", "describe what you",
+    for marker in ("image that is a", "beep that", "that is moving", "what do you see in this", "describe what you",
                    "make a picture of", "can you play", "make a video that", "let me hear this",
                    "a picture of this sound", "now let me hear it", "now make this one", "the colour of the first",
                    "hi there"):

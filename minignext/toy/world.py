@@ -249,10 +249,11 @@ DIRECTION_WORDS = {"left": ("left", "to the left"), "right": ("right", "to the r
 # picture." from "let me hear {x}." and "play the sound of this picture."): a model whose whole
 # language is this world cannot know what an unseen word ("paint", "would", "please") asks for, so
 # held-out instructions test new sentence frames, not new vocabulary. The same holds for the test
-# captions, which the held-out requests embed ("make a picture of a box in yellow.").
+# captions, which the held-out requests embed, and which the image decoder's text encoder must know:
+# its vocabulary is the image captions' ("an image that is a red box").
 CAPTIONS = {
     "image": ["a {colour} {shape}", "a {shape} that is {colour}", "a picture of a {colour} {shape}",
-              "an image of a {colour} {shape}", "|", "a {shape} in {colour}"],
+              "an image of a {colour} {shape}", "|", "an image that is a {colour} {shape}"],
     "audio": ["a {contour} {pitch} tone", "a {pitch} tone that {verb}", "the sound of a {contour} {pitch} tone",
               "a {contour} {pitch} beep", "|", "a {pitch} beep that {verb}"],
     "video": ["a {colour} {shape} moving {direction}", "a {colour} {shape} that moves {direction}",
