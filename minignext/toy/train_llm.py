@@ -124,29 +124,20 @@ def fold_markers(embed, seqs, spans, rng, p=FOLD_P):
     """Right-padded input embeddings (B, T, D) and next-token targets (B, T), where each marker's span
     is, with probability p, folded into one position: the sum of its token embeddings over sqrt(n).
     Nothing is predicted at or into a folded position. `embed` maps ids (T,) -> (T, D)."""
-    rows, targets = [], []
+    rows, folded = [], []
     for seq, marks in zip(seqs, spans):
-        ids = torch.tensor(seq)
-        e, want = embed(ids), ids.clone()
-        pieces, keep, last = [], [], 0
+        e = embed(torch.tensor(seq))
+        pieces, ids, last = [], [], 0
         for a, b in marks:
             if rng.random() >= p:
                 continue
             pieces += [e[last:a], e[a:b].sum(0, keepdim=True) / (b - a) ** 0.5]
-            keep += [want[last:a], torch.tensor([-100])]
+            ids += seq[last:a] + [-100]         # the fold's place: pad_batch makes it no one's target
             last = b
-        pieces.append(e[last:])
-        keep.append(want[last:])
-        x, w = torch.cat(pieces), torch.cat(keep)
-        # target at i is the token at i + 1; a folded position (-100) is never a target
-        rows.append(x)
-        targets.append(torch.cat([w[1:], torch.tensor([-100])]))
-    t = max(len(r) for r in rows)
-    x = torch.zeros(len(rows), t, rows[0].shape[-1], dtype=rows[0].dtype)
-    y = torch.full((len(rows), t), -100, dtype=torch.long)
-    for i, (r, w) in enumerate(zip(rows, targets)):
-        x[i, :len(r)], y[i, :len(w)] = r, w
-    return x, y
+        rows.append(torch.cat(pieces + [e[last:]]))
+        folded.append(ids + seq[last:])
+    _, targets = pad_batch(folded)
+    return torch.nn.utils.rnn.pad_sequence(rows, batch_first=True), targets
 
 
 def pad_batch(seqs, pad_id=0):
