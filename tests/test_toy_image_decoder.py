@@ -108,3 +108,44 @@ def test_shipped_image_decoder_draws_what_it_is_asked():
     right = sum(checkers.check_image(img, want=o).ok for img, o in zip(images, objs))
     assert right >= 10, f"only {right}/12 images right"
     assert json.loads((SHIPPED / "sampling.json").read_text()) == settings
+
+
+def test_diffusion_loss_draws_the_asked_share_of_t_from_the_noisiest_30_percent():
+    from minignext.schedulers import DDPMScheduler
+
+    scheduler = DDPMScheduler.from_config(image_decoder.SCHEDULER)
+    seen = []
+
+    def unet_fn(x, t, cond):
+        seen.append(t)
+        return torch.zeros_like(x)
+
+    latents = torch.zeros(4000, 1)
+    for share in (0.0, 0.5, 1.0):
+        image_decoder.diffusion_loss(unet_fn, scheduler, latents, None, torch.Generator().manual_seed(0),
+                                     high_noise_share=share)
+        high = (seen[-1] >= 700).float().mean().item()
+        assert abs(high - (0.3 + 0.7 * share)) < 0.03, (share, high)
+
+
+def test_diffusion_loss_targets_v_under_a_v_prediction_schedule():
+    """With the UNet's answer set to v = sqrt(abar) eps - sqrt(1 - abar) x0 the loss is zero; eps is not."""
+    from minignext.schedulers import DDPMScheduler
+
+    scheduler = DDPMScheduler.from_config({**image_decoder.SCHEDULER, "prediction_type": "v_prediction",
+                                           "rescale_betas_zero_snr": True})
+    latents = torch.randn(64, 4, 2, 2, generator=torch.Generator().manual_seed(1))
+    abar = scheduler.alphas_cumprod
+
+    def v_of(x, t, cond):                 # recover the noise from x_t, then form v
+        a = abar[t].view(-1, 1, 1, 1)
+        eps = (x - a.sqrt() * latents) / (1 - a).sqrt()
+        return a.sqrt() * eps - (1 - a).sqrt() * latents
+
+    def eps_of(x, t, cond):
+        a = abar[t].view(-1, 1, 1, 1)
+        return (x - a.sqrt() * latents) / (1 - a).sqrt()
+
+    g = lambda: torch.Generator().manual_seed(0)           # noqa: E731
+    assert image_decoder.diffusion_loss(v_of, scheduler, latents, None, g()) < 1e-8
+    assert image_decoder.diffusion_loss(eps_of, scheduler, latents, None, g()) > 0.1

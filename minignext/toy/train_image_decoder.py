@@ -69,20 +69,25 @@ class EMA(torch.nn.Module):
             s.lerp_(p.detach(), 1 - self.decay)
 
 
-def diffusion_loss(unet_fn, scheduler, latents, cond, generator, max_weight=1.0):
+def diffusion_loss(unet_fn, scheduler, latents, cond, generator, high_noise_share=0.0):
     """One DDPM training step's loss: noise latents at a random t (eq. 4), predict the noise (eq. 14).
 
-    max_weight > 1 weights each sample by min(1 / SNR(t), max_weight), at least 1: the plain noise
-    loss scales an error in the predicted clean latents by SNR(t), almost nothing at the high noise
-    levels where a sampler lays out the picture (and a video its motion); this turns those terms
-    towards a clean-latent loss (Salimans & Ho 2022, "Progressive Distillation", sec. 4)."""
-    t = torch.randint(0, len(scheduler), (latents.shape[0],), generator=generator)
+    high_noise_share > 0 draws that share of the samples' t from the noisiest 30% only, where a sampler
+    lays out the picture (and a video its motion). A scheduler whose prediction_type is "v_prediction"
+    makes the target v = sqrt(abar) eps - sqrt(1 - abar) x_0 (Salimans & Ho 2022, sec. 4), which stays
+    defined where the SNR is zero."""
+    n, T = latents.shape[0], len(scheduler)
+    t = torch.randint(0, T, (n,), generator=generator)
+    if high_noise_share:
+        high = torch.randint(int(0.7 * T), T, (n,), generator=generator)
+        t = torch.where(torch.rand(n, generator=generator) < high_noise_share, high, t)
     noise = torch.randn(latents.shape, generator=generator)
-    err = (unet_fn(scheduler.add_noise(latents, noise, t), t, cond) - noise).pow(2).flatten(1).mean(1)
-    if max_weight == 1.0:
-        return err.mean()
     abar = scheduler.alphas_cumprod[t]
-    return (err * ((1 - abar) / abar).clamp(1.0, max_weight)).mean()
+    target = noise
+    if scheduler.config.prediction_type == "v_prediction":
+        a = abar.view((-1,) + (1,) * (latents.dim() - 1))
+        target = a.sqrt() * noise - (1 - a).sqrt() * latents
+    return (unet_fn(scheduler.add_noise(latents, noise, t), t, cond) - target).pow(2).mean()
 
 
 def hf_config(config, class_name) -> dict:
@@ -101,7 +106,8 @@ def save_model(folder, module, class_name, stem="diffusion_pytorch_model", overw
     weights.save_safetensors(state, folder / f"{stem}.safetensors", overwrite=overwrite)
 
 
-def save_pipeline(folder, pipeline_class, unet, unet_class, vae, text_encoder, tokenizer, sampling, overwrite=False):
+def save_pipeline(folder, pipeline_class, unet, unet_class, vae, text_encoder, tokenizer, sampling, overwrite=False,
+                  scheduler=SCHEDULER):
     """A diffusers pipeline folder: model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/, sampling.json."""
     folder = Path(folder)
     if (folder / "model_index.json").exists() and not overwrite:
@@ -110,10 +116,10 @@ def save_pipeline(folder, pipeline_class, unet, unet_class, vae, text_encoder, t
     save_model(folder / "vae", vae, "AutoencoderKL", overwrite=overwrite)
     decoder_text.save(folder, text_encoder, tokenizer, dtype=STORE_DTYPE, overwrite=overwrite)
     (folder / "scheduler").mkdir(exist_ok=True)
-    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(SCHEDULER, indent=2) + "\n")
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2) + "\n")
     index = {"_class_name": pipeline_class, "unet": ["diffusers", unet_class], "vae": ["diffusers", "AutoencoderKL"],
              "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
-             "scheduler": ["diffusers", SCHEDULER["_class_name"]]}
+             "scheduler": ["diffusers", scheduler["_class_name"]]}
     (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
     (folder / "sampling.json").write_text(json.dumps(sampling, indent=2) + "\n")
     return folder
@@ -199,7 +205,8 @@ def train_unet(vae, seed=0, resume=True, progress=True, scale=1.0, runs_dir=None
 
 
 def fit_denoiser(name, unet, text_encoder, tokenizer, mean, std, scaling_factor, caption, *, seed, rng_tag,
-                 steps, batch, lr, ema_decay, warmup, scale, resume, progress, runs_dir, max_weight=1.0):
+                 steps, batch, lr, ema_decay, warmup, scale, resume, progress, runs_dir, high_noise_share=0.0,
+                 scheduler_config=SCHEDULER):
     """The denoiser's training loop, shared by the image and the video decoder. Latents are drawn from
     the encoded dataset's posteriors (mean, std), captions (`caption(i, rng)` for dataset item i) are
     dropped to "" at CAPTION_DROPOUT for guidance, and UNet and text encoder train together under the
@@ -207,7 +214,7 @@ def fit_denoiser(name, unet, text_encoder, tokenizer, mean, std, scaling_factor,
     ema_unet, ema_text = EMA(unet, ema_decay), EMA(text_encoder, ema_decay)
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    scheduler = DDPMScheduler.from_config(SCHEDULER)
+    scheduler = DDPMScheduler.from_config(scheduler_config)
     total = max(2, int(steps * scale))
     run = Run(name, {"unet": unet, "text_encoder": text_encoder, "ema_unet": ema_unet, "ema_text": ema_text},
               opt, total, peak_lr=lr, warmup=min(warmup, total // 10 + 1), resume=resume, progress_bar=progress,
@@ -220,7 +227,7 @@ def fit_denoiser(name, unet, text_encoder, tokenizer, mean, std, scaling_factor,
         captions = [caption(i, step_rng) for i in pick.tolist()]
         cond = decoder_text.encode(text_encoder, tokenizer, decoder_text.drop_captions(captions, CAPTION_DROPOUT, step_rng))
         loss = diffusion_loss(lambda x, t, c: unet(x, t, encoder_hidden_states=c), scheduler, latents, cond, g,
-                              max_weight)
+                              high_noise_share)
         optimizer_step(opt, loss, params)
         ema_unet.update(unet)
         ema_text.update(text_encoder)
