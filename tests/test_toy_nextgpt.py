@@ -108,7 +108,7 @@ def test_shipped_toy_nextgpt_answers_and_asks_for_media():
     assert right >= 3
     made = 0
     for kind, shape in (("make_image", (1, 16, 64)), ("make_video", (1, 16, 64)), ("make_audio", (1, EMBED_DIM))):
-        t = world._turn(kind, rng, "train", "train")     # held-out instructions: see the eval's shortfalls
+        t = world._turn(kind, rng, "test", "train")      # held-out instructions
         _, new, conds = train_nextgpt.respond(model, [t], rng)
         made += train_nextgpt.signals_ok(model, new, t.assistant_media.modality) and conds[0][1].shape == shape
     assert made == 3

@@ -8,9 +8,9 @@ The foundations in weights/toy/ (ImageBind, LLaMA, the decoders' text encoders) 
              embed_tokens / lm_head and the output projections train; CE + the mean per-token
              Euclidean distance (not squared) between the projected signal states and the decoder
              text encoder's output for the caption.
-    stage 3  instruction tuning       mixed multi-turn dialogues (world.sample_dialogue); LoRA on
-             q, k, v, o plus both projections and the new rows; CE on the assistant tokens plus the
-             stage-2 distance for every turn that makes media.
+    stage 3  instruction tuning       mixed multi-turn dialogues (world.sample_dialogue); LoRA (r = alpha
+             = 32, as NExT-GPT) on q, k, v, o plus both projections and the new rows; CE on the
+             assistant tokens plus the stage-2 distance for every turn that makes media.
 
 All stages use Adam with betas (0.9, 0.95). Media are encoded once by the frozen ImageBind (a bank of
 embeddings per object), and every caption's decoder conditioning is computed once: the frozen parts
@@ -46,7 +46,7 @@ from minignext.toy.train_audio_decoder import EMBED_DIM
 from minignext.toy.trainer import TOY_DIR, Run, optimizer_step
 
 OUT_DIR = TOY_DIR / "nextgpt"
-LORA = {"r": 16, "alpha": 16.0}            # NExT-GPT: r = alpha = 32 on a 4096-wide LLM
+LORA = {"r": 32, "alpha": 32.0}            # NExT-GPT's; at r = 16 a few held-out requests got no signal tokens
 PROJECTION = dict(d_model=64, nhead=4, num_encoder_layers=2, num_decoder_layers=2, dim_feedforward=128)
 STAGES = {                                  # steps, batch, peak lr
     1: dict(steps=2000, batch=32, lr=5e-3),
