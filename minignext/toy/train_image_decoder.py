@@ -70,7 +70,8 @@ class EMA(torch.nn.Module):
 
 
 def diffusion_loss(unet_fn, scheduler, latents, cond, generator, high_noise_share=0.0):
-    """One DDPM training step's loss: noise latents at a random t (eq. 4), predict the noise (eq. 14).
+    """One DDPM training step's loss: noise latents at a random t (eq. 4), predict the noise (eq. 14)
+    or, under a v-prediction schedule, v.
 
     high_noise_share > 0 draws that share of the samples' t from the noisiest 30% only, where a sampler
     lays out the picture (and a video its motion). A scheduler whose prediction_type is "v_prediction"
@@ -209,8 +210,8 @@ def fit_denoiser(name, unet, text_encoder, tokenizer, mean, std, scaling_factor,
                  scheduler_config=SCHEDULER):
     """The denoiser's training loop, shared by the image and the video decoder. Latents are drawn from
     the encoded dataset's posteriors (mean, std), captions (`caption(i, rng)` for dataset item i) are
-    dropped to "" at CAPTION_DROPOUT for guidance, and UNet and text encoder train together under the
-    DDPM loss. Returns the EMA copies of both and the run."""
+    dropped to "" at CAPTION_DROPOUT for guidance, and UNet and text encoder (unless frozen) train
+    together under diffusion_loss. Returns the EMA copies of both and the run."""
     ema_unet, ema_text = EMA(unet, ema_decay), EMA(text_encoder, ema_decay)
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)

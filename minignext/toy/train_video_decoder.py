@@ -114,9 +114,7 @@ def direction_positions(tokenizer, ids) -> torch.Tensor:
     """(B,) index of each caption's first direction word (left, upwards, ...), CONTEXT_LENGTH if none."""
     vocab = tokenizer.tokenizer.get_vocab()
     words = torch.tensor([vocab[w] for words in world.DIRECTION_WORDS.values() for w in words if w in vocab])
-    hit = torch.isin(ids, words)
-    first = torch.where(hit, torch.arange(ids.shape[1]), ids.shape[1]).min(1).values
-    return first
+    return torch.where(torch.isin(ids, words), torch.arange(ids.shape[1]), ids.shape[1]).min(1).values
 
 
 def train_text_encoder(image_text, tokenizer, seed=0, resume=True, progress=True, scale=1.0, runs_dir=None,
@@ -141,7 +139,7 @@ def train_text_encoder(image_text, tokenizer, seed=0, resume=True, progress=True
         dirs = [int(rng.integers(len(world.DIRECTIONS))) for _ in objs]
         captions = [world.caption(o, rng, "video", world.DIRECTIONS[d]) for o, d in zip(objs, dirs)]
         captions += [world.caption(o, rng, "image") for o in objs[:batch // 4]] + [""] * (batch // 8)
-        dirs += [0] * (len(captions) - len(dirs))
+        dirs += [0] * (len(captions) - len(dirs))          # no direction word: no code is added
         ids = tokenizer(captions, max_length=tokenizer.model_max_length)
         with torch.no_grad():
             target = teacher(ids).last_hidden_state
