@@ -108,7 +108,7 @@ def save_model(folder, module, class_name, stem="diffusion_pytorch_model", overw
 
 
 def save_pipeline(folder, pipeline_class, unet, unet_class, vae, text_encoder, tokenizer, sampling, overwrite=False,
-                  scheduler=SCHEDULER):
+                  scheduler_config=SCHEDULER):
     """A diffusers pipeline folder: model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/, sampling.json."""
     folder = Path(folder)
     if (folder / "model_index.json").exists() and not overwrite:
@@ -117,10 +117,10 @@ def save_pipeline(folder, pipeline_class, unet, unet_class, vae, text_encoder, t
     save_model(folder / "vae", vae, "AutoencoderKL", overwrite=overwrite)
     decoder_text.save(folder, text_encoder, tokenizer, dtype=STORE_DTYPE, overwrite=overwrite)
     (folder / "scheduler").mkdir(exist_ok=True)
-    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2) + "\n")
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler_config, indent=2) + "\n")
     index = {"_class_name": pipeline_class, "unet": ["diffusers", unet_class], "vae": ["diffusers", "AutoencoderKL"],
              "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
-             "scheduler": ["diffusers", scheduler["_class_name"]]}
+             "scheduler": ["diffusers", scheduler_config["_class_name"]]}
     (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
     (folder / "sampling.json").write_text(json.dumps(sampling, indent=2) + "\n")
     return folder

@@ -192,7 +192,7 @@ def train(seed=0, resume=True, progress=True, scale=1.0, out_dir=None, runs_dir=
         batch=batch, lr=lr, ema_decay=0.99, warmup=50, scale=scale, resume=resume, progress=progress,
         runs_dir=runs_dir, high_noise_share=high_noise_share, scheduler_config=SCHEDULER)
     save_pipeline(out, "TextToVideoSDPipeline", ema_unet, "UNet3DConditionModel", vae, ema_text,
-                  tokenizer, SAMPLING, overwrite=True, scheduler=SCHEDULER)
+                  tokenizer, SAMPLING, overwrite=True, scheduler_config=SCHEDULER)
     tail = run.history[-50:]
     return {"folder": str(out), "unet_loss": round(sum(r["loss"] for r in tail) / len(tail), 4),
             "minutes": round(run.seconds / 60, 2), "megabytes": folder_megabytes(out)}
