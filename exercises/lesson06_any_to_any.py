@@ -1,4 +1,4 @@
-"""Lesson 6 exercises: the any-to-any loop (minignext/nextgpt.py).
+"""Lesson 6 exercises: the any-to-any loop (minignext/systems/nextgpt.py).
 
 Check your work:  .venv/bin/python -m pytest tests/exercises/test_lesson06_any_to_any.py --exercises=mine
 """

@@ -1,12 +1,12 @@
 """`minignext chat`, `minignext run` and `minignext download`: the any-to-any loop from a
-terminal. The model is minignext.nextgpt.NextGPT; this file only parses, saves and prints."""
+terminal. The model is minignext.systems.nextgpt.NextGPT; this file only parses, saves and prints."""
 
 import argparse
 import sys
 from pathlib import Path
 
 from minignext import media
-from minignext.nextgpt import PRESETS, Conversation, NextGPT, default_preset
+from minignext.systems.nextgpt import PRESETS, Conversation, NextGPT, default_preset
 
 
 def add_generation_args(p):
@@ -177,6 +177,6 @@ def download_main(argv=None):
     p.add_argument("preset", choices=list(PRESETS))
     p.add_argument("--overwrite", action="store_true")
     args = p.parse_args(argv)
-    from minignext.nextgpt import download_preset
+    from minignext.systems.nextgpt import download_preset
     for line in download_preset(args.preset, overwrite=args.overwrite):
         print(line)

@@ -19,7 +19,7 @@ from PIL import Image, ImageDraw
 
 from minignext import media
 from minignext.chat import fresh_folder, save_reply, transcript_entry
-from minignext.nextgpt import Conversation, NextGPT, default_preset, signal_token_names
+from minignext.systems.nextgpt import Conversation, NextGPT, default_preset, signal_token_names
 
 
 def script(inputs):

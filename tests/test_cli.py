@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from minignext import media
-from minignext.nextgpt import signal_token_names
+from minignext.systems.nextgpt import signal_token_names
 
 SCRIPT = Path(sys.executable).parent / "minignext"
 ALL = "".join(signal_token_names("image") + signal_token_names("audio") + signal_token_names("video"))

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from minignext.nextgpt import (SIGNALS, added_tokens, find_signal_runs, freeze_old_rows, signal_states,
+from minignext.systems.nextgpt import (SIGNALS, added_tokens, find_signal_runs, freeze_old_rows, signal_states,
                                signal_token_names, splice_soft_tokens)
 
 SIG = {"image": [10, 11, 12, 13], "audio": [20, 21, 22]}
@@ -70,7 +70,7 @@ def test_freeze_old_rows_trains_only_the_new_rows():
 # ---------------------------------------------------------------- tiny-random, end to end
 
 from minignext import media  # noqa: E402
-from minignext.nextgpt import Conversation, NextGPT, WeightsError  # noqa: E402
+from minignext.systems.nextgpt import Conversation, NextGPT, WeightsError  # noqa: E402
 
 IMG = "".join(signal_token_names("image"))
 AUD = "".join(signal_token_names("audio"))
@@ -201,7 +201,7 @@ def test_unreadable_media_file(model, tmp_path):
 
 
 def test_missing_weights_name_the_download_command(monkeypatch, tmp_path):
-    import minignext.nextgpt as ng
+    import minignext.systems.nextgpt as ng
     monkeypatch.setattr(ng, "REAL_DIR", tmp_path / "real")
     monkeypatch.setattr(ng, "TOY_DIR", tmp_path / "toy")
     with pytest.raises(WeightsError, match="minignext download nextgpt-7b"):
@@ -213,7 +213,7 @@ def test_missing_weights_name_the_download_command(monkeypatch, tmp_path):
 
 
 def test_save_and_load_as_the_toy_preset(model, monkeypatch, tmp_path):
-    import minignext.nextgpt as ng
+    import minignext.systems.nextgpt as ng
     model.save_pretrained(tmp_path / "toy" / "nextgpt")
     with pytest.raises(FileExistsError):
         model.save_pretrained(tmp_path / "toy" / "nextgpt")
@@ -233,7 +233,7 @@ def test_save_and_load_as_the_toy_preset(model, monkeypatch, tmp_path):
 
 def test_add_nextgpt_tokens_grows_vocab_and_embeddings():
     from minignext.llama import Llama, LlamaConfig
-    from minignext.nextgpt import add_nextgpt_tokens, tiny_tokenizer
+    from minignext.systems.nextgpt import add_nextgpt_tokens, tiny_tokenizer
     tok = tiny_tokenizer()
     base = tok.vocab_size
     llm = Llama(LlamaConfig(vocab_size=base, hidden_size=32, intermediate_size=64, num_attention_heads=4))
@@ -255,7 +255,7 @@ def test_a_decoder_that_cannot_load_gives_a_notice_not_a_crash(model, monkeypatc
     assert any("audio decoder could not be loaded" in n and "audioldm_unconditional" in n for n in reply.notices)
 
 
-REAL = __import__("minignext.nextgpt", fromlist=["REAL_DIR"]).REAL_DIR
+REAL = __import__("minignext.systems.nextgpt", fromlist=["REAL_DIR"]).REAL_DIR
 
 
 @pytest.mark.skipif(not all((REAL / p).exists() for p in ("imagebind", "vicuna-7b-v0", "delta.safetensors")),
@@ -296,7 +296,7 @@ def test_several_inputs_of_several_modalities_in_one_turn(model, inputs):
 
 def test_a_waveform_rate_pair_is_one_audio_input():
     import numpy as np
-    from minignext.nextgpt import Conversation
+    from minignext.systems.nextgpt import Conversation
     wave = np.zeros(16000, dtype=np.float32)
     conv = Conversation().user("hear this", audio=(wave, 16000), image=["a.png", "b.png"])
     kinds = [m for m, _ in conv.turns[0].media]

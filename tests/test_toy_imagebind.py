@@ -11,7 +11,7 @@ from PIL import Image
 from minignext import media
 from minignext.clip import CLIPTokenizer
 from minignext.imagebind import ImageBind
-from minignext.nextgpt import encoder_input
+from minignext.systems.nextgpt import encoder_input
 from minignext.toy import train_imagebind as tib
 from minignext.toy import world
 from minignext.toy.trainer import read_loss_log

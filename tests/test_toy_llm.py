@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from minignext.llama import Llama
-from minignext.nextgpt import added_tokens
+from minignext.systems.nextgpt import added_tokens
 from minignext.tokenizer import VICUNA_V0, Tokenizer
 from minignext.toy import train_llm, world
 from minignext.toy.trainer import read_loss_log

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from minignext import weights
-from minignext.nextgpt import NextGPT, load_folder
+from minignext.systems.nextgpt import NextGPT, load_folder
 from minignext.toy import checkers, decoder_text, train_nextgpt, world
 from minignext.toy.train_audio_decoder import EMBED_DIM
 from minignext.toy.trainer import read_loss_log

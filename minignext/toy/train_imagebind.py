@@ -232,7 +232,7 @@ def class_captions(modality, phrasing="test"):
 def retrieval_accuracy(model, tokenizer, modality, n, seed, split, phrasing="test"):
     """Top-1 zero-shot classification of n media among every class caption, each medium prepared by
     NExT-GPT's own encoder_input."""
-    from minignext.nextgpt import encoder_input
+    from minignext.systems.nextgpt import encoder_input
 
     captions, ids = class_captions(modality, phrasing)
     text = model.embed("text", tokenizer(captions))

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from minignext import weights
 from minignext.lora import add_lora, lora_parameters
-from minignext.nextgpt import (MODALITIES, PROJECTION_NAMES, SIGNALS, SPLICE_CLOSE, SPLICE_OPEN, Conversation, NextGPT,
+from minignext.systems.nextgpt import (MODALITIES, PROJECTION_NAMES, SIGNALS, SPLICE_CLOSE, SPLICE_OPEN, Conversation, NextGPT,
                                add_nextgpt_tokens, find_signal_runs, freeze_old_rows)
 from minignext.projection import OutputProjectionConfig
 from minignext.tokenizer import VICUNA_V0
@@ -446,7 +446,7 @@ EVAL_N = {"describe": 48, "describe_video": 32, "make": 48, "make_video": 32, "c
 
 
 def load(folder=None):
-    from minignext.nextgpt import load_folder
+    from minignext.systems.nextgpt import load_folder
     return load_folder(folder or OUT_DIR, dtype=torch.float32)
 
 
