@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from minignext.diffusion import AudioPipeline, GriffinLim
+from minignext.diffusion import AudioPipeline
 from minignext.media import hz_to_mel
 from minignext.toy import checkers, world
 from minignext.toy import train_audio_decoder as audio
+from minignext.vocoder import GriffinLim
 
 SHIPPED = audio.OUT_DIR / "model_index.json"
 

@@ -17,7 +17,7 @@ Diffusion Models", arXiv 2301.12503) trained from scratch on the toy world's ton
              then frozen as CLAP is (see train_text_encoder); 10% of the captions are dropped to "" for
              classifier-free guidance (AudioLDM's unconditional branch is the embedding of the empty
              text too). EMA weights of the UNet ship.
-    vocoder  Griffin-Lim (minignext.diffusion.GriffinLim, 16 rounds), not a trained HiFi-GAN. The reason,
+    vocoder  Griffin-Lim (minignext.vocoder.GriffinLim, 16 rounds), not a trained HiFi-GAN. The reason,
              measured: a HiFi-GAN generator in the SpeechT5HifiGan layout (0.37M parameters, 250 samples
              per frame) trained here with the generator losses only, an L1 log-mel loss (Kong et al.
              2020, eq. 2) plus a multi-resolution STFT loss (Yamamoto et al. 2020, arXiv 1910.11480),
@@ -40,7 +40,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from minignext.diffusion import GriffinLimConfig
 from minignext.media import mel_filterbank
 from minignext.schedulers import DDPMScheduler
 from minignext.toy import checkers, decoder_text, world
@@ -48,6 +47,7 @@ from minignext.toy.train_image_decoder import EMA, diffusion_loss, folder_megaby
 from minignext.toy.trainer import TOY_DIR, Run, optimizer_step
 from minignext.unet import UNet2DCondition, UNet2DConditionConfig
 from minignext.vae import AutoencoderKL, AutoencoderKLConfig
+from minignext.vocoder import GriffinLimConfig
 
 OUT_DIR = TOY_DIR / "audio_decoder"
 SR, N_FFT, HOP, N_MELS, F_MAX = world.SAMPLE_RATE, 1024, 250, 32, 2000.0
