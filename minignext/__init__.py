@@ -2,7 +2,7 @@
 LLM, written from scratch in PyTorch for teaching.
 
 The package follows the data flow:
-    encode   clip.py, imagebind.py, media.py
+    encode   clip.py, imagebind.py, blip2.py, media.py
     project  projection.py
     LLM      attention.py, llama.py, tokenizer.py, generation.py
     project  projection.py
