@@ -244,14 +244,16 @@ class Llama(nn.Module):
         folder = weights.resolve(path_or_repo_id)
         config = LlamaConfig.from_hf(weights.read_config(folder))
         model = weights.build_on_meta(cls, config)
-        sd = weights.load_safetensors(folder, stem="model")
-        if config.tie_word_embeddings and "model.embed_tokens.weight" in sd:
-            # transformers saves a tied matrix once, under the embedding's name.
-            sd.setdefault("lm_head.weight", sd["model.embed_tokens.weight"])
-        weights.load_into(model, sd, dtype=dtype, device=device)
-        if config.tie_word_embeddings:
-            model.lm_head.weight = model.model.embed_tokens.weight   # assign=True made two parameters
+        weights.load_into(model, fill_tied_head(config, weights.load_safetensors(folder, stem="model")),
+                          dtype=dtype, device=device)
+        model.tie_weights()
         return model.eval()
+
+    def tie_weights(self):
+        """Share the embedding with lm_head again if the config ties them (a load with
+        assign=True makes them two parameters)."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
 
     def embed(self, input_ids):
         return self.model.embed_tokens(input_ids)
@@ -332,6 +334,13 @@ class Llama(nn.Module):
         """See minignext.generation.generate."""
         from minignext.generation import generate
         return generate(self, input_ids, max_new_tokens, **kwargs)
+
+
+def fill_tied_head(config: LlamaConfig, sd: dict, prefix="") -> dict:
+    """transformers saves a tied matrix once, under the embedding's name: give lm_head its copy."""
+    if config.tie_word_embeddings and prefix + "model.embed_tokens.weight" in sd:
+        sd.setdefault(prefix + "lm_head.weight", sd[prefix + "model.embed_tokens.weight"])
+    return sd
 
 
 def _start(input_pos, t):
