@@ -275,18 +275,19 @@ class Idefics(Llama):
         """Prompt + new tokens (B, T + N); kwargs as minignext.generation.generate."""
         media = self.encode_images(pixel_values) if pixel_values is not None else None
         mask = _mask_for(input_ids, media, image_attention_mask, image_token_id)
-        return generate(WithMedia(self, media, mask), input_ids, max_new_tokens, **kwargs)
+        return generate(WithMedia(self, media, mask, self.config), input_ids, max_new_tokens, **kwargs)
 
     def chat(self, tokenizer, items, max_new_tokens=64, **kwargs) -> str:
         """Interleaved text and images (strings, PIL images, paths or (3, H, W) tensors) -> the reply,
         with the processor's `<fake_token_around_image><image><fake_token_around_image>` markers."""
-        ids, pixels = interleave(tokenizer, items, self.config.vision_config.image_size, _idefics_marker)
+        ids, pixels = interleave(tokenizer, items, self.config.vision_config.image_size, idefics_image_marker)
         image_id = _token(tokenizer, IMAGE_TOKEN)
         out = self.generate(ids, pixels, max_new_tokens=max_new_tokens, image_token_id=image_id, **kwargs)
         return tokenizer.decode(out[0, ids.shape[1]:], skip_special=True).strip()
 
 
-def _idefics_marker(last_was_image):
+def idefics_image_marker(last_was_image):
+    """The text IDEFICS's processor writes for one image (consecutive images share a fake token)."""
     return (IMAGE_TOKEN if last_was_image else IDEFICS_FAKE_TOKEN + IMAGE_TOKEN) + IDEFICS_FAKE_TOKEN
 
 
@@ -482,7 +483,7 @@ class OpenFlamingo(nn.Module):
         media = self.encode_vision_x(vision_x)
         mask = media_attention_mask(lang_x, self.config.media_token_id, num_media=media.shape[1])
         kwargs.setdefault("stop_token_ids", [self.config.eoc_token_id])
-        return generate(WithMedia(self, media, mask), lang_x, max_new_tokens, **kwargs)
+        return generate(WithMedia(self, media, mask, self.lang_encoder.config), lang_x, max_new_tokens, **kwargs)
 
     def chat(self, tokenizer, items, max_new_tokens=64, **kwargs) -> str:
         """Interleaved text and images -> the reply; each image becomes `<image>`, and the text
@@ -539,10 +540,9 @@ class WithMedia:
     tokens see the items their mask rows name, and each new token sees what the last prompt
     token saw (OpenFlamingo's cached media; IDEFICS repeats the last mask row)."""
 
-    def __init__(self, model, media, media_mask):
-        self.model, self.media, self.media_mask = model, media, media_mask
+    def __init__(self, model, media, media_mask, config):
+        self.model, self.media, self.media_mask, self.config = model, media, media_mask, config
         self.lm_head = model.lm_head
-        self.config = model.lang_encoder.config if isinstance(model, OpenFlamingo) else model.config
 
     def hidden_states(self, input_ids=None, *, inputs_embeds=None, input_pos=None):
         mask = self.media_mask
@@ -587,4 +587,4 @@ def interleave(tokenizer, items, image_size, marker):
 
 __all__ = ["IdeficsConfig", "IdeficsVisionConfig", "IdeficsPerceiverConfig", "Idefics", "DecoupledEmbedding",
            "DecoupledLinear", "OpenFlamingoConfig", "OpenFlamingo", "read_trainables", "checkpoint_key", "WithMedia",
-           "interleave"]
+           "interleave", "idefics_image_marker"]
