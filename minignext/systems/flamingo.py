@@ -169,7 +169,8 @@ class DecoupledLinear(nn.Module):
 class Idefics(Llama):
     """`IdeficsForVisionText2Text`: minignext's LLaMA (its layers, norm, KV cache and generation)
     with decoupled embeddings, a CLIP vision tower, an optional perceiver resampler and gated
-    cross-attention layers, all under the reference's keys."""
+    cross-attention layers, all under the reference's keys. With the gates at 0 (a new model) its
+    logits are the LLM's, whatever the images."""
 
     def __init__(self, config: IdeficsConfig):
         super().__init__(config)
@@ -264,7 +265,7 @@ class Idefics(Llama):
         pixel_values (B, N, 3, H, W), image_attention_mask (B, T, N) with 1 where a token sees an
         image (or give `image_token_id` and it is built from the `<image>` tokens)."""
         media = self.encode_images(pixel_values) if pixel_values is not None else None
-        mask = _mask_for(input_ids, media, image_attention_mask, image_token_id)
+        mask = self._mask_for(input_ids, media, image_attention_mask, image_token_id)
         hidden = self.hidden_states(input_ids, inputs_embeds=inputs_embeds, media=media, media_mask=mask,
                                     attention_mask=attention_mask)
         logits = self.lm_head(hidden)
@@ -274,8 +275,19 @@ class Idefics(Llama):
                  image_token_id=None, **kwargs):
         """Prompt + new tokens (B, T + N); kwargs as minignext.generation.generate."""
         media = self.encode_images(pixel_values) if pixel_values is not None else None
-        mask = _mask_for(input_ids, media, image_attention_mask, image_token_id)
+        mask = self._mask_for(input_ids, media, image_attention_mask, image_token_id)
         return generate(WithMedia(self, media, mask, self.config), input_ids, max_new_tokens, **kwargs)
+
+    def _mask_for(self, input_ids, media, image_attention_mask, image_token_id):
+        """The given mask, or the one IDEFICS's processor builds: the latest image, none after an eos."""
+        if media is None or image_attention_mask is not None:
+            return image_attention_mask
+        if image_token_id is None or input_ids is None:
+            raise ValueError("with pixel_values, give image_attention_mask (batch, tokens, images) or the "
+                             "image_token_id and input_ids to build it from")
+        eos = self.config.eos_token_id
+        return media_attention_mask(input_ids, image_token_id, num_media=media.shape[1],
+                                    reset_token_id=eos if isinstance(eos, int) else None)
 
     def chat(self, tokenizer, items, max_new_tokens=64, **kwargs) -> str:
         """Interleaved text and images (strings, PIL images, paths or (3, H, W) tensors) -> the reply,
@@ -289,15 +301,6 @@ class Idefics(Llama):
 def idefics_image_marker(last_was_image):
     """The text IDEFICS's processor writes for one image (consecutive images share a fake token)."""
     return (IMAGE_TOKEN if last_was_image else IDEFICS_FAKE_TOKEN + IMAGE_TOKEN) + IDEFICS_FAKE_TOKEN
-
-
-def _mask_for(input_ids, media, image_attention_mask, image_token_id):
-    if media is None or image_attention_mask is not None:
-        return image_attention_mask
-    if image_token_id is None or input_ids is None:
-        raise ValueError("with pixel_values, give image_attention_mask (batch, tokens, images) or the "
-                         "image_token_id and input_ids to build it from")
-    return media_attention_mask(input_ids, image_token_id, num_media=media.shape[1])
 
 
 def _as_mask(media_mask, media, x):
