@@ -210,7 +210,9 @@ class LlamaModel(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
-    def forward(self, inputs_embeds, start=0, attention_mask=None):
+    def forward(self, inputs_embeds, start=0, attention_mask=None, before_layer=None):
+        """`before_layer(i, x) -> x`, if given, runs before layer i: the place where Flamingo-style
+        models insert their cross-attention blocks without touching the layers themselves."""
         t = inputs_embeds.shape[1]
         cache = self.layers[0].self_attn.kv_cache
         limit = cache.k_cache.shape[2] if cache is not None else self.config.max_position_embeddings
@@ -223,7 +225,9 @@ class LlamaModel(nn.Module):
         cos = self.rope_cos[start:start + t].to(inputs_embeds.dtype)
         sin = self.rope_sin[start:start + t].to(inputs_embeds.dtype)
         x = inputs_embeds
-        for layer in self.layers:
+        for i, layer in enumerate(self.layers):
+            if before_layer is not None:
+                x = before_layer(i, x)
             x = layer(x, cos, sin, start, attention_mask)
         return self.norm(x)
 
@@ -271,8 +275,9 @@ class Llama(nn.Module):
         logits = self.lm_head(hidden)
         return (logits, hidden) if return_hidden else logits
 
-    def hidden_states(self, input_ids=None, *, inputs_embeds=None, input_pos=None, attention_mask=None):
-        """The last hidden states after the final norm, without the head."""
+    def hidden_states(self, input_ids=None, *, inputs_embeds=None, input_pos=None, attention_mask=None,
+                      before_layer=None):
+        """The last hidden states after the final norm, without the head (`before_layer`: see LlamaModel)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids (B, T) or inputs_embeds (B, T, hidden)")
         if input_ids is not None:
@@ -282,7 +287,7 @@ class Llama(nn.Module):
         elif inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.config.hidden_size:
             raise ValueError(f"inputs_embeds must be (batch, tokens, {self.config.hidden_size}), "
                              f"got shape {tuple(inputs_embeds.shape)}")
-        return self.model(inputs_embeds, _start(input_pos, inputs_embeds.shape[1]), attention_mask)
+        return self.model(inputs_embeds, _start(input_pos, inputs_embeds.shape[1]), attention_mask, before_layer)
 
     # ------------------------------------------------------------ KV cache
 
