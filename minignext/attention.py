@@ -19,16 +19,12 @@ Masks (all optional, combined):
     attn_mask         bool (True = may attend) or additive float, broadcastable
                       to (B, Hq, Tq, Tk).
 A query row that can see no key at all has no defined output.
-
-MultiheadAttention is the module around it that torch.nn.MultiheadAttention's checkpoints fill
-(packed in_proj_weight, out_proj), as ImageBind's trunks and NExT-GPT's output projection store it.
 """
 
 import math
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 IMPLEMENTATIONS = ("naive", "tiled", "fused")
 _default_impl = "fused"
@@ -181,38 +177,39 @@ def _bool_or_float_mask(q, k, causal, key_padding_mask, attn_mask):
     return combined_mask(q, k, causal, key_padding_mask, attn_mask)
 
 
-class MultiheadAttention(nn.Module):
-    """torch.nn.MultiheadAttention's parameters and initialisation: q, k and v packed in
-    in_proj_weight / in_proj_bias, out_proj, and with add_bias_kv one learned key and value
-    (bias_k, bias_v) appended to every sequence. Self-attention, or with `memory` cross-attention:
-    the keys and values come from memory."""
+class MultiheadAttention(torch.nn.Module):
+    """torch.nn.MultiheadAttention's parameters and initialisation (packed in_proj, out_proj, and
+    with add_bias_kv one extra learned key and value appended to every sequence), computed through
+    `attention`. Used where a checkpoint stores nn.MultiheadAttention's keys (ImageBind, NExT-GPT's
+    output projection)."""
 
     def __init__(self, dim, heads, add_bias_kv=False):
         super().__init__()
         self.heads = heads
-        self.in_proj_weight = nn.Parameter(torch.empty(3 * dim, dim))
-        self.in_proj_bias = nn.Parameter(torch.zeros(3 * dim))
+        self.in_proj_weight = torch.nn.Parameter(torch.empty(3 * dim, dim))
+        self.in_proj_bias = torch.nn.Parameter(torch.empty(3 * dim))
         if add_bias_kv:
-            self.bias_k = nn.Parameter(torch.empty(1, 1, dim))
-            self.bias_v = nn.Parameter(torch.empty(1, 1, dim))
-        self.out_proj = nn.Linear(dim, dim)
+            self.bias_k = torch.nn.Parameter(torch.empty(1, 1, dim))
+            self.bias_v = torch.nn.Parameter(torch.empty(1, 1, dim))
+        self.out_proj = torch.nn.Linear(dim, dim)
         if self.in_proj_weight.device.type != "meta":
-            nn.init.xavier_uniform_(self.in_proj_weight)
-            nn.init.zeros_(self.out_proj.bias)
+            torch.nn.init.xavier_uniform_(self.in_proj_weight)
+            torch.nn.init.zeros_(self.in_proj_bias)
+            torch.nn.init.zeros_(self.out_proj.bias)
             if add_bias_kv:
-                nn.init.xavier_normal_(self.bias_k)
-                nn.init.xavier_normal_(self.bias_v)
+                torch.nn.init.xavier_normal_(self.bias_k)
+                torch.nn.init.xavier_normal_(self.bias_v)
 
     def forward(self, x, memory=None, causal=False):
-        if memory is None:
-            q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)
-        else:
-            (w_q, w_k, w_v), (b_q, b_k, b_v) = self.in_proj_weight.chunk(3), self.in_proj_bias.chunk(3)
-            q, k, v = F.linear(x, w_q, b_q), F.linear(memory, w_k, b_k), F.linear(memory, w_v, b_v)
+        """x (B, Tq, D) attends to `memory` (B, Tk, D), or to itself when memory is None."""
+        w_q, w_kv = self.in_proj_weight.split([x.shape[-1], 2 * x.shape[-1]])
+        b_q, b_kv = self.in_proj_bias.split([x.shape[-1], 2 * x.shape[-1]])
+        q = F.linear(x, w_q, b_q)
+        k, v = F.linear(x if memory is None else memory, w_kv, b_kv).chunk(2, dim=-1)
         if hasattr(self, "bias_k"):
             k = torch.cat([k, self.bias_k.expand(k.shape[0], 1, -1)], dim=1)
             v = torch.cat([v, self.bias_v.expand(v.shape[0], 1, -1)], dim=1)
-        b, t, d = q.shape
-        heads = lambda y: y.view(b, y.shape[1], self.heads, d // self.heads).transpose(1, 2)    # noqa: E731
-        out = attention(heads(q), heads(k), heads(v), causal=causal)                             # (B, H, T, D/H)
-        return self.out_proj(out.transpose(1, 2).reshape(b, t, d))
+        b, tq, d = q.shape
+        heads = lambda t: t.view(b, t.shape[1], self.heads, d // self.heads).transpose(1, 2)  # noqa: E731
+        out = attention(heads(q), heads(k), heads(v), causal=causal)       # (B, H, Tq, D/H)
+        return self.out_proj(out.transpose(1, 2).reshape(b, tq, d))

@@ -80,6 +80,12 @@ class Tokenizer:
         self.tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in tokens])
         return [self.tok.token_to_id(t) for t in tokens]
 
+    def add_tokens(self, tokens: list[str]) -> list[int]:
+        """Add ordinary tokens that are never split (AnyGPT's media codes); returns their ids.
+        Unlike special tokens they stay in the text that decode(skip_special=True) returns."""
+        self.tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in tokens])
+        return [self.tok.token_to_id(t) for t in tokens]
+
     def save(self, path, overwrite=False):
         path = Path(path)
         if path.is_dir():
@@ -133,5 +139,8 @@ class ChatTemplate:
 
 
 VICUNA_V0 = ChatTemplate(name="vicuna_v0", user="### Human: ", assistant="### Assistant: ", stop=("###",))
+# ChatML, as SmolLM2-Instruct and many others are tuned on; <|im_end|> is one special token.
+CHATML = ChatTemplate(name="chatml", user="<|im_start|>user\n", assistant="<|im_start|>assistant\n",
+                      system="<|im_start|>system\n", sep="<|im_end|>\n", stop=("<|im_end|>",))
 PLAIN = ChatTemplate(name="plain", user="", assistant="")
-TEMPLATES = {t.name: t for t in (VICUNA_V0, PLAIN)}
+TEMPLATES = {t.name: t for t in (VICUNA_V0, CHATML, PLAIN)}
