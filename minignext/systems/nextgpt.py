@@ -904,7 +904,7 @@ def tiny_random() -> "NextGPT":
     tok = tiny_tokenizer()
     with torch.random.fork_rng():
         torch.manual_seed(0)
-        encoder = ImageBind(ImageBindConfig.tiny()).eval()
+        encoder = ImageBind(ImageBindConfig.tiny(modalities=("vision", "text", "audio"))).eval()
         llm = Llama(LlamaConfig(vocab_size=tok.vocab_size, hidden_size=TINY["llm_hidden"], intermediate_size=128,
                                 num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=512,
                                 bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)).eval()
