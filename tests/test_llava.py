@@ -243,13 +243,12 @@ def test_full_size_layout_matches_transformers():
     assert sum(p.numel() for p in ours.parameters()) == 7_063_427_072
 
 
+@pytest.mark.parametrize("pair", ["mha"], indirect=True)      # the original release reads one vision layer
 def test_original_layout_converts_to_the_hub_layout(pair, tmp_path):
     """The original release (model.*, lm_head, model.mm_projector.{0,2}) and stage 1's
     mm_projector.bin next to a plain Vicuna both convert to the very tensors of the hub file."""
     _, ours, hub = pair
     c = ours.config
-    if not isinstance(c.vision_feature_layer, int):
-        pytest.skip("the original release selects one vision layer")
     hub_sd = weights.load_safetensors(hub)
     clip = tmp_path / "clip"            # a whole CLIPModel checkpoint, as openai/clip-vit-large-patch14-336
     weights.save_safetensors({**{k[len("vision_tower."):]: v for k, v in hub_sd.items() if k.startswith("vision_tower.")},
