@@ -14,7 +14,7 @@ from minignext.weights import WeightsError
 # kind -> "module:function(src, dst, overwrite=...)"
 CONVERTERS = {
     "imagebind": "minignext.imagebind:convert_checkpoint",
-    "nextgpt-delta": "minignext.systems.nextgpt:convert_delta",
+    "nextgpt-delta": "minignext.systems.nextgpt_checkpoint:convert_delta",
     "pickle": "minignext.weights:convert_pickle",
 }
 
