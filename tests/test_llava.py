@@ -14,7 +14,8 @@ transformers = pytest.importorskip("transformers")
 from minignext import weights
 from minignext.systems.llava import (HF_CLIP_VISION_DEFAULTS, HF_LLAMA_DEFAULTS, IGNORE_INDEX, SYSTEM, Llava,
                                      LlavaConfig, convert_original, encode_conversation, preprocess_image)
-from minignext.systems.nextgpt import Conversation, tiny_tokenizer
+from minignext.systems.nextgpt import Conversation
+from minignext.tiny import tiny_tokenizer
 
 BASE_VOCAB = 400                                  # tiny_tokenizer(); <image> = 400, <pad> = 401, 448 rows
 CONFIGS = {

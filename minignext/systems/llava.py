@@ -31,7 +31,7 @@ from torch import nn
 from minignext import media, weights
 from minignext.clip import CLIPVision, CLIPVisionConfig, add_tower_prefix
 from minignext.generation import generate
-from minignext.llama import Llama, LlamaConfig
+from minignext.llama import Llama, LlamaConfig, fill_tied_head
 from minignext.systems.nextgpt import Conversation, Reply
 from minignext.tokenizer import Tokenizer
 from minignext.utils import config_from_dict
@@ -159,12 +159,9 @@ class Llava(nn.Module):
         """A hub-layout folder: config.json, model*.safetensors, and tokenizer.json if chat is wanted."""
         folder = weights.resolve(path)
         config = LlavaConfig.from_hf(weights.read_config(folder))
-        sd = weights.load_safetensors(folder)
-        if config.tie_word_embeddings and "language_model.model.embed_tokens.weight" in sd:
-            sd.setdefault("language_model.lm_head.weight", sd["language_model.model.embed_tokens.weight"])
+        sd = fill_tied_head(config.text_config, weights.load_safetensors(folder), "language_model.")
         model = weights.load_into(weights.build_on_meta(cls, config), sd, dtype=dtype, device=device)
-        if config.tie_word_embeddings:
-            model.language_model.lm_head.weight = model.language_model.model.embed_tokens.weight
+        model.language_model.tie_weights()
         if (folder / "tokenizer.json").is_file():
             model.tokenizer = Tokenizer.from_pretrained(folder)
         return model.eval()
@@ -232,7 +229,7 @@ class Llava(nn.Module):
         text = self.tokenizer.decode([t for t in new if t != self.tokenizer.eos_id], skip_special=True).strip()
         if isinstance(messages, Conversation):
             messages.assistant(text)
-        return Reply(text=text, raw_text=text, token_ids=new)
+        return Reply(text=text, raw_text=text, generated_ids=new, token_ids=new)
 
 
 # ---------------------------------------------------------------- image and prompt
