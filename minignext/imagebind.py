@@ -414,8 +414,15 @@ class ImageBind(nn.Module):
         """A folder with config.json and model.safetensors in the official key names."""
         folder = weights.resolve(path)
         config = ImageBindConfig.from_hf(weights.read_config(folder))
+        state = weights.load_safetensors(folder)
+        absent = [m for m in config.modalities if not any(k.split(".")[1:2] == [m] for k in state)]
+        if absent:
+            raise weights.WeightsError(
+                f"{folder}: config.json builds the {', '.join(absent)} branch(es), but the checkpoint has no weights "
+                f"for them. A folder converted when minignext dropped depth, thermal and IMU lacks those: convert "
+                f"imagebind_huge.pth again, or name the branches it has in config.json's \"modalities\"")
         model = weights.build_on_meta(cls, config)
-        return weights.load_into(model, weights.load_safetensors(folder), dtype=dtype, device=device).eval()
+        return weights.load_into(model, state, dtype=dtype, device=device).eval()
 
 
 # ---------------------------------------------------------------- the official checkpoint

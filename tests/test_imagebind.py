@@ -151,6 +151,12 @@ def test_convert_round_trip(tmp_path):
         torch.testing.assert_close(ours({"text": ids})["text"], ref({"text": ids})["text"], rtol=0, atol=1e-5)
     with pytest.raises(FileExistsError):
         imagebind.convert_checkpoint(tmp_path / "imagebind_tiny.pth", out, config=config)
+    old = tmp_path / "three_branches"            # what the converter wrote before it kept all six
+    weights.save_safetensors({k: v for k, v in stored.items() if k.split(".")[1] in ("vision", "text", "audio")},
+                             old / "model.safetensors")
+    (old / "config.json").write_text(json.dumps({k: v for k, v in config.to_dict().items() if k != "modalities"}))
+    with pytest.raises(weights.WeightsError, match="builds the depth, thermal, imu branch.*convert imagebind_huge.pth again"):
+        ImageBind.from_pretrained(old)
     with pytest.raises(weights.WeightsError, match="does not fit"):      # the default is huge()
         imagebind.convert_checkpoint(tmp_path / "imagebind_tiny.pth", tmp_path / "other")
 
