@@ -321,9 +321,6 @@ class NextGPT(nn.Module):
     def loaded_decoders(self) -> list:
         return list(self._decoders)
 
-    def unload_decoder(self, modality):
-        self._decoders.pop(modality, None)
-
     # ------------------------------------------------------------ encode and splice
 
     @torch.no_grad()
