@@ -46,7 +46,7 @@ class PandaGPT(NextGPT):
         """The segments with the text between two soft tokens joined: "### Human: <Img>" before
         the first, then "</Img> {question}\\n### Assistant: ..." after it, each tokenized whole."""
         out = []
-        for seg in conversation.segments():
+        for seg in super().prompt_segments(conversation):
             if isinstance(seg, str) and out and isinstance(out[-1], str):
                 out[-1] += seg
             else:
