@@ -15,12 +15,12 @@ from torch import nn
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-from test_imagebind import CONFIGS, official  # noqa: E402  (the official ImageBind, tiny and random)
+from test_imagebind import CONFIGS, official  # the official ImageBind, tiny and random
 
-from minignext import imagebind, weights  # noqa: E402
-from minignext.systems.nextgpt import Conversation, encoder_input  # noqa: E402
-from minignext.systems.pandagpt import PandaGPT, expected_delta, load_delta, read_delta  # noqa: E402
-from minignext.tiny import tiny_pandagpt, tiny_tokenizer  # noqa: E402
+from minignext import imagebind, weights
+from minignext.systems.nextgpt import Conversation, encoder_input
+from minignext.systems.pandagpt import PandaGPT, expected_delta, load_delta, read_delta
+from minignext.tiny import tiny_pandagpt, tiny_tokenizer
 
 R, ALPHA = 4, 32                      # alpha / r = 8, so a wrong LoRA scale shows
 IB = CONFIGS["small"]
