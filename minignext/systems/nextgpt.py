@@ -24,7 +24,7 @@ from torch import nn
 from minignext import media
 from minignext.generation import decode_one_token, prefill, sample
 from minignext.projection import InputProjection, OutputProjection
-from minignext.tokenizer import VICUNA_V0
+from minignext.tokenizer import VICUNA_V0, ChatTemplate
 from minignext.utils import progress as progress_bar
 from minignext.weights import WeightsError
 
@@ -34,7 +34,6 @@ from minignext.weights import WeightsError
 SPLICE_OPEN, SPLICE_CLOSE = "<Img>", "</Img>"    # wraps a soft token, whatever its modality
 SIGNALS = {"image": ("IMG", 4), "video": ("VID", 24), "audio": ("AUD", 8)}
 MODALITIES = tuple(SIGNALS)
-STOP_STRING = VICUNA_V0.stop[0]                   # "###"
 
 
 def signal_token_names(modality, n=None):
@@ -190,23 +189,25 @@ class Conversation:
                 raise ValueError(f"message role must be 'user' or 'assistant', got {role!r}")
         return conv
 
-    def segments(self):
-        """The Vicuna-v0 prompt as text pieces and soft-token slots (turn index, media index):
-        ### Human: <Img>[soft]</Img> instruction\\n### Assistant: answer\\n### Human: ...
+    def segments(self, template: ChatTemplate = VICUNA_V0):
+        """The prompt as text pieces and soft-token slots (turn index, media index). In NExT-GPT's
+        Vicuna-v0 template: ### Human: <Img>[soft]</Img> instruction\\n### Assistant: answer\\n### Human: ...
         Every input gets its own <Img>[soft]</Img>, in order; the reference instead sums the
         embeddings of several inputs of one modality into a single soft token."""
         if not self.turns or self.turns[-1].role != "user":
             raise ValueError("the conversation must end with a user turn for the model to answer")
+        ask = template.assistant.rstrip(" ")              # the generation prompt
+        lead = template.assistant[len(ask):]              # what stands before an answer's text
         out = []
         for t, turn in enumerate(self.turns):
             if turn.role == "assistant":
-                out.append(f" {turn.text}{VICUNA_V0.sep}")
+                out.append(f"{lead}{turn.text}{template.sep}")
                 continue
-            out.append(VICUNA_V0.user)
+            out.append(template.user)
             for k in range(len(turn.media)):
                 out += [SPLICE_OPEN, (t, k), SPLICE_CLOSE]
             text = f" {turn.text}" if turn.media else turn.text
-            out.append(text + VICUNA_V0.sep + VICUNA_V0.assistant.rstrip())
+            out.append(text + template.sep + ask)
         return out
 
 
@@ -247,8 +248,9 @@ class NextGPT(nn.Module):
     """
 
     def __init__(self, visual_encoder, llama_model, tokenizer, output_projections: dict,
-                 decoder_loaders: dict | None = None, enc_dim=1024):
+                 decoder_loaders: dict | None = None, enc_dim=1024, template: ChatTemplate = VICUNA_V0):
         super().__init__()
+        self.template = template               # NExT-GPT's Vicuna-v0; ChatML on an LLM tuned with it
         self.visual_encoder = visual_encoder
         self.llama_model = llama_model
         self.tokenizer = tokenizer
@@ -312,9 +314,6 @@ class NextGPT(nn.Module):
     def loaded_decoders(self) -> list:
         return list(self._decoders)
 
-    def unload_decoder(self, modality):
-        self._decoders.pop(modality, None)
-
     # ------------------------------------------------------------ encode and splice
 
     @torch.no_grad()
@@ -331,7 +330,7 @@ class NextGPT(nn.Module):
         todo, done = sum(len(t.media) - len(t.soft) for t in conversation.turns), 0
         if self.tokenizer.bos_id is not None:
             ids.append(self.tokenizer.bos_id)
-        for seg in conversation.segments():
+        for seg in conversation.segments(self.template):
             if seg in (SPLICE_OPEN, SPLICE_CLOSE):
                 ids.append(self._token_id(seg))
                 continue
@@ -394,7 +393,7 @@ class NextGPT(nn.Module):
                     on_progress("generate", len(out), budget)
                 if (forced is None and token == eos) or (forced is not None and not queue):
                     break
-                if forced is None and not queue and STOP_STRING in self.tokenizer.decode(out[-4:]):
+                if forced is None and not queue and self.template.stop[0] in self.tokenizer.decode(out[-4:]):
                     break
                 pos = prompt.embeds.shape[1] + len(out) - 1
                 logits = decode_one_token(llm, torch.tensor([[token]], device=self.device), pos)
@@ -479,7 +478,7 @@ class NextGPT(nn.Module):
                     raw.append(names[t])
             elif t != self.tokenizer.eos_id:
                 chunk.append(t)
-        cut = lambda s: s.split(STOP_STRING)[0].strip()
+        cut = self.template.cut
         raw = " ".join(p.strip() for p in raw if p.strip())
         raw = re.sub(r"\s+(?=\[(?:IMG|VID|AUD)\d+\])", "", raw)   # runs back to back, as they were generated
         return cut(" ".join(p.strip() for p in plain if p.strip())), cut(raw)
