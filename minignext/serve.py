@@ -415,13 +415,14 @@ def mb(n: int) -> str:
     return f"{n / 1e6:.1f} MB"
 
 
-def make_server(app: App, host="127.0.0.1", port=8000) -> ThreadingHTTPServer:
-    handler = type("BoundHandler", (Handler,), {"app": app})
+def make_server(host="127.0.0.1", port=8000) -> ThreadingHTTPServer:
+    """A server bound to host:port; give it its App as server.RequestHandlerClass.app before serving."""
+    handler = type("BoundHandler", (Handler,), {})
     try:
         server = ThreadingHTTPServer((host, port), handler)
     except OSError as e:
-        raise ValueError(f"cannot listen on {host}:{port} ({e.strerror or e}); choose another --port or --host") from None
-    server.daemon_threads = True
+        reason = e.strerror or e
+        raise ValueError(f"cannot listen on {host}:{port} ({reason}); choose another --port or --host") from None
     return server
 
 
@@ -437,8 +438,9 @@ def main(argv=None):
     if args.max_upload_mb <= 0:
         raise ValueError(f"--max-upload-mb must be positive; got {args.max_upload_mb}")
     preset = args.preset or default_preset()
-    app = App(load_model(preset), args.out, preset, int(args.max_upload_mb * 1e6), generation_kwargs(args))
-    server = make_server(app, args.host, args.port)
+    server = make_server(args.host, args.port)          # first, so a taken port is said before the model loads
+    server.RequestHandlerClass.app = App(load_model(preset), args.out, preset, int(args.max_upload_mb * 1e6),
+                                         generation_kwargs(args))
     host, port = server.server_address[:2]
     print(f"minignext serve: http://{host}:{port}/ (preset {preset}; conversations in {args.out}; Ctrl-C stops)",
           flush=True)

@@ -6,7 +6,6 @@ import os
 import subprocess
 import sys
 import threading
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -198,6 +197,15 @@ def test_a_failed_request_is_said_and_the_conversation_goes_on(server):
     assert ask(base, cid, "what colour was the first one?")["text"] == "the first one was yellow."
 
 
+def test_a_taken_port_is_said_before_the_model_loads(server, tmp_path):
+    port = server[0].rsplit(":", 1)[1]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, "-m", "minignext", "serve", "--port", port, "--out", str(tmp_path)],
+                       capture_output=True, text=True, timeout=120, cwd=ROOT, env=env)
+    assert r.returncode == 2 and "loading preset" not in r.stderr
+    assert f"minignext serve: error: cannot listen on 127.0.0.1:{port} (Address already in use)" in r.stderr
+
+
 # ---------------------------------------------------------------- the page in a browser
 
 @pytest.fixture(scope="module")
@@ -302,7 +310,8 @@ def test_two_tabs_hold_two_conversations(server, browser, inputs):
         assert browser.text(browser.find_all(".answer-text", within=answer)[0]) == text
     for tab, own in ((tab_a, "what is in this picture?"), (tab_b, "draw a yellow square.")):
         browser.switch(tab)
-        assert [browser.text(q) for q in browser.find_all(".turn.user .text")] == [own, "what colour was the first one?"]
+        questions = [browser.text(q) for q in browser.find_all(".turn.user .text")]
+        assert questions == [own, "what colour was the first one?"]
     browser.click(browser.find("#new-conversation"))
     browser.wait(lambda: browser.js("return document.body.dataset.conversation") not in (second, None),
                  what="a new conversation")

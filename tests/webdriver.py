@@ -27,7 +27,8 @@ def find_chromium() -> tuple:
     driver = shutil.which("chromedriver")
     if browser and driver:
         return browser, driver
-    return None, f"{'chromium' if not browser else 'chromedriver'} is not installed (apt-get install chromium chromium-driver)"
+    missing = "chromium" if not browser else "chromedriver"
+    return None, f"{missing} is not installed (apt-get install chromium chromium-driver)"
 
 
 def free_port() -> int:
