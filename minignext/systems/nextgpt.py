@@ -34,6 +34,10 @@ from minignext.weights import WeightsError
 SPLICE_OPEN, SPLICE_CLOSE = "<Img>", "</Img>"    # wraps a soft token, whatever its modality
 SIGNALS = {"image": ("IMG", 4), "video": ("VID", 24), "audio": ("AUD", 8)}
 MODALITIES = tuple(SIGNALS)
+# Inputs and the ImageBind branch that reads each; depth, thermal and IMU need ImageBind-huge's
+# branches (the toy ImageBind has vision, text and audio only).
+INPUTS = {"image": "vision", "audio": "audio", "video": "vision", "depth": "depth", "thermal": "thermal",
+          "imu": "imu"}
 
 
 def signal_token_names(modality, n=None):
@@ -160,9 +164,10 @@ class Conversation:
     def __init__(self):
         self.turns: list[Message] = []
 
-    def user(self, text, image=None, audio=None, video=None) -> "Conversation":
+    def user(self, text, image=None, audio=None, video=None, depth=None, thermal=None, imu=None) -> "Conversation":
         media = []
-        for modality, items in (("image", image), ("audio", audio), ("video", video)):
+        given = {"image": image, "audio": audio, "video": video, "depth": depth, "thermal": thermal, "imu": imu}
+        for modality, items in given.items():
             # a list holds several inputs; anything else (a path, an image, a (waveform, rate) pair) is one
             items = [] if items is None else items if isinstance(items, list) else [items]
             media += [(modality, x) for x in items]
@@ -175,14 +180,14 @@ class Conversation:
 
     @classmethod
     def from_messages(cls, messages) -> "Conversation":
-        """A string, or dicts {"role": "user"|"assistant", "content": str, "image"/"audio"/"video": ...}."""
+        """A string, or dicts {"role": "user"|"assistant", "content": str, "image"/"audio"/"video"/...: ...}."""
         conv = cls()
         if isinstance(messages, str):
             return conv.user(messages)
         for m in messages:
             role, text = m.get("role", "user"), m.get("content", "")
             if role == "user":
-                conv.user(text, m.get("image"), m.get("audio"), m.get("video"))
+                conv.user(text, **{modality: m.get(modality) for modality in INPUTS})
             elif role == "assistant":
                 conv.assistant(text)
             else:
@@ -262,7 +267,7 @@ class NextGPT(nn.Module):
         self.max_loaded_decoders = None      # 1 keeps a single decoder in memory (nextgpt-7b)
         nums = {m: cfg.num_signal_tokens for m, cfg in output_projections.items()}
         self.signal_ids = {m: [self._token_id(t) for t in signal_token_names(m, n)] for m, n in nums.items()}
-        self.splice_ids = (self._token_id(SPLICE_OPEN), self._token_id(SPLICE_CLOSE))
+        self.splice_ids = self._splice_ids()
 
     @classmethod
     def from_preset(cls, name, dtype=None, device=None) -> "NextGPT":
@@ -290,6 +295,10 @@ class NextGPT(nn.Module):
             raise WeightsError(f"the tokenizer has no {token!r} token; add NExT-GPT's tokens with "
                                f"add_nextgpt_tokens(tokenizer, llm) first")
         return i
+
+    def _splice_ids(self):
+        """<Img> and </Img>: tokens NExT-GPT adds to the vocabulary."""
+        return self._token_id(SPLICE_OPEN), self._token_id(SPLICE_CLOSE)
 
     def output_projection(self, modality) -> OutputProjection:
         return getattr(self, PROJECTION_NAMES[modality])[0]
@@ -322,15 +331,22 @@ class NextGPT(nn.Module):
         if self.visual_encoder is None:
             raise ValueError("this model has no encoder; it cannot read media inputs")
         x = encoder_input(self.visual_encoder, modality, source).to(self.device)
-        name = "audio" if modality == "audio" else "vision"
-        return self.llama_proj(self.visual_encoder.embed(name, x).to(self.llama_proj.weight.dtype))[:, 0]
+        return self.llama_proj(self.imagebind_vector(INPUTS[modality], x).to(self.llama_proj.weight.dtype))[:, 0]
+
+    def imagebind_vector(self, branch, x):
+        """ImageBind's normalised embedding, without the logit scale of its forward."""
+        return self.visual_encoder.embed(branch, x)
+
+    def prompt_segments(self, conversation: Conversation) -> list:
+        """What build_prompt encodes: the conversation's segments, each text piece on its own."""
+        return conversation.segments(self.template)
 
     def build_prompt(self, conversation: Conversation, on_progress=None) -> Prompt:
         ids, insert_at, soft, modalities = [], [], [], []
         todo, done = sum(len(t.media) - len(t.soft) for t in conversation.turns), 0
         if self.tokenizer.bos_id is not None:
             ids.append(self.tokenizer.bos_id)
-        for seg in conversation.segments(self.template):
+        for seg in self.prompt_segments(conversation):
             if seg in (SPLICE_OPEN, SPLICE_CLOSE):
                 ids.append(self._token_id(seg))
                 continue
@@ -485,7 +501,8 @@ class NextGPT(nn.Module):
 
 
 def encoder_input(encoder, modality, source) -> torch.Tensor:
-    """A path / PIL image / (waveform, sr) / frames -> the (1, ...) input ImageBind takes."""
+    """A path / PIL image / (waveform, sr) / frames / a disparity map (H, W) / IMU readings (6, T)
+    -> the (1, ...) input ImageBind takes."""
     c = encoder.config
     if modality == "image":
         return media.preprocess_image(media.load_image(source), size=c.image_size)[None]
@@ -495,7 +512,13 @@ def encoder_input(encoder, modality, source) -> torch.Tensor:
         wave, sr = source if isinstance(source, tuple) else media.load_audio(source)
         return media.waveform_to_imagebind_audio(wave, sr, num_mel_bins=c.audio_num_mel_bins,
                                                  target_length=c.audio_target_len)[None]
-    raise ValueError(f"unknown input modality {modality!r}; expected one of image, audio, video")
+    if modality == "thermal":
+        return media.thermal_to_imagebind(source, size=c.image_size)[None]
+    if modality == "depth":
+        return media.depth_to_imagebind(source, size=c.image_size)[None]
+    if modality == "imu":
+        return media.imu_to_imagebind(source, length=c.imu_length)[None]
+    raise ValueError(f"unknown input modality {modality!r}; expected one of {', '.join(INPUTS)}")
 
 
 # ---------------------------------------------------------------- decoders
