@@ -40,6 +40,8 @@ class RunArgs:
     resume: bool = True             # continue the run of the same name from its last checkpoint
     progress: bool = True           # a progress bar per run
     runs_dir: Path = RUNS_DIR       # run state and loss logs
+    rank: int = 0                   # this process among world_size (torchrun); 0 alone
+    world_size: int = 1
 
     def __post_init__(self):
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
@@ -60,6 +62,12 @@ class RunArgs:
         """How many items to render for a dataset of `full` at full scale. Data shrink four times more
         slowly than the schedule, so that a short run still sees varied data."""
         return max(least, int(full * min(1.0, 4 * self.scale)))
+
+    def shard(self, batch: list) -> list:
+        """This process's share of a step's global batch: every world_size-th example from its rank.
+        Every rank draws the same global batch from the step's stream and keeps its share, so the
+        ranks see disjoint data and together see exactly what one process would."""
+        return batch[self.rank::self.world_size]
 
     def seed_of(self, stream: str, *keys: int) -> int:
         """A 63-bit seed for the random stream named `stream` at `keys`. crc32, unlike hash(), gives a
