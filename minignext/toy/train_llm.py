@@ -69,7 +69,7 @@ def qa_text(obj: world.Obj, rng) -> str:
 def request_text(rng, split="train", phrasing="train") -> str:
     """A one-turn text-only request ("draw a red circle." -> "here is a red circle.")."""
     kind = ("make_image", "make_audio", "make_video")[rng.integers(3)]
-    return world.format_dialogue([world._turn(kind, rng, phrasing, split)], media_marker="describe")
+    return world.format_dialogue([world.turn(kind, rng, phrasing, split)], media_marker="describe")
 
 
 def corpus(n, seed=0, split="train", phrasing="train") -> list[str]:

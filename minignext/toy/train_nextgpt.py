@@ -38,7 +38,7 @@ from minignext.systems.nextgpt import (MODALITIES, PROJECTION_NAMES, SIGNALS, SP
 from minignext.projection import OutputProjectionConfig
 from minignext.systems.nextgpt_checkpoint import peft_name, projection_state, write_folder
 from minignext.tokenizer import VICUNA_V0
-from minignext.toy import decoder_text, world
+from minignext.toy import decoder_text, family, world
 from minignext.toy.mllm import answer_ce, media_bank, pad_batch, splice
 from minignext.toy.train_audio_decoder import EMBED_DIM
 from minignext.toy.trainer import ADAM_BETAS, TOY_DIR, Run, RunArgs, optimizer_step
@@ -186,7 +186,7 @@ def stage_turn(stage, rng):
         return [replace(t, user=add_fillers(t.user, rng)) for t in world.sample_dialogue(rng)]
     modality = MODALITIES[rng.integers(3)]
     kind = ("describe_" if stage == 1 else "make_") + modality
-    t = world._turn(kind, rng, "train", "train")
+    t = world.turn(kind, rng, "train", "train")
     if stage == 1:      # encoder-side alignment: the answer is the caption itself
         t = world.Turn(t.kind, t.user, t.user_media.caption(rng) + ".", t.user_media)
     return [t]
@@ -326,6 +326,9 @@ def train(args: RunArgs, out_dir=None, root=TOY_DIR, bank_per_key=BANK_PER_KEY) 
         summary["stages"][stage] = {**count_trainable(model, stage), "steps": run.total, "loss": run.mean_loss(),
                                     "seconds": round(run.seconds, 1)}
     out = save(model, out_dir or OUT_DIR, root, overwrite=True)
+    examples = sum(s["steps"] * STAGES[k]["batch"] for k, s in summary["stages"].items())
+    family.write_training_record(out, minutes=round((time.perf_counter() - t0) / 60, 1), examples=examples,
+                                 stages=summary["stages"])
     summary.update(folder=str(out), lora=LORA, seconds=round(time.perf_counter() - t0, 1),
                    megabytes=round((out / "delta.safetensors").stat().st_size / 1e6, 2))
     return summary

@@ -370,7 +370,7 @@ class Turn:
     assistant_media: Media | None = None
 
 
-def _turn(kind, rng, phrasing, split, first=None, last=None):
+def turn(kind, rng, phrasing, split, first=None, last=None):
     """One turn of `kind`; `first`/`last` are the first and latest media of the dialogue so far."""
     def say(key, **kw):
         return _pick(rng, INSTRUCTIONS[key], phrasing).format(**kw)
@@ -434,11 +434,11 @@ def sample_dialogue(rng, split="train", phrasing="train", max_turns=3) -> list[T
         pool = TURN_KINDS
         if last is not None and rng.random() < 0.6:  # questions about shape/colour need a visual first one
             pool = FOLLOW_UPS if first.modality != "audio" else FOLLOW_UPS[:3]
-        turn = _turn(pool[rng.integers(len(pool))], rng, phrasing, split, first, last)
-        media = turn.assistant_media or turn.user_media
+        t = turn(pool[rng.integers(len(pool))], rng, phrasing, split, first, last)
+        media = t.assistant_media or t.user_media
         if media is not None:
             first, last = first or media, media
-        turns.append(turn)
+        turns.append(t)
     return turns
 
 
