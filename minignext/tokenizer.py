@@ -8,6 +8,7 @@ The Vicuna v0 template is the one NExT-GPT's legacy code builds by hand
 (NExT-GPT-Lagacy/code/inference.py and model/anyToImageVideoAudio.py; FastChat's
 "###" separator style): turns are `### Human: ...` and `### Assistant: ...`, one
 per line, and generation stops at the string "###" (token 835 in Vicuna's vocabulary).
+ChatML (`<|im_start|>role\n ... <|im_end|>`) is the template of SmolLM2-Instruct.
 """
 
 import json
@@ -133,5 +134,9 @@ class ChatTemplate:
 
 
 VICUNA_V0 = ChatTemplate(name="vicuna_v0", user="### Human: ", assistant="### Assistant: ", stop=("###",))
+# ChatML, as SmolLM2-Instruct's chat template writes it. That template also adds a default system
+# turn when the first message is not one; here a system message is passed explicitly.
+CHATML = ChatTemplate(name="chatml", user="<|im_start|>user\n", assistant="<|im_start|>assistant\n",
+                      system="<|im_start|>system\n", sep="<|im_end|>\n", stop=("<|im_end|>",))
 PLAIN = ChatTemplate(name="plain", user="", assistant="")
-TEMPLATES = {t.name: t for t in (VICUNA_V0, PLAIN)}
+TEMPLATES = {t.name: t for t in (VICUNA_V0, CHATML, PLAIN)}
