@@ -65,7 +65,7 @@ class CLIPTokenizer:
 
     @classmethod
     def from_pretrained(cls, path):
-        folder = weights.resolve(path)
+        folder = weights.resolve(path, folders=("tokenizer",))
         if (folder / "tokenizer").is_dir() and not (folder / "vocab.json").is_file():
             folder = folder / "tokenizer"        # a whole pipeline repo (SD 1.5 layout)
         settings = {}
@@ -349,7 +349,13 @@ class CLIPVision(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, dtype=None, device=None):
-        return _from_pretrained(cls, CLIPVisionConfig, "vision_model.", "visual_projection.", path, dtype, device)
+        return _from_pretrained(cls, path, dtype, device)
+
+    @classmethod
+    def from_checkpoint(cls, config: dict, tensors: dict, dtype=None, device=None):
+        """A config.json dict and the tensors as the file stores them -> the vision tower."""
+        return _from_checkpoint(cls, CLIPVisionConfig, "vision_model.", "visual_projection.", config, tensors,
+                                dtype, device)
 
 
 # ---------------------------------------------------------------- text tower
@@ -403,31 +409,43 @@ class CLIPText(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, dtype=None, device=None):
-        return _from_pretrained(cls, CLIPTextConfig, "text_model.", "text_projection.", path, dtype, device,
-                                pipeline_folder="text_encoder")
+        return _from_pretrained(cls, path, dtype, device, pipeline_folder="text_encoder")
+
+    @classmethod
+    def from_checkpoint(cls, config: dict, tensors: dict, dtype=None, device=None):
+        """A config.json dict and the tensors as the file stores them -> the text tower."""
+        return _from_checkpoint(cls, CLIPTextConfig, "text_model.", "text_projection.", config, tensors,
+                                dtype, device)
 
 
 # ---------------------------------------------------------------- loading
 
-def add_tower_prefix(key, tensor, prefix):
+# Buffers that transformers before 4.31 saved with CLIP weights (SD-1.5's text encoder has one);
+# the model indexes its positions itself.
+LEGACY_BUFFERS = ("embeddings.position_ids",)
+
+
+def checkpoint_key(key, tensor, prefix):
     """transformers 5 saves CLIPTextModel / CLIPVisionModel without the `text_model.` /
-    `vision_model.` prefix that every other CLIP checkpoint (and this module) uses."""
+    `vision_model.` prefix that every other CLIP checkpoint (and this module) uses: add it.
+    Drop the legacy buffers."""
+    if key.endswith(LEGACY_BUFFERS):
+        return []
     if key.startswith(("text_model.", "vision_model.", "text_projection.", "visual_projection.", "logit_scale")):
         return [(key, tensor)]
     return [(prefix + key, tensor)]
 
 
-def _from_pretrained(cls, config_cls, tower, projection, path, dtype, device, pipeline_folder=None):
-    folder = weights.resolve(path)
+def _from_pretrained(cls, path, dtype, device, pipeline_folder=None):
+    folder = weights.resolve(path, folders=(pipeline_folder,) if pipeline_folder else ())
     if pipeline_folder and (folder / pipeline_folder).is_dir() and not (folder / "config.json").is_file():
         folder = folder / pipeline_folder           # a Stable Diffusion pipeline repo
-    raw = weights.load_safetensors(folder)
-    sd = {}
-    for key, tensor in raw.items():
-        for k, t in add_tower_prefix(key, tensor, tower):
-            if k.startswith((tower, projection)):   # a full CLIPModel holds both towers: keep ours
-                sd[k] = t
-    config = config_cls.from_hf(weights.read_config(folder),
-                                with_projection=any(k.startswith(projection) for k in sd))
-    model = weights.build_on_meta(cls, config)
-    return weights.load_into(model, sd, dtype=dtype, device=device).eval()
+    return cls.from_checkpoint(weights.read_config(folder), weights.load_checkpoint(folder), dtype, device)
+
+
+def _from_checkpoint(cls, config_cls, tower, projection, config, tensors, dtype, device):
+    tensors = weights.remap_state_dict(tensors, lambda k, t: checkpoint_key(k, t, tower))
+    # a full CLIPModel holds both towers: keep ours
+    sd = {k: t for k, t in tensors.items() if k.startswith((tower, projection))}
+    config = config_cls.from_hf(config, with_projection=any(k.startswith(projection) for k in sd))
+    return weights.load_model(cls, config, sd, dtype=dtype, device=device)

@@ -80,7 +80,7 @@ def load_sd_folder(path, unet_class, scheduler=None, dtype=None, device=None) ->
     from minignext.clip import CLIPText, CLIPTokenizer
     from minignext.vae import AutoencoderKL
 
-    folder = weights.resolve(path)
+    folder = weights.resolve(path, folders=("unet", "vae", "scheduler", "text_encoder", "tokenizer"))
     index = weights.read_config(folder, "model_index.json")
     sched_cfg = weights.read_config(folder / "scheduler", "scheduler_config.json")
     if scheduler is not None:
@@ -227,7 +227,7 @@ class AudioPipeline:
         from minignext.unet import UNet2DCondition
         from minignext.vae import AutoencoderKL
 
-        folder = weights.resolve(path)
+        folder = weights.resolve(path, folders=("unet", "vae", "scheduler", "vocoder"))
         sched_cfg = weights.read_config(folder / "scheduler", "scheduler_config.json")
         if scheduler is not None:
             sched_cfg = {**sched_cfg, "_class_name": scheduler}

@@ -242,16 +242,21 @@ class Llama(nn.Module):
     @classmethod
     def from_pretrained(cls, path_or_repo_id, dtype=None, device=None) -> "Llama":
         folder = weights.resolve(path_or_repo_id)
-        config = LlamaConfig.from_hf(weights.read_config(folder))
-        model = weights.build_on_meta(cls, config)
-        sd = weights.load_safetensors(folder, stem="model")
-        if config.tie_word_embeddings and "model.embed_tokens.weight" in sd:
+        return cls.from_checkpoint(weights.read_config(folder), weights.load_checkpoint(folder), dtype, device)
+
+    @classmethod
+    def from_checkpoint(cls, config: dict, tensors: dict, dtype=None, device=None) -> "Llama":
+        """A config.json dict and the tensors as the file stores them -> the model (from_pretrained
+        without the files; the tensors may be on meta)."""
+        config = LlamaConfig.from_hf(config)
+        tensors = weights.remap_state_dict(tensors, legacy_key)
+        if config.tie_word_embeddings and "model.embed_tokens.weight" in tensors:
             # transformers saves a tied matrix once, under the embedding's name.
-            sd.setdefault("lm_head.weight", sd["model.embed_tokens.weight"])
-        weights.load_into(model, sd, dtype=dtype, device=device)
+            tensors.setdefault("lm_head.weight", tensors["model.embed_tokens.weight"])
+        model = weights.load_model(cls, config, tensors, dtype=dtype, device=device)
         if config.tie_word_embeddings:
             model.lm_head.weight = model.model.embed_tokens.weight   # assign=True made two parameters
-        return model.eval()
+        return model
 
     def embed(self, input_ids):
         return self.model.embed_tokens(input_ids)
@@ -332,6 +337,15 @@ class Llama(nn.Module):
         """See minignext.generation.generate."""
         from minignext.generation import generate
         return generate(self, input_ids, max_new_tokens, **kwargs)
+
+
+# Buffers that transformers 4.28-4.30 saved with LLaMA weights (Vicunas merged then carry them);
+# the model computes them itself from the config.
+LEGACY_BUFFERS = ("self_attn.rotary_emb.inv_freq",)
+
+
+def legacy_key(key, tensor):
+    return [] if key.endswith(LEGACY_BUFFERS) else [(key, tensor)]
 
 
 def _start(input_pos, t):

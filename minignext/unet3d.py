@@ -300,8 +300,12 @@ class UNet3DCondition(nn.Module):
         return unfold_frames(x, f)
 
     @classmethod
-    def from_pretrained(cls, path, dtype=None, device=None) -> "UNet3DCondition":
+    def from_pretrained(cls, path, dtype=None, device=None):
         folder = weights.resolve(path)
-        model = weights.build_on_meta(cls, UNet3DConditionConfig.from_hf(weights.read_config(folder)))
-        sd = weights.load_safetensors(folder, stem="diffusion_pytorch_model")
-        return weights.load_into(model, sd, dtype=dtype, device=device).eval()
+        return cls.from_checkpoint(weights.read_config(folder),
+                                   weights.load_checkpoint(folder, stem="diffusion_pytorch_model"), dtype, device)
+
+    @classmethod
+    def from_checkpoint(cls, config: dict, tensors: dict, dtype=None, device=None):
+        """A published config.json dict and the tensors as its file stores them -> the model."""
+        return weights.load_model(cls, UNet3DConditionConfig.from_hf(config), tensors, dtype=dtype, device=device)

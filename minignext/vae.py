@@ -193,6 +193,24 @@ class AutoencoderKL(nn.Module):
     @classmethod
     def from_pretrained(cls, path, dtype=None, device=None):
         folder = weights.resolve(path)
-        model = weights.build_on_meta(cls, AutoencoderKLConfig.from_hf(weights.read_config(folder)))
-        sd = weights.load_safetensors(folder, stem="diffusion_pytorch_model")
-        return weights.load_into(model, sd, dtype=dtype, device=device).eval()
+        return cls.from_checkpoint(weights.read_config(folder),
+                                   weights.load_checkpoint(folder, stem="diffusion_pytorch_model"), dtype, device)
+
+    @classmethod
+    def from_checkpoint(cls, config: dict, tensors: dict, dtype=None, device=None):
+        """A published config.json dict and the tensors as its file stores them -> the model
+        (from_pretrained without the files; the tensors may be on meta)."""
+        return weights.load_model(cls, AutoencoderKLConfig.from_hf(config), tensors, legacy_key, dtype, device)
+
+
+# diffusers before 0.17 named the mid-block attention so; SD-1.5's and AudioLDM's published VAEs still do
+LEGACY_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
+
+
+def legacy_key(key, tensor):
+    """`encoder.mid_block.attentions.0.query.weight` -> `...to_q.weight`, as diffusers renames on load."""
+    module, _, leaf = key.rpartition(".")
+    block, _, name = module.rpartition(".")
+    if ".mid_block.attentions." in f"{block}." and name in LEGACY_NAMES:
+        return [(f"{block}.{LEGACY_NAMES[name]}.{leaf}", tensor)]
+    return [(key, tensor)]

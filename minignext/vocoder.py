@@ -118,7 +118,9 @@ class HifiGan(nn.Module):
     @classmethod
     def from_pretrained(cls, path, dtype=None, device=None) -> "HifiGan":
         folder = weights.resolve(path)
-        config = HifiGanConfig.from_hf(weights.read_config(folder))
-        model = weights.build_on_meta(cls, config)
-        weights.load_into(model, weights.load_safetensors(folder, stem="model"), dtype=dtype, device=device)
-        return model.eval()
+        return cls.from_checkpoint(weights.read_config(folder), weights.load_checkpoint(folder), dtype, device)
+
+    @classmethod
+    def from_checkpoint(cls, config: dict, tensors: dict, dtype=None, device=None) -> "HifiGan":
+        """A published config.json dict and the tensors as its file stores them -> the model."""
+        return weights.load_model(cls, HifiGanConfig.from_hf(config), tensors, dtype=dtype, device=device)
