@@ -128,14 +128,15 @@ class CLIPTokenizer:
 
 @dataclass
 class CLIPVisionConfig:
-    hidden_size: int = 64
-    intermediate_size: int = 128
-    num_hidden_layers: int = 2
-    num_attention_heads: int = 4
+    """Defaults are transformers' CLIPVisionConfig defaults (ViT-B/32); `tiny()` for tests."""
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
     num_channels: int = 3
-    image_size: int = 32
-    patch_size: int = 8
-    projection_dim: int = 32
+    image_size: int = 224
+    patch_size: int = 32
+    projection_dim: int = 512
     with_projection: bool = True       # False for CLIPVisionModel (no visual_projection)
     hidden_act: str = "quick_gelu"     # "quick_gelu" (OpenAI weights) or "gelu"
     layer_norm_eps: float = 1e-5
@@ -154,6 +155,11 @@ class CLIPVisionConfig:
         return config_from_dict(cls, d, **overrides)
 
     @classmethod
+    def tiny(cls, **overrides):
+        return cls(**{**dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                             image_size=32, patch_size=8, projection_dim=32), **overrides})
+
+    @classmethod
     def vit_l_14(cls, image_size=224):
         """openai/clip-vit-large-patch14 (LLaVA uses 336: pass image_size=336)."""
         return cls(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
@@ -162,13 +168,14 @@ class CLIPVisionConfig:
 
 @dataclass
 class CLIPTextConfig:
-    vocab_size: int = 1000
-    hidden_size: int = 64
-    intermediate_size: int = 128
-    num_hidden_layers: int = 2
-    num_attention_heads: int = 4
+    """Defaults are transformers' CLIPTextConfig defaults; `tiny()` for tests."""
+    vocab_size: int = 49408
+    hidden_size: int = 512
+    intermediate_size: int = 2048
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 8
     max_position_embeddings: int = 77
-    projection_dim: int = 32
+    projection_dim: int = 512
     with_projection: bool = False      # True for CLIPTextModelWithProjection (text_projection)
     hidden_act: str = "quick_gelu"
     layer_norm_eps: float = 1e-5
@@ -182,6 +189,11 @@ class CLIPTextConfig:
         if "text_config" in d:   # a whole CLIPModel config: the tower's part plus the shared projection_dim
             d = {**d["text_config"], **{k: d[k] for k in ("projection_dim",) if k in d}}
         return config_from_dict(cls, d, **overrides)
+
+    @classmethod
+    def tiny(cls, **overrides):
+        return cls(**{**dict(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                             num_attention_heads=4, projection_dim=32), **overrides})
 
     @classmethod
     def sd15_text(cls):

@@ -32,14 +32,15 @@ from minignext.utils import config_from_dict
 
 @dataclass
 class LlamaConfig:
-    vocab_size: int = 256
-    hidden_size: int = 64
-    intermediate_size: int = 176            # SwiGLU width; LLaMA uses about 8/3 * hidden
-    num_hidden_layers: int = 2
-    num_attention_heads: int = 4
+    """Defaults are transformers' LlamaConfig defaults (LLaMA-7B); `tiny()` for tests and lessons."""
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008          # SwiGLU width; LLaMA uses about 8/3 * hidden
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
     num_key_value_heads: int | None = None  # < num_attention_heads means grouped-query attention
     head_dim: int | None = None             # defaults to hidden_size // num_attention_heads
-    max_position_embeddings: int = 512      # length of the RoPE tables and the longest prompt
+    max_position_embeddings: int = 2048     # length of the RoPE tables and the longest prompt
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0             # RoPE base: frequencies theta^(-2i/d)
     tie_word_embeddings: bool = False       # lm_head shares the embedding matrix
@@ -76,6 +77,12 @@ class LlamaConfig:
         if "max_position_embeddings" not in d and "max_sequence_length" in d:   # 2023-era LLaMA configs
             extra["max_position_embeddings"] = d["max_sequence_length"]
         return config_from_dict(cls, d, rope_theta=float(theta), **extra)
+
+    @classmethod
+    def tiny(cls, **overrides) -> "LlamaConfig":
+        """A small random-weights model: 2 layers of width 64 over a 256-token vocabulary."""
+        return cls(**{**dict(vocab_size=256, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
+                             num_attention_heads=4, max_position_embeddings=512), **overrides})
 
     @classmethod
     def vicuna_7b(cls) -> "LlamaConfig":

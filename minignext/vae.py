@@ -22,16 +22,17 @@ from minignext.utils import config_from_dict
 
 @dataclass
 class AutoencoderKLConfig:
+    """Defaults are diffusers' AutoencoderKL defaults; `tiny()` for tests and lessons."""
     in_channels: int = 3
     out_channels: int = 3
-    down_block_types: tuple = ("DownEncoderBlock2D", "DownEncoderBlock2D")
-    up_block_types: tuple = ("UpDecoderBlock2D", "UpDecoderBlock2D")
-    block_out_channels: tuple = (32, 64)
+    down_block_types: tuple = ("DownEncoderBlock2D",)
+    up_block_types: tuple = ("UpDecoderBlock2D",)
+    block_out_channels: tuple = (64,)
     layers_per_block: int = 1
     latent_channels: int = 4
     norm_num_groups: int = 32
     act_fn: str = "silu"
-    sample_size: int = 64
+    sample_size: int = 32
     scaling_factor: float = 0.18215          # latents * scaling_factor have about unit variance
     shift_factor: float | None = None        # subtracted before scaling (SD3-style VAEs; None in SD-1.5)
     use_quant_conv: bool = True
@@ -49,6 +50,12 @@ class AutoencoderKLConfig:
     @classmethod
     def from_hf(cls, d: dict):
         return config_from_dict(cls, d)
+
+    @classmethod
+    def tiny(cls, **overrides):
+        """Two levels of 32 and 64 channels (a scale factor of 2)."""
+        return cls(**{**dict(down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                             block_out_channels=(32, 64), sample_size=64), **overrides})
 
 
 class VAEAttention(Attention):

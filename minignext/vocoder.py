@@ -27,15 +27,16 @@ from .utils import config_from_dict
 
 @dataclass
 class HifiGanConfig:
-    model_in_dim: int = 16                          # mel bins per frame
+    """Defaults are transformers' SpeechT5HifiGanConfig defaults; `tiny()` for tests."""
+    model_in_dim: int = 80                          # mel bins per frame
     sampling_rate: int = 16000                      # of the output waveform
-    upsample_initial_channel: int = 32              # channels after conv_pre; halved at each upsampling
-    upsample_rates: tuple = (4, 4)                  # their product = samples per mel frame
-    upsample_kernel_sizes: tuple = (8, 8)
-    resblock_kernel_sizes: tuple = (3, 5)           # one residual block per kernel size (the MRF)
-    resblock_dilation_sizes: tuple = ((1, 3), (1, 3))
+    upsample_initial_channel: int = 512             # channels after conv_pre; halved at each upsampling
+    upsample_rates: tuple = (4, 4, 4, 4)            # their product = samples per mel frame
+    upsample_kernel_sizes: tuple = (8, 8, 8, 8)
+    resblock_kernel_sizes: tuple = (3, 7, 11)       # one residual block per kernel size (the MRF)
+    resblock_dilation_sizes: tuple = ((1, 3, 5), (1, 3, 5), (1, 3, 5))
     leaky_relu_slope: float = 0.1
-    normalize_before: bool = False                  # standardise the mel with the `mean`/`scale` buffers
+    normalize_before: bool = True                   # standardise the mel with the `mean`/`scale` buffers
 
     def __post_init__(self):
         self.upsample_rates = tuple(self.upsample_rates)
@@ -53,6 +54,12 @@ class HifiGanConfig:
     @classmethod
     def from_hf(cls, d: dict) -> "HifiGanConfig":
         return config_from_dict(cls, d)
+
+    @classmethod
+    def tiny(cls, **overrides) -> "HifiGanConfig":
+        return cls(**{**dict(model_in_dim=16, upsample_initial_channel=32, upsample_rates=(4, 4),
+                             upsample_kernel_sizes=(8, 8), resblock_kernel_sizes=(3, 5),
+                             resblock_dilation_sizes=((1, 3), (1, 3)), normalize_before=False), **overrides})
 
 
 class ResBlock(nn.Module):
