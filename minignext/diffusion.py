@@ -39,7 +39,7 @@ def denoise(unet_fn, latents, scheduler, cond, uncond=None, guidance_scale=7.5, 
     """
     if num_inference_steps < 1:
         raise ValueError(f"num_inference_steps must be at least 1, got {num_inference_steps}")
-    scheduler.set_timesteps(num_inference_steps, device=latents.device)
+    scheduler.set_timesteps(num_inference_steps)   # on the host: they steer the loop; the UNet moves t to its device
     latents = latents * scheduler.init_noise_sigma
     guided = uncond is not None and guidance_scale > 1.0
     context = torch.cat([uncond, cond]) if guided else cond
@@ -323,8 +323,8 @@ class AudioPipeline:
         latents = denoise(lambda x, t, c: self.unet(x, t, encoder_hidden_states=None, class_labels=c), latents,
                           self.scheduler, cond, uncond, guidance_scale, num_inference_steps, progress, callback,
                           generator, desc="audio")
-        audio = self.decode(latents)[1][:, :samples].float().cpu()   # crop the rounding-up of the length
-        return audio.numpy() if output_type == "np" else audio
+        audio = self.decode(latents)[1][:, :samples]                   # crop the rounding-up of the length
+        return audio.float().cpu().numpy() if output_type == "np" else audio
 
     def save(self, waveforms, folder, stem="audio", overwrite=False):
         """Write each waveform as a 16-bit WAV at the vocoder's sampling rate; never overwrites unless asked."""
