@@ -1,13 +1,32 @@
-"""minignext: NExT-GPT (Wu et al. 2023, arXiv 2309.05519), the any-to-any multimodal
-LLM, written from scratch in PyTorch for teaching.
+"""minignext: NExT-GPT (Wu et al. 2023, arXiv 2309.05519), the any-to-any multimodal LLM,
+and the family of systems around it, written from scratch in PyTorch for teaching.
 
-The package follows the data flow:
-    encode   clip.py, imagebind.py, media.py
-    project  projection.py
-    LLM      attention.py, llama.py, tokenizer.py, generation.py
-    project  projection.py
-    decode   unet.py, unet3d.py, vae.py, vocoder.py, schedulers.py, diffusion.py
-    glue     nextgpt.py, weights.py, cli.py
+A map of the package. The parts are flat modules, in data-flow order:
+
+    encode   media.py (reading and preprocessing files), clip.py, imagebind.py,
+             blip2.py (BLIP-2's vision model and Q-Former), vq.py and encodec.py (discrete
+             image and audio tokenizers)
+    project  projection.py (input Linear, output transformer), perceiver.py (perceiver
+             resampler and gated cross-attention)
+    LLM      attention.py, llama.py, lora.py, tokenizer.py, generation.py
+    decode   unet.py, unet3d.py, vae.py, vocoder.py, schedulers.py, diffusion.py (the pipelines)
+    files    weights.py (finding, reading, checking, converting checkpoints), utils.py
+
+Each system of the family is one file in systems/ that assembles those parts and loads its
+official checkpoint:
+
+    systems/nextgpt.py             NExT-GPT's any-to-any loop: signal tokens, conversation, model, decoders
+    systems/nextgpt_checkpoint.py  NExT-GPT's released delta and minignext's saved-folder layout
+    systems/minigpt4.py            MiniGPT-4 (and BLIP-2's own Blip2ForConditionalGeneration)
+    systems/flamingo.py            IDEFICS and OpenFlamingo
+    systems/anygpt.py              AnyGPT: media as discrete tokens in the vocabulary
+
+Ready-made models by name live apart from both: presets.py ("nextgpt-7b", "toy", "tiny-random")
+and tiny.py (tiny random builds of every part, for tests and lessons).
+
+Around them: cli.py, chat.py and demo.py (the `minignext` command), bench/ (speed against the
+reference libraries), toy/ (the toy world, its analytic checkers, and the training and
+evaluation of every toy model).
 """
 
 __version__ = "0.1.0"

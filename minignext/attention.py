@@ -175,3 +175,41 @@ def _bool_or_float_mask(q, k, causal, key_padding_mask, attn_mask):
             mask = mask & p
         return mask
     return combined_mask(q, k, causal, key_padding_mask, attn_mask)
+
+
+class MultiheadAttention(torch.nn.Module):
+    """torch.nn.MultiheadAttention's parameters and initialisation (packed in_proj, out_proj, and
+    with add_bias_kv one extra learned key and value appended to every sequence), computed through
+    `attention`. Used where a checkpoint stores nn.MultiheadAttention's keys (ImageBind, NExT-GPT's
+    output projection)."""
+
+    def __init__(self, dim, heads, add_bias_kv=False):
+        super().__init__()
+        self.heads = heads
+        self.in_proj_weight = torch.nn.Parameter(torch.empty(3 * dim, dim))
+        self.in_proj_bias = torch.nn.Parameter(torch.empty(3 * dim))
+        if add_bias_kv:
+            self.bias_k = torch.nn.Parameter(torch.empty(1, 1, dim))
+            self.bias_v = torch.nn.Parameter(torch.empty(1, 1, dim))
+        self.out_proj = torch.nn.Linear(dim, dim)
+        if self.in_proj_weight.device.type != "meta":
+            torch.nn.init.xavier_uniform_(self.in_proj_weight)
+            torch.nn.init.zeros_(self.in_proj_bias)
+            torch.nn.init.zeros_(self.out_proj.bias)
+            if add_bias_kv:
+                torch.nn.init.xavier_normal_(self.bias_k)
+                torch.nn.init.xavier_normal_(self.bias_v)
+
+    def forward(self, x, memory=None, causal=False):
+        """x (B, Tq, D) attends to `memory` (B, Tk, D), or to itself when memory is None."""
+        w_q, w_kv = self.in_proj_weight.split([x.shape[-1], 2 * x.shape[-1]])
+        b_q, b_kv = self.in_proj_bias.split([x.shape[-1], 2 * x.shape[-1]])
+        q = F.linear(x, w_q, b_q)
+        k, v = F.linear(x if memory is None else memory, w_kv, b_kv).chunk(2, dim=-1)
+        if hasattr(self, "bias_k"):
+            k = torch.cat([k, self.bias_k.expand(k.shape[0], 1, -1)], dim=1)
+            v = torch.cat([v, self.bias_v.expand(v.shape[0], 1, -1)], dim=1)
+        b, tq, d = q.shape
+        heads = lambda t: t.view(b, t.shape[1], self.heads, d // self.heads).transpose(1, 2)  # noqa: E731
+        out = attention(heads(q), heads(k), heads(v), causal=causal)       # (B, H, Tq, D/H)
+        return self.out_proj(out.transpose(1, 2).reshape(b, tq, d))

@@ -6,7 +6,8 @@ import sys
 from pathlib import Path
 
 from minignext import media
-from minignext.systems.nextgpt import PRESETS, Conversation, NextGPT, default_preset
+from minignext.presets import PRESETS, default_preset
+from minignext.systems.nextgpt import Conversation, NextGPT
 
 
 def add_generation_args(p):
@@ -177,6 +178,6 @@ def download_main(argv=None):
     p.add_argument("preset", choices=list(PRESETS))
     p.add_argument("--overwrite", action="store_true")
     args = p.parse_args(argv)
-    from minignext.systems.nextgpt import download_preset
+    from minignext.presets import download_preset
     for line in download_preset(args.preset, overwrite=args.overwrite):
         print(line)

@@ -255,10 +255,12 @@ class CLIPMLP(nn.Module):
 
 
 class CLIPEncoderLayer(nn.Module):
-    def __init__(self, c):
+    """A pre-norm transformer block. `attention_cls` swaps the attention (BLIP-2's ViT uses EVA's)."""
+
+    def __init__(self, c, attention_cls=None):
         super().__init__()
         self.layer_norm1 = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
-        self.self_attn = CLIPAttention(c)
+        self.self_attn = (attention_cls or CLIPAttention)(c)
         self.layer_norm2 = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
         self.mlp = CLIPMLP(c)
 
@@ -268,9 +270,9 @@ class CLIPEncoderLayer(nn.Module):
 
 
 class CLIPEncoder(nn.Module):
-    def __init__(self, c):
+    def __init__(self, c, attention_cls=None):
         super().__init__()
-        self.layers = nn.ModuleList(CLIPEncoderLayer(c) for _ in range(c.num_hidden_layers))
+        self.layers = nn.ModuleList(CLIPEncoderLayer(c, attention_cls) for _ in range(c.num_hidden_layers))
 
     def forward(self, x, causal=False, key_padding_mask=None):
         states = [x]

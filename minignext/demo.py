@@ -19,7 +19,8 @@ from PIL import Image, ImageDraw
 
 from minignext import media
 from minignext.chat import fresh_folder, save_reply, transcript_entry
-from minignext.systems.nextgpt import Conversation, NextGPT, default_preset, signal_token_names
+from minignext.presets import default_preset
+from minignext.systems.nextgpt import Conversation, NextGPT, signal_token_names
 
 
 def script(inputs):

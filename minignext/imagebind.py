@@ -22,7 +22,7 @@ from einops import rearrange
 from torch import nn
 
 from minignext import weights
-from minignext.attention import attention
+from minignext.attention import MultiheadAttention
 from minignext.utils import config_from_dict
 
 MODALITIES = ("vision", "text", "audio")
@@ -91,36 +91,6 @@ class ImageBindConfig:
 
 # ---------------------------------------------------------------- trunk (official names)
 
-class MultiheadAttention(nn.Module):
-    """nn.MultiheadAttention's parameters (packed in_proj, out_proj, optional bias_k/bias_v),
-    computed through minignext.attention. bias_k/bias_v are one extra learned key and value
-    appended to every sequence."""
-
-    def __init__(self, dim, heads, add_bias_kv=False):
-        super().__init__()
-        self.heads = heads
-        self.in_proj_weight = nn.Parameter(torch.empty(3 * dim, dim))
-        self.in_proj_bias = nn.Parameter(torch.zeros(3 * dim))
-        if add_bias_kv:
-            self.bias_k = nn.Parameter(torch.empty(1, 1, dim))
-            self.bias_v = nn.Parameter(torch.empty(1, 1, dim))
-        self.out_proj = nn.Linear(dim, dim)
-        if self.in_proj_weight.device.type != "meta":
-            nn.init.xavier_uniform_(self.in_proj_weight)
-            if add_bias_kv:
-                nn.init.xavier_normal_(self.bias_k)
-                nn.init.xavier_normal_(self.bias_v)
-
-    def forward(self, x, causal=False):
-        q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)
-        if hasattr(self, "bias_k"):
-            k = torch.cat([k, self.bias_k.expand(x.shape[0], 1, -1)], dim=1)
-            v = torch.cat([v, self.bias_v.expand(x.shape[0], 1, -1)], dim=1)
-        split = lambda t: rearrange(t, "b t (h d) -> b h t d", h=self.heads)
-        y = attention(split(q), split(k), split(v), causal=causal)
-        return self.out_proj(rearrange(y, "b h t d -> b t (h d)"))
-
-
 class Mlp(nn.Module):
     def __init__(self, dim, hidden):
         super().__init__()
@@ -141,7 +111,7 @@ class Block(nn.Module):
         self.drop_path = drop_path
 
     def forward(self, x, causal=False):
-        x = x + self._drop(self.attn(self.norm_1(x), causal))
+        x = x + self._drop(self.attn(self.norm_1(x), causal=causal))
         return x + self._drop(self.mlp(self.norm_2(x)))
 
     def _drop(self, branch):

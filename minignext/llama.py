@@ -217,7 +217,9 @@ class LlamaModel(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
-    def forward(self, inputs_embeds, start=0, attention_mask=None):
+    def forward(self, inputs_embeds, start=0, attention_mask=None, before_layer=None):
+        """`before_layer(i, x) -> x`, if given, runs before layer i: the place where Flamingo-style
+        models insert their cross-attention blocks without touching the layers themselves."""
         t = inputs_embeds.shape[1]
         cache = self.layers[0].self_attn.kv_cache
         limit = cache.k_cache.shape[2] if cache is not None else self.config.max_position_embeddings
@@ -230,7 +232,9 @@ class LlamaModel(nn.Module):
         cos = self.rope_cos[start:start + t].to(inputs_embeds.dtype)
         sin = self.rope_sin[start:start + t].to(inputs_embeds.dtype)
         x = inputs_embeds
-        for layer in self.layers:
+        for i, layer in enumerate(self.layers):
+            if before_layer is not None:
+                x = before_layer(i, x)
             x = layer(x, cos, sin, start, attention_mask)
         return self.norm(x)
 
@@ -256,14 +260,16 @@ class Llama(nn.Module):
         """A config.json dict and the tensors as the file stores them -> the model (from_pretrained
         without the files; the tensors may be on meta)."""
         config = LlamaConfig.from_hf(config)
-        tensors = weights.remap_state_dict(tensors, legacy_key)
-        if config.tie_word_embeddings and "model.embed_tokens.weight" in tensors:
-            # transformers saves a tied matrix once, under the embedding's name.
-            tensors.setdefault("lm_head.weight", tensors["model.embed_tokens.weight"])
+        tensors = fill_tied_head(config, weights.remap_state_dict(tensors, legacy_key))
         model = weights.load_model(cls, config, tensors, dtype=dtype, device=device)
-        if config.tie_word_embeddings:
-            model.lm_head.weight = model.model.embed_tokens.weight   # assign=True made two parameters
+        model.tie_weights()
         return model
+
+    def tie_weights(self):
+        """Share the embedding with lm_head again if the config ties them (a load with
+        assign=True makes them two parameters)."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
 
     def embed(self, input_ids):
         return self.model.embed_tokens(input_ids)
@@ -281,8 +287,9 @@ class Llama(nn.Module):
         logits = self.lm_head(hidden)
         return (logits, hidden) if return_hidden else logits
 
-    def hidden_states(self, input_ids=None, *, inputs_embeds=None, input_pos=None, attention_mask=None):
-        """The last hidden states after the final norm, without the head."""
+    def hidden_states(self, input_ids=None, *, inputs_embeds=None, input_pos=None, attention_mask=None,
+                      before_layer=None):
+        """The last hidden states after the final norm, without the head (`before_layer`: see LlamaModel)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids (B, T) or inputs_embeds (B, T, hidden)")
         if input_ids is not None:
@@ -292,7 +299,7 @@ class Llama(nn.Module):
         elif inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.config.hidden_size:
             raise ValueError(f"inputs_embeds must be (batch, tokens, {self.config.hidden_size}), "
                              f"got shape {tuple(inputs_embeds.shape)}")
-        return self.model(inputs_embeds, _start(input_pos, inputs_embeds.shape[1]), attention_mask)
+        return self.model(inputs_embeds, _start(input_pos, inputs_embeds.shape[1]), attention_mask, before_layer)
 
     # ------------------------------------------------------------ KV cache
 
@@ -353,6 +360,13 @@ LEGACY_BUFFERS = ("self_attn.rotary_emb.inv_freq",)
 
 def legacy_key(key, tensor):
     return [] if key.endswith(LEGACY_BUFFERS) else [(key, tensor)]
+
+
+def fill_tied_head(config: LlamaConfig, sd: dict, prefix="") -> dict:
+    """transformers saves a tied matrix once, under the embedding's name: give lm_head its copy."""
+    if config.tie_word_embeddings and prefix + "model.embed_tokens.weight" in sd:
+        sd.setdefault(prefix + "lm_head.weight", sd[prefix + "model.embed_tokens.weight"])
+    return sd
 
 
 def _start(input_pos, t):

@@ -4,7 +4,7 @@ a frozen weight W plus a trained low-rank update, h = W x + (alpha / r) B A x  (
 NExT-GPT's stage 3 puts LoRA on the LLM's q, k, v and o projections (r = alpha = 32, via peft).
 `LoRALinear` keeps the base weight under its own name and adds `lora_A` / `lora_B`, so a layer's
 keys are `...q_proj.weight`, `...q_proj.lora_A.weight`, `...q_proj.lora_B.weight`: peft's names
-minus its wrapper (see minignext.systems.nextgpt.DELTA_RENAMES). B starts at zero, so training starts
+minus its wrapper (see minignext.systems.nextgpt_checkpoint.DELTA_RENAMES). B starts at zero, so training starts
 from the unchanged model; `merge` folds the update back in with minignext.weights.merge_lora.
 """
 

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minignext.attention import attention
+from minignext.attention import MultiheadAttention
 from minignext.utils import config_from_dict
 
 
@@ -68,30 +68,6 @@ class OutputProjectionConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "OutputProjectionConfig":
         return config_from_dict(cls, d)
-
-
-class MultiheadAttention(nn.Module):
-    """nn.MultiheadAttention's parameters (packed q/k/v), attention through minignext.attention."""
-
-    def __init__(self, dim, nhead):
-        super().__init__()
-        self.nhead = nhead
-        self.in_proj_weight = nn.Parameter(torch.empty(3 * dim, dim))
-        self.in_proj_bias = nn.Parameter(torch.empty(3 * dim))
-        self.out_proj = nn.Linear(dim, dim)
-        if self.in_proj_weight.device.type != "meta":
-            nn.init.xavier_uniform_(self.in_proj_weight)
-            nn.init.zeros_(self.in_proj_bias)
-            nn.init.zeros_(self.out_proj.bias)
-
-    def forward(self, x, memory):
-        w_q, w_k, w_v = self.in_proj_weight.chunk(3)
-        b_q, b_k, b_v = self.in_proj_bias.chunk(3)
-        q, k, v = F.linear(x, w_q, b_q), F.linear(memory, w_k, b_k), F.linear(memory, w_v, b_v)
-        b, tq, d = q.shape
-        heads = lambda t: t.view(b, t.shape[1], self.nhead, d // self.nhead).transpose(1, 2)
-        out = attention(heads(q), heads(k), heads(v))                  # (B, H, Tq, D/H)
-        return self.out_proj(out.transpose(1, 2).reshape(b, tq, d))
 
 
 class EncoderLayer(nn.Module):

@@ -81,6 +81,12 @@ class Tokenizer:
         self.tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in tokens])
         return [self.tok.token_to_id(t) for t in tokens]
 
+    def add_tokens(self, tokens: list[str]) -> list[int]:
+        """Add ordinary tokens that are never split (AnyGPT's media codes); returns their ids.
+        Unlike special tokens they stay in the text that decode(skip_special=True) returns."""
+        self.tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in tokens])
+        return [self.tok.token_to_id(t) for t in tokens]
+
     def save(self, path, overwrite=False):
         path = Path(path)
         if path.is_dir():

@@ -110,7 +110,10 @@ class UpDecoderBlock2D(nn.Module):
 
 
 class Encoder(nn.Module):
-    def __init__(self, c: AutoencoderKLConfig):
+    """double_z: output a mean and a log-variance per latent channel (the KL autoencoder);
+    False outputs the latent itself (the VQ autoencoder, minignext.vq)."""
+
+    def __init__(self, c: AutoencoderKLConfig, double_z=True):
         super().__init__()
         ch, g, n = c.block_out_channels, c.norm_num_groups, len(c.block_out_channels)
         self.conv_in = nn.Conv2d(c.in_channels, ch[0], 3, padding=1)
@@ -118,7 +121,7 @@ class Encoder(nn.Module):
                                           for i in range(n)])
         self.mid_block = UNetMidBlock2D(ch[-1], g, c.mid_block_add_attention)
         self.conv_norm_out = nn.GroupNorm(g, ch[-1], eps=1e-6)
-        self.conv_out = nn.Conv2d(ch[-1], 2 * c.latent_channels, 3, padding=1)   # mean and log-variance
+        self.conv_out = nn.Conv2d(ch[-1], (2 if double_z else 1) * c.latent_channels, 3, padding=1)
 
     def forward(self, x):
         x = self.conv_in(x)

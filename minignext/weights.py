@@ -343,7 +343,7 @@ def load_pickle(path) -> dict:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:
         raise WeightsError(f"{path}: cannot be read with torch.load(weights_only=True): {e}") from None
-    for wrapper in ("state_dict", "model", "module"):
+    for wrapper in ("state_dict", "model", "module", "model_state_dict"):   # the last: training checkpoints
         if isinstance(obj, dict) and wrapper in obj and isinstance(obj[wrapper], dict):
             obj = obj[wrapper]
     if not isinstance(obj, dict) or not all(torch.is_tensor(v) for v in obj.values()):

@@ -5,6 +5,9 @@ package, which is installed with --no-deps: its package `__init__` and `data.py`
 torchvision, and its model code imports `DropPath` and `trunc_normal_` from timm. So we
 register a bare `imagebind` package that points at the installed folder (skipping `__init__`)
 and a tiny stand-in for `timm.layers`, then import only `imagebind.models.imagebind_model`.
+
+`open_flamingo_module()` imports the official OpenFlamingo blocks the same way, around a package
+`__init__` that needs open_clip.
 """
 
 import importlib
@@ -71,4 +74,24 @@ def imagebind_model():
     return importlib.import_module("imagebind.models.imagebind_model")
 
 
-__all__ = ["imagebind_model", "DropPath", "trunc_normal_"]
+def open_flamingo_module(name="helpers"):
+    """`open_flamingo.src.<name>` from the open-flamingo package (installed with --no-deps plus
+    einops-exts). Its package `__init__` imports the factory, which needs open_clip; bare packages
+    pointing at the installed folders skip it. helpers and flamingo_lm need only torch and einops."""
+    full = f"open_flamingo.src.{name}"
+    if full in sys.modules:
+        return sys.modules[full]
+    pytest.importorskip("einops_exts", reason="einops-exts is not installed (pip install --no-deps einops-exts)")
+    spec = importlib.util.find_spec("open_flamingo")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("open-flamingo is not installed (pip install --no-deps open-flamingo einops-exts)")
+    root = list(spec.submodule_search_locations)[0]
+    for package, path in (("open_flamingo", root), ("open_flamingo.src", f"{root}/src")):
+        if package not in sys.modules:
+            module = types.ModuleType(package)
+            module.__path__ = [path]
+            sys.modules[package] = module
+    return importlib.import_module(full)
+
+
+__all__ = ["imagebind_model", "open_flamingo_module", "DropPath", "trunc_normal_"]

@@ -10,7 +10,7 @@ transformers = pytest.importorskip("transformers")
 
 from minignext import weights
 from minignext.llama import Llama
-from minignext.systems.nextgpt import apply_delta, convert_delta, delta_key
+from minignext.systems.nextgpt_checkpoint import apply_delta, convert_delta, delta_key
 from minignext.projection import OutputProjection, OutputProjectionConfig
 
 BASE_VOCAB, NEW_TOKENS, RANK, ALPHA = 96, 10, 4, 32

@@ -201,7 +201,7 @@ def test_unreadable_media_file(model, tmp_path):
 
 
 def test_missing_weights_name_the_download_command(monkeypatch, tmp_path):
-    import minignext.systems.nextgpt as ng
+    import minignext.presets as ng
     monkeypatch.setattr(ng, "REAL_DIR", tmp_path / "real")
     monkeypatch.setattr(ng, "TOY_DIR", tmp_path / "toy")
     with pytest.raises(WeightsError, match="minignext download nextgpt-7b"):
@@ -213,7 +213,7 @@ def test_missing_weights_name_the_download_command(monkeypatch, tmp_path):
 
 
 def test_save_and_load_as_the_toy_preset(model, monkeypatch, tmp_path):
-    import minignext.systems.nextgpt as ng
+    import minignext.presets as ng
     model.save_pretrained(tmp_path / "toy" / "nextgpt")
     with pytest.raises(FileExistsError):
         model.save_pretrained(tmp_path / "toy" / "nextgpt")
@@ -233,7 +233,8 @@ def test_save_and_load_as_the_toy_preset(model, monkeypatch, tmp_path):
 
 def test_add_nextgpt_tokens_grows_vocab_and_embeddings():
     from minignext.llama import Llama, LlamaConfig
-    from minignext.systems.nextgpt import add_nextgpt_tokens, tiny_tokenizer
+    from minignext.systems.nextgpt import add_nextgpt_tokens
+    from minignext.tiny import tiny_tokenizer
     tok = tiny_tokenizer()
     base = tok.vocab_size
     llm = Llama(LlamaConfig.tiny(vocab_size=base, hidden_size=32, intermediate_size=64, num_attention_heads=4))
@@ -255,7 +256,7 @@ def test_a_decoder_that_cannot_load_gives_a_notice_not_a_crash(model, monkeypatc
     assert any("audio decoder could not be loaded" in n and "audioldm_unconditional" in n for n in reply.notices)
 
 
-REAL = __import__("minignext.systems.nextgpt", fromlist=["REAL_DIR"]).REAL_DIR
+REAL = __import__("minignext.presets", fromlist=["REAL_DIR"]).REAL_DIR
 
 
 @pytest.mark.skipif(not all((REAL / p).exists() for p in ("imagebind", "vicuna-7b-v0", "delta.safetensors")),

@@ -1,13 +1,16 @@
 """NExT-GPT's three stages on the toy foundations: a tiny run on random stand-ins, the delta's layout,
 the training tokenisation against the inference prompt, and the shipped toy NExT-GPT when present."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
 
 from minignext import weights
-from minignext.systems.nextgpt import NextGPT, load_folder
-from minignext.toy import checkers, decoder_text, train_nextgpt, world
+from minignext.systems.nextgpt import Conversation, NextGPT, signal_token_names
+from minignext.systems.nextgpt_checkpoint import load_folder
+from minignext.toy import checkers, decoder_text, eval_nextgpt, train_nextgpt, world
 from minignext.toy.train_audio_decoder import EMBED_DIM
 from minignext.toy.trainer import read_loss_log
 
@@ -71,7 +74,7 @@ def test_training_tokens_match_the_inference_prompt(trained):
     second = world._turn("make_audio", rng, "train", "train")
     bank = {("image", first.user_media.obj, None): torch.randn(1, model.llama_proj.in_features)}
     ex = train_nextgpt.encode_dialogue(model, [first, second], bank, train_nextgpt.caption_targets(texts), rng)
-    conv = train_nextgpt.Conversation().user(first.user, image=np.zeros((32, 32, 3), np.uint8))
+    conv = Conversation().user(first.user, image=np.zeros((32, 32, 3), np.uint8))
     conv.assistant(first.assistant).user(second.user)
     conv.turns[0].soft.append(torch.zeros(1, model.llama_model.config.hidden_size))   # no encoder pass needed
     prompt = model.build_prompt(conv)
@@ -103,14 +106,15 @@ def test_shipped_toy_nextgpt_answers_and_asks_for_media():
     right = 0
     for _ in range(4):
         t = world._turn("describe_image", rng, "test", "train")
-        text, new, _ = train_nextgpt.respond(model, [t], rng)
-        right += checkers.check_text(text, want=t.user_media).ok and train_nextgpt.signals_ok(model, new, None)
+        reply = eval_nextgpt.respond(model, [t], rng)
+        right += checkers.check_text(reply.text, want=t.user_media).ok and eval_nextgpt.signals_ok(model, reply, None)
     assert right >= 3
     made = 0
     for kind, shape in (("make_image", (1, 16, 64)), ("make_video", (1, 16, 64)), ("make_audio", (1, EMBED_DIM))):
         t = world._turn(kind, rng, "test", "train")      # held-out instructions
-        _, new, conds = train_nextgpt.respond(model, [t], rng)
-        made += train_nextgpt.signals_ok(model, new, t.assistant_media.modality) and conds[0][1].shape == shape
+        reply = eval_nextgpt.respond(model, [t], rng)
+        made += eval_nextgpt.signals_ok(model, reply, t.assistant_media.modality) and \
+            reply.conditioning[0][1].shape == shape
     assert made == 3
 
 
@@ -129,3 +133,39 @@ def test_stage3_fillers_come_from_the_training_phrasings_only():
         for word in "draw a red circle.".split():
             extra.remove(word)
         assert 1 <= len(extra) <= 2 and set(extra) <= set(fillers), text
+
+
+@pytest.mark.skipif(not SHIPPED.is_file(), reason="the toy NExT-GPT is not trained yet")
+def test_chat_samples_each_decoder_with_its_own_defaults_and_honours_zero():
+    """`chat` (what `minignext chat` and the demo run) uses each decoder's sampling.json, the same
+    settings the quality table is measured with; an explicit guidance_scale=0.0 is a value."""
+    model = NextGPT.from_preset("toy")
+    calls = []
+
+    class Recorder:             # stands in front of a pipeline and notes how it is called
+        def __init__(self, modality, pipe):
+            self.modality, self.pipe = modality, pipe
+
+        def __getattr__(self, name):
+            return getattr(self.pipe, name)
+
+        def __call__(self, **kw):
+            calls.append((self.modality, kw["guidance_scale"], kw["num_inference_steps"]))
+            return self.pipe(**kw)
+
+    for modality in ("image", "audio"):
+        decoder = model.decoder(modality)
+        decoder.pipeline = Recorder(modality, decoder.pipeline)
+    sounds = "".join(signal_token_names("audio"))
+    pictures = "".join(signal_token_names("image"))
+    model.chat("play a deep tone.", force_response=f"here it is. {sounds}", progress=False)
+    model.chat("draw a red circle.", force_response=f"here it is. {pictures}", progress=False)
+    model.chat("play a deep tone.", force_response=f"here it is. {sounds}", guidance_scale=0.0,
+               num_inference_steps=3, progress=False)
+    folder = SHIPPED.parent.parent
+    audio = json.loads((folder / "audio_decoder" / "sampling.json").read_text())
+    image = json.loads((folder / "image_decoder" / "sampling.json").read_text())
+    assert audio["guidance_scale"] != image["guidance_scale"]          # else this test proves nothing
+    assert calls == [("audio", audio["guidance_scale"], audio["num_inference_steps"]),
+                     ("image", image["guidance_scale"], image["num_inference_steps"]),
+                     ("audio", 0.0, 3)]

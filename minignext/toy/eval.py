@@ -3,7 +3,8 @@
     python -m minignext.toy.eval foundations [--only ...] [--quick]
     python -m minignext.toy.eval nextgpt [--quick]
 
-Each part's module `minignext.toy.train_<part>` has `evaluate(quick=False, seed=1234) -> list[Metric]`.
+Each foundation's module `minignext.toy.train_<part>` has `evaluate(quick=False, seed=1234) -> list[Metric]`;
+the toy NExT-GPT's is `minignext.toy.eval_nextgpt`, which drives `NextGPT.chat` like every user does.
 The command prints one table and exits non-zero if any metric misses its threshold.
 """
 
@@ -16,6 +17,8 @@ from dataclasses import dataclass
 import torch
 
 from minignext.toy.train import FOUNDATIONS
+
+EVALUATORS = {"nextgpt": "minignext.toy.eval_nextgpt"}      # part -> module; default minignext.toy.train_<part>
 
 
 @dataclass
@@ -51,7 +54,7 @@ def evaluate(parts, quick=False):
     metrics = []
     for part in parts:
         t0 = time.perf_counter()
-        metrics += importlib.import_module(f"minignext.toy.train_{part}").evaluate(quick=quick)
+        metrics += importlib.import_module(EVALUATORS.get(part, f"minignext.toy.train_{part}")).evaluate(quick=quick)
         print(f"{part}: evaluated in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
     return metrics
 

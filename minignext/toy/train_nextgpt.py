@@ -23,12 +23,10 @@ next to nextgpt.json that points at the foundations.
     python -m minignext.toy.eval nextgpt
 """
 
-import json
-import os
 import time
 import functools
 import re
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -37,11 +35,12 @@ import torch.nn.functional as F
 
 from minignext import weights
 from minignext.lora import add_lora, lora_parameters
-from minignext.systems.nextgpt import (MODALITIES, PROJECTION_NAMES, SIGNALS, SPLICE_CLOSE, SPLICE_OPEN, Conversation, NextGPT,
-                               add_nextgpt_tokens, find_signal_runs, freeze_old_rows)
+from minignext.systems.nextgpt import (MODALITIES, PROJECTION_NAMES, SIGNALS, SPLICE_CLOSE, SPLICE_OPEN, NextGPT,
+                               add_nextgpt_tokens, freeze_old_rows)
 from minignext.projection import OutputProjectionConfig
+from minignext.systems.nextgpt_checkpoint import peft_name, projection_state, write_folder
 from minignext.tokenizer import VICUNA_V0
-from minignext.toy import checkers, decoder_text, world
+from minignext.toy import decoder_text, world
 from minignext.toy.train_audio_decoder import EMBED_DIM
 from minignext.toy.trainer import TOY_DIR, Run, optimizer_step
 
@@ -382,37 +381,22 @@ def train(seed=0, resume=True, progress=True, scale=1.0, out_dir=None, runs_dir=
 
 # ---------------------------------------------------------------- the delta, in the official names
 
-PEFT_PREFIX = "llama_model.base_model.model."
-
-
 def delta_state(model) -> dict:
     """What stages 1-3 trained, under the official checkpoint's (peft) names."""
     llm = model.llama_model
-    out = {f"{PEFT_PREFIX}{k.replace('.lora_A.', '.lora_A.default.').replace('.lora_B.', '.lora_B.default.')}": v
-           for k, v in lora_parameters(llm).items()}
-    out[f"{PEFT_PREFIX}model.embed_tokens.weight"] = llm.model.embed_tokens.weight
-    out[f"{PEFT_PREFIX}lm_head.weight"] = llm.lm_head.weight
-    out.update({k: v for k, v in model.state_dict().items() if k.startswith(("llama_proj.", "gen_text_hidden_fcs"))})
+    out = {peft_name(k): v for k, v in lora_parameters(llm).items()}
+    out[peft_name("model.embed_tokens.weight")] = llm.model.embed_tokens.weight
+    out[peft_name("lm_head.weight")] = llm.lm_head.weight
+    out.update(projection_state(model))
     return {k: v.detach().to(STORE_DTYPE).contiguous() for k, v in out.items()}
 
 
 def save(model, folder, root=TOY_DIR, overwrite=False) -> Path:
     """folder/{delta.safetensors, nextgpt.json}; the json points at the foundations under `root`."""
-    folder, root = Path(folder), Path(root)
-    if (folder / "nextgpt.json").exists() and not overwrite:
-        raise FileExistsError(f"{folder / 'nextgpt.json'} exists; pass overwrite=True to replace it")
-    folder.mkdir(parents=True, exist_ok=True)
-    weights.save_safetensors(delta_state(model), folder / "delta.safetensors", overwrite=overwrite)
-    rel = lambda p: os.path.relpath(Path(p).resolve(), folder.resolve())      # noqa: E731
-    sampling = json.loads((root / "image_decoder" / "sampling.json").read_text()) \
-        if (root / "image_decoder" / "sampling.json").is_file() else {"num_inference_steps": 25, "guidance_scale": 3.0}
-    meta = {"encoder": rel(root / "imagebind"), "llm": rel(root / "llm"), "delta": "delta.safetensors",
-            "lora_alpha": LORA["alpha"], "lora_r": LORA["r"], "enc_dim": model.llama_proj.in_features,
-            "projections": {m: asdict(model.output_projection(m).config) for m in MODALITIES},
-            "decoders": {m: rel(root / f"{m}_decoder") for m in MODALITIES}, "decoder_kwargs": DECODER_KWARGS,
-            "default_steps": sampling["num_inference_steps"], "default_guidance": sampling["guidance_scale"]}
-    (folder / "nextgpt.json").write_text(json.dumps(meta, indent=2) + "\n")
-    return folder
+    root = Path(root)
+    return write_folder(folder, model, delta_state(model), encoder_dir=root / "imagebind", llm_dir=root / "llm",
+                        decoder_dirs={m: root / f"{m}_decoder" for m in MODALITIES}, decoder_kwargs=DECODER_KWARGS,
+                        lora=LORA, overwrite=overwrite)
 
 
 def random_foundations(root) -> Path:
@@ -438,145 +422,3 @@ def random_foundations(root) -> Path:
 
 def foundations_ready(root=TOY_DIR) -> bool:
     return all((Path(root) / p).is_dir() for p in ("imagebind", "llm", *(f"{m}_decoder" for m in MODALITIES)))
-
-
-# ---------------------------------------------------------------- evaluation
-
-EVAL_N = {"describe": 48, "describe_video": 32, "make": 48, "make_video": 32, "cross": 40, "chat": 24, "held": 12}
-
-
-def load(folder=None):
-    from minignext.systems.nextgpt import load_folder
-    return load_folder(folder or OUT_DIR, dtype=torch.float32)
-
-
-def source(m: world.Media, rng):
-    """A rendered medium in the form NextGPT.encode takes (PIL image, (waveform, rate), frames)."""
-    from PIL import Image
-
-    x = m.render(rng)
-    if m.modality == "image":
-        return Image.fromarray(x)
-    return (torch.from_numpy(x), world.SAMPLE_RATE) if m.modality == "audio" else x
-
-
-def respond(model, turns, rng, max_new_tokens=64):
-    """Answer the last of `turns` (earlier answers as in the data): (text, raw ids, fixed ids, runs, hidden)."""
-    conv = Conversation()
-    for t in turns:
-        m = t.user_media
-        conv.user(t.user, **({m.modality: [source(m, rng)]} if m is not None else {}))
-        if t is not turns[-1]:
-            sig = "".join(f"[{SIGNALS[t.assistant_media.modality][0]}{i}]"
-                          for i in range(SIGNALS[t.assistant_media.modality][1])) if t.assistant_media else ""
-            conv.assistant(t.assistant + sig)
-    prompt = model.build_prompt(conv)
-    new = model.generate_ids(prompt, max_new_tokens=max_new_tokens, progress=False)
-    fixed, runs, _ = find_signal_runs(new, model.signal_ids)
-    text, _ = model._answer_text(fixed)
-    conds = []
-    if runs:
-        hidden = model.last_hidden(prompt, fixed)
-        off = prompt.embeds.shape[1]
-        conds = [(m, model.project(m, hidden, off + s)) for m, s in runs]
-    return text, new, conds
-
-
-def signals_ok(model, new, modality) -> bool:
-    """Exactly one complete, in-order run of `modality` (modality None: no signal token at all)."""
-    owner = {t: m for m, ids in model.signal_ids.items() for t in ids}
-    found = [t for t in new if t in owner]
-    return not found if modality is None else found == model.signal_ids[modality]
-
-
-class Decoders:
-    """The shipped decoder pipelines at their sampling.json settings, batched."""
-
-    def __init__(self, model, root=TOY_DIR):
-        from minignext.toy import train_audio_decoder, train_image_decoder, train_video_decoder
-
-        self.image = train_image_decoder.load_pipeline(Path(root) / "image_decoder")
-        self.video = train_video_decoder.load_pipeline(Path(root) / "video_decoder")
-        audio = train_audio_decoder.load_pipeline(Path(root) / "audio_decoder")
-        self.audio = (audio[0], audio[3])
-
-    @torch.no_grad()
-    def __call__(self, modality, conds, seed, batch=32):
-        pipe, settings = getattr(self, modality)
-        out = []
-        for i in range(0, len(conds), batch):
-            c = torch.cat(conds[i:i + batch])
-            kw = {"output_type": "np"} if modality == "image" else {}
-            out += list(pipe(prompt_embeds=c, seed=seed + i, progress=False, **settings, **kw))
-        return out
-
-
-def judge(modality, sample, want: world.Media) -> bool:
-    if modality == "image":
-        return checkers.check_image(sample, want=want.obj).ok
-    if modality == "audio":
-        return checkers.check_audio(sample, want=want.obj).ok
-    return checkers.check_video(sample, want={"colour": want.obj.colour, "direction": want.direction}).ok
-
-
-def evaluate(quick=False, seed=1234, folder=None, root=TOY_DIR) -> list:
-    """The quality table on held-out prompts (test phrasings), judged by minignext.toy.checkers."""
-    from minignext.toy.eval import Metric
-
-    model = load(folder)
-    decoders = Decoders(model, root)
-    n = {k: (6 if quick else v) for k, v in EVAL_N.items()}
-    rng = np.random.default_rng(seed)
-    metrics, sig_media, sig_text = [], [], []
-
-    def turns_of(kind, count, split="train"):
-        return [[world._turn(kind, rng, "test", split)] for _ in range(count)]
-
-    def describe(modality, count, split="train", threshold=None, name=None):
-        right = 0
-        for turns in turns_of(f"describe_{modality}", count, split):
-            text, new, _ = respond(model, turns, rng)
-            right += checkers.check_text(text, want=turns[-1].user_media).ok
-            sig_text.append(signals_ok(model, new, None))
-        metrics.append(Metric(name or f"{modality} -> text", right / count, threshold, count,
-                              "attribute accuracy" + ("" if split == "train" else ", held-out pairs")))
-
-    def make(kind, count, split="train", threshold=None, name=None):
-        dialogues = turns_of(kind, count, split)
-        pending, right = {}, 0
-        for turns in dialogues:
-            want = turns[-1].assistant_media
-            text, new, conds = respond(model, turns, rng)
-            ok = signals_ok(model, new, want.modality)
-            sig_media.append(ok)
-            if ok:
-                pending.setdefault(want.modality, []).append((conds[0][1], want))
-        for modality, items in pending.items():
-            samples = decoders(modality, [c for c, _ in items], seed)
-            right += sum(judge(modality, s, w) for s, (_, w) in zip(samples, items))
-        metrics.append(Metric(name or kind.replace("make_", "text -> ").replace("_to_", " -> "), right / count,
-                              threshold, count, "checker-judged" + ("" if split == "train" else ", held-out pairs")))
-
-    describe("image", n["describe"], threshold=0.95)
-    describe("audio", n["describe"], threshold=0.95)
-    describe("video", n["describe_video"], threshold=0.90)
-    make("make_image", n["make"], threshold=0.90)
-    make("make_audio", n["make"], threshold=0.90)
-    make("make_video", n["make_video"], threshold=0.85)
-    make("image_to_audio", n["cross"], threshold=0.85)
-    make("audio_to_image", n["held"])
-    for turns in [[world._turn("chat", rng, "test", "train")] for _ in range(n["chat"])]:
-        sig_text.append(signals_ok(model, respond(model, turns, rng)[1], None))
-    metrics.append(Metric("signal tokens emitted correctly when media are requested", float(np.mean(sig_media)),
-                          0.98, len(sig_media), "one complete, in-order run of the right modality"))
-    metrics.append(Metric("no signal tokens in text-only answers", float(np.mean(sig_text)), 0.98, len(sig_text)))
-    describe("image", n["held"], "heldout", name="image -> text, held-out colour-shape pairs")
-    make("make_image", n["held"], "heldout", name="text -> image, held-out colour-shape pairs")
-    make("image_to_audio", n["held"], "heldout", name="image -> audio, held-out pairs")
-    right = 0
-    for _ in range(n["held"]):
-        first = world._turn("describe_image", rng, "test", "train")
-        follow = world._turn("ask_first_colour", rng, "test", "train", first=first.user_media, last=first.user_media)
-        right += checkers.check_text(respond(model, [first, follow], rng)[0], want={"colour": first.user_media.obj.colour}).ok
-    metrics.append(Metric("follow-up: colour of the first image", right / n["held"], None, n["held"]))
-    return metrics
