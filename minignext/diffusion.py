@@ -74,13 +74,18 @@ def to_output(images, output_type):
 
 
 
+# the sub-folders of a diffusers repo that each pipeline reads (resolve() fetches only these)
+SD_FOLDERS = ("unet", "vae", "scheduler", "text_encoder", "tokenizer")
+AUDIOLDM_FOLDERS = ("unet", "vae", "scheduler", "vocoder")
+
+
 def load_sd_folder(path, unet_class, scheduler=None, dtype=None, device=None) -> dict:
     """The parts of a diffusers StableDiffusion or TextToVideoSD folder: unet, vae and scheduler, plus
     text_encoder and tokenizer where model_index.json lists them. `scheduler` names another class."""
     from minignext.clip import CLIPText, CLIPTokenizer
     from minignext.vae import AutoencoderKL
 
-    folder = weights.resolve(path, folders=("unet", "vae", "scheduler", "text_encoder", "tokenizer"))
+    folder = weights.resolve(path, folders=SD_FOLDERS)
     index = weights.read_config(folder, "model_index.json")
     sched_cfg = weights.read_config(folder / "scheduler", "scheduler_config.json")
     if scheduler is not None:
@@ -95,6 +100,8 @@ def load_sd_folder(path, unet_class, scheduler=None, dtype=None, device=None) ->
 
 class ImagePipeline:
     """Text or prompt embeddings -> images, with Stable Diffusion's UNet, VAE and scheduler."""
+
+    FOLDERS = SD_FOLDERS
 
     def __init__(self, unet, vae, scheduler, text_encoder=None, tokenizer=None):
         self.unet, self.vae, self.scheduler = unet, vae, scheduler
@@ -217,6 +224,8 @@ class AudioPipeline:
     `unconditional_embeds` (D,) when building the pipeline.
     """
 
+    FOLDERS = AUDIOLDM_FOLDERS
+
     def __init__(self, unet, vae, scheduler, vocoder, unconditional_embeds=None):
         self.unet, self.vae, self.scheduler, self.vocoder = unet, vae, scheduler, vocoder
         self.unconditional_embeds = unconditional_embeds
@@ -227,7 +236,7 @@ class AudioPipeline:
         from minignext.unet import UNet2DCondition
         from minignext.vae import AutoencoderKL
 
-        folder = weights.resolve(path, folders=("unet", "vae", "scheduler", "vocoder"))
+        folder = weights.resolve(path, folders=AUDIOLDM_FOLDERS)
         sched_cfg = weights.read_config(folder / "scheduler", "scheduler_config.json")
         if scheduler is not None:
             sched_cfg = {**sched_cfg, "_class_name": scheduler}

@@ -198,13 +198,14 @@ def load_checkpoint(path, stem="model", dtype=None, device="cpu") -> dict:
         if not target.is_file():
             convert_pickle(path, target)
         path = target
-    elif path.is_dir() and not _has_safetensors(path, stem) and pickle_files(path, stem):
+    elif path.is_dir() and not has_safetensors(path, stem) and pickle_files(path, stem):
         log.info("%s: converting the pickle checkpoint to safetensors, once", path)
         convert_folder_pickles(path, stem)
     return load_safetensors(path, stem, dtype, device)
 
 
-def _has_safetensors(folder, stem):
+def has_safetensors(folder, stem="model") -> bool:
+    folder = Path(folder)
     return (folder / f"{stem}.safetensors").is_file() or (folder / f"{stem}.safetensors.index.json").is_file()
 
 

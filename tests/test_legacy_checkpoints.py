@@ -209,3 +209,20 @@ def test_select_files_falls_back_to_pickles_per_folder():
     vicuna = ["config.json", "pytorch_model-00001-of-00002.bin", "pytorch_model-00002-of-00002.bin",
               "pytorch_model.bin.index.json", "training_args.bin", "tokenizer.model", "tokenizer_config.json"]
     assert weights.select_files(vicuna) == [n for n in vicuna if n != "training_args.bin"]
+
+
+def test_resolve_fetches_only_the_selected_files(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    asked = {}
+
+    def fake_snapshot(repo_id, local_dir, allow_patterns):
+        asked.update(repo=repo_id, files=allow_patterns)
+        return str(local_dir)
+    monkeypatch.setattr(weights, "WEIGHTS_DIR", tmp_path)
+    monkeypatch.setattr(weights, "hub_files", lambda repo: {name: None for name in SD15_FILES})
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot)
+    weights.resolve("stable-diffusion-v1-5/stable-diffusion-v1-5", folders=("unet", "vae"))
+    assert asked["repo"] == "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    assert asked["files"] == ["model_index.json", "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
+                              "vae/config.json", "vae/diffusion_pytorch_model.safetensors"]
