@@ -16,7 +16,6 @@ in `models/autoencoders/vae.py`.
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from minignext import weights

@@ -82,10 +82,13 @@ def open_flamingo_module(name="helpers"):
     if full in sys.modules:
         return sys.modules[full]
     pytest.importorskip("einops_exts", reason="einops-exts is not installed (pip install --no-deps einops-exts)")
-    spec = importlib.util.find_spec("open_flamingo")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("open-flamingo is not installed (pip install --no-deps open-flamingo einops-exts)")
-    root = list(spec.submodule_search_locations)[0]
+    if "open_flamingo" in sys.modules:          # the bare package from an earlier call
+        root = sys.modules["open_flamingo"].__path__[0]
+    else:
+        spec = importlib.util.find_spec("open_flamingo")
+        if spec is None or not spec.submodule_search_locations:
+            pytest.skip("open-flamingo is not installed (pip install --no-deps open-flamingo einops-exts)")
+        root = list(spec.submodule_search_locations)[0]
     for package, path in (("open_flamingo", root), ("open_flamingo.src", f"{root}/src")):
         if package not in sys.modules:
             module = types.ModuleType(package)

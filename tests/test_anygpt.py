@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch.testing import assert_close
 
 from minignext.systems.anygpt import AnyGPT, MediaVocab, MediaVocabConfig, tiny_random
-from minignext.systems.nextgpt import tiny_tokenizer
+from minignext.tiny import tiny_tokenizer
 
 transformers = pytest.importorskip("transformers")
 diffusers = pytest.importorskip("diffusers")

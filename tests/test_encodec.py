@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch.testing import assert_close
 
 from minignext import weights
-from minignext.encodec import (Encodec, EncodecConfig, EuclideanCodebook, init_codebook, lstm_by_hand,
+from minignext.encodec import (Encodec, EncodecConfig, EuclideanCodebook, lstm_by_hand,
                                quantize_for_training, replace_dead_codes, update_codebook)
 from conftest import perturb
 

@@ -11,7 +11,7 @@ from fixtures_blip2 import hf_blip2_config, randomize, save, to_lavis
 from minignext import blip2, weights
 from minignext.llama import LlamaConfig
 from minignext.systems import minigpt4 as mg
-from minignext.systems.nextgpt import tiny_tokenizer
+from minignext.tiny import tiny_tokenizer
 
 transformers = pytest.importorskip("transformers")
 TOL = dict(rtol=0, atol=1e-5)

@@ -477,7 +477,7 @@ class AnyGPT(nn.Module):
 def tiny_random(seed=0) -> AnyGPT:
     """A tiny random AnyGPT: byte-level BPE + media tokens, a 2-layer LLaMA, a VQModel of 64 codes
     for 32x32 images (8x8 codes), Encodec tokenizers with codebooks of 64 (music: 2 of them)."""
-    from minignext.systems.nextgpt import tiny_tokenizer
+    from minignext.tiny import tiny_tokenizer
 
     with torch.random.fork_rng():
         torch.manual_seed(seed)
