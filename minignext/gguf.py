@@ -146,7 +146,7 @@ def hf_state_dict(reader, config: dict, dtype=torch.float32) -> dict:
         if key == "lm_head.weight" and config["tie_word_embeddings"]:
             continue
         name = names.get_name(key, try_suffixes=(".weight", ".bias"))
-        if name not in by_name:
+        if name is None or name not in by_name:
             raise WeightsError(f"the GGUF file has no tensor {name} (the model's {key}, shape {tuple(want.shape)})")
         t = by_name[name]
         value = torch.from_numpy(np.array(gguf.quants.dequantize(t.data, t.tensor_type)))   # a copy: the file is mapped read-only
