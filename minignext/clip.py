@@ -439,7 +439,7 @@ class CLIPText(nn.Module):
 LEGACY_BUFFERS = ("embeddings.position_ids",)
 
 
-def checkpoint_key(key, tensor, prefix):
+def add_tower_prefix(key, tensor, prefix):
     """transformers 5 saves CLIPTextModel / CLIPVisionModel without the `text_model.` /
     `vision_model.` prefix that every other CLIP checkpoint (and this module) uses: add it.
     Drop the legacy buffers."""
@@ -458,7 +458,7 @@ def _from_pretrained(cls, path, dtype, device, pipeline_folder=None):
 
 
 def _from_checkpoint(cls, config_cls, tower, projection, config, tensors, dtype, device):
-    tensors = weights.remap_state_dict(tensors, lambda k, t: checkpoint_key(k, t, tower))
+    tensors = weights.remap_state_dict(tensors, lambda k, t: add_tower_prefix(k, t, tower))
     # a full CLIPModel holds both towers: keep ours
     sd = {k: t for k, t in tensors.items() if k.startswith((tower, projection))}
     config = config_cls.from_hf(config, with_projection=any(k.startswith(projection) for k in sd))
