@@ -24,7 +24,7 @@ LOCAL_PARTS = {"imagebind": ("ImageBind-huge: imagebind_huge.pth from Meta (dl.f
 # Parameters of each stage of nextgpt-7b as minignext builds it from the published configs
 # (tests/test_presets.py rebuilds every figure on the meta device).
 STAGES = {
-    "encode: ImageBind-huge (vision, audio, text)": {"ImageBind-huge": 1_073_097_729},
+    "encode: ImageBind-huge (all six branches, as converted)": {"ImageBind-huge": 1_200_781_057},
     "LLM: Vicuna-7B with NExT-GPT's 38 tokens, + projections": {"Vicuna-7B, vocabulary 32038": 6_738_726_912,
                                                                  "input + 3 output projections": 100_035_840},
     "image: Stable Diffusion 1.5": {"UNet": 859_520_964, "VAE": 83_653_863, "CLIP ViT-L/14 text": 123_060_480},

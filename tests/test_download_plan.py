@@ -57,7 +57,7 @@ def test_dry_run_offline_names_every_repo_and_the_memory(monkeypatch):
         assert repo in text
     assert "unet, vae, scheduler, vocoder" in text and "ImageBind-huge" in text and "Vicuna-7B-v0" in text
     assert "LLM: Vicuna-7B with NExT-GPT's 38 tokens, + projections: 13.68 GB + 1.07 GB KV cache" in text
-    assert "at most (encoder + LLM + the largest decoder" in lines[-1] and "20.57 GB" in lines[-1]
+    assert "at most (encoder + LLM + the largest decoder" in lines[-1] and "20.82 GB" in lines[-1]
 
 
 def test_dry_run_lists_the_chosen_files_with_sizes(monkeypatch):
