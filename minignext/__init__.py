@@ -27,9 +27,9 @@ official checkpoint:
 Ready-made models by name live apart from both: presets.py ("nextgpt-7b", "toy", "tiny-random")
 and tiny.py (tiny random builds of every part, for tests and lessons).
 
-Around them: cli.py, chat.py and demo.py (the `minignext` command), bench/ (speed against the
-reference libraries), toy/ (the toy world, its analytic checkers, and the training and
-evaluation of every toy model).
+Around them: cli.py, chat.py and demo.py (the `minignext` command), serve.py and web/ (the live
+chat page of `minignext serve`), bench/ (speed against the reference libraries), toy/ (the toy
+world, its analytic checkers, and the training and evaluation of every toy model).
 """
 
 __version__ = "0.1.0"

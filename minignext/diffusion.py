@@ -11,7 +11,6 @@ own UNet function and conditioning.
 """
 
 import numbers
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,8 +18,8 @@ import torch
 
 from minignext import weights
 from minignext.schedulers import scheduler_from_config
-from minignext.utils import config_from_dict
 from minignext.utils import progress as progress_bar
+from minignext.vocoder import GriffinLim, GriffinLimConfig, HifiGan
 
 
 def classifier_free_guidance(uncond, cond, guidance_scale):
@@ -347,61 +346,8 @@ class AudioPipeline:
         return paths
 
 
-@dataclass
-class GriffinLimConfig:
-    model_in_dim: int = 32          # mel bins per frame
-    sampling_rate: int = 16000
-    n_fft: int = 1024
-    hop_length: int = 250           # samples per mel frame
-    f_min: float = 0.0              # the mel bands' range (HTK scale, minignext.media.mel_filterbank)
-    f_max: float = 2000.0
-    n_iter: int = 16
-
-    @classmethod
-    def from_hf(cls, d: dict) -> "GriffinLimConfig":
-        return config_from_dict(cls, d)
-
-
-class GriffinLim(torch.nn.Module):
-    """A vocoder without weights, for log-mels (natural log of the |STFT| mel bands): the magnitude comes
-    back through the pseudo-inverse of the filterbank, the phase from Griffin & Lim 1984 ("Signal
-    estimation from modified short-time Fourier transform"): `n_iter` rounds of keeping the magnitude
-    and taking the phase of the STFT of the inverse STFT. Used where no trained HiFi-GAN is good enough
-    (the toy audio decoder, minignext/toy/train_audio_decoder.py). Deterministic: the starting phase is
-    seeded noise (zero phase locks steady tones into a buzz)."""
-
-    def __init__(self, config: GriffinLimConfig):
-        super().__init__()
-        from minignext.media import mel_filterbank
-
-        self.config = c = config
-        bank = mel_filterbank(c.model_in_dim, c.n_fft, c.sampling_rate, low_freq=c.f_min, high_freq=c.f_max)
-        self.register_buffer("inverse_bank", torch.linalg.pinv(bank).float(), persistent=False)
-        self.register_buffer("window", torch.hann_window(c.n_fft), persistent=False)
-
-    def forward(self, mel):
-        """mel (B, frames, model_in_dim) -> waveform (B, frames * hop_length)."""
-        c = self.config
-        if mel.dim() != 3 or mel.shape[-1] != c.model_in_dim:
-            raise ValueError(f"GriffinLim expects a mel spectrogram of shape (batch, frames, {c.model_in_dim}); "
-                             f"got {tuple(mel.shape)}")
-        mag = (self.inverse_bank @ mel.float().exp().transpose(1, 2)).clamp(min=0)     # (B, bins, frames)
-        mag = torch.cat([mag, mag[..., -1:]], dim=-1)             # a centred STFT has one frame more
-        n = mel.shape[1] * c.hop_length
-        stft = lambda x: torch.stft(x, c.n_fft, c.hop_length, window=self.window, return_complex=True)
-        istft = lambda s: torch.istft(s, c.n_fft, c.hop_length, window=self.window, length=n)
-        phase = torch.rand(mag.shape, generator=torch.Generator().manual_seed(0)).to(mag.device)
-        spec = mag * torch.polar(torch.ones_like(phase), 2 * torch.pi * phase)
-        for _ in range(c.n_iter):
-            rebuilt = stft(istft(spec))
-            spec = mag * rebuilt / rebuilt.abs().clamp(min=1e-8)
-        return istft(spec)
-
-
 def load_vocoder(folder, dtype=None, device=None):
     """vocoder/ of an AudioLDM folder: HiFi-GAN, or Griffin-Lim when its config.json names that class."""
-    from minignext.vocoder import HifiGan
-
     config = weights.read_config(folder)
     if config.get("_class_name") == "GriffinLim":
         return GriffinLim(GriffinLimConfig.from_hf(config)).to(device).eval()

@@ -12,7 +12,7 @@ from minignext.systems.nextgpt import Conversation, NextGPT, signal_token_names
 from minignext.systems.nextgpt_checkpoint import load_folder
 from minignext.toy import checkers, decoder_text, eval_nextgpt, train_nextgpt, world
 from minignext.toy.train_audio_decoder import EMBED_DIM
-from minignext.toy.trainer import read_loss_log
+from minignext.toy.trainer import RunArgs, read_loss_log
 
 SHIPPED = train_nextgpt.OUT_DIR / "nextgpt.json"
 
@@ -21,8 +21,8 @@ SHIPPED = train_nextgpt.OUT_DIR / "nextgpt.json"
 def trained(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("nextgpt")
     root = train_nextgpt.random_foundations(tmp / "foundations")
-    summary = train_nextgpt.train(seed=0, resume=False, progress=False, scale=0.004, out_dir=tmp / "out",
-                                  runs_dir=tmp / "runs", root=root, bank_per_key=1)
+    summary = train_nextgpt.train(RunArgs(scale=0.004, resume=False, progress=False, runs_dir=tmp / "runs"),
+                                  out_dir=tmp / "out", root=root, bank_per_key=1)
     return tmp, root, summary
 
 

@@ -341,8 +341,9 @@ class NextGPT(nn.Module):
         """What build_prompt encodes: the conversation's segments, each text piece on its own."""
         return conversation.segments(self.template)
 
-    def build_prompt(self, conversation: Conversation) -> Prompt:
+    def build_prompt(self, conversation: Conversation, on_progress=None) -> Prompt:
         ids, insert_at, soft, modalities = [], [], [], []
+        todo, done = sum(len(t.media) - len(t.soft) for t in conversation.turns), 0
         if self.tokenizer.bos_id is not None:
             ids.append(self.tokenizer.bos_id)
         for seg in self.prompt_segments(conversation):
@@ -357,6 +358,9 @@ class NextGPT(nn.Module):
             while len(turn.soft) <= k:                   # encode once, keep for later turns
                 modality, source = turn.media[len(turn.soft)]
                 turn.soft.append(self.encode(modality, source))
+                done += 1
+                if on_progress is not None:
+                    on_progress(f"encode {modality}", done, todo)
             insert_at.append(len(ids))
             soft.append(turn.soft[k])
             modalities.append(turn.media[k][0])
@@ -372,7 +376,7 @@ class NextGPT(nn.Module):
 
     @torch.inference_mode()
     def generate_ids(self, prompt: Prompt, max_new_tokens=64, temperature=0.0, top_p=1.0, seed=None,
-                     force_response=None, progress=True):
+                     force_response=None, progress=True, on_progress=None):
         """New token ids after the prompt. Like the reference, [X1..] are never sampled and
         sampling [X0] forces the rest of its run. `force_response` (text) teacher-forces the
         whole answer instead of sampling it: a hook for tests and lessons, since random or
@@ -401,6 +405,8 @@ class NextGPT(nn.Module):
                     token = int(sample(logits.float().cpu(), temperature, top_p, generator=gen)[0])
                     queue = list(firsts.get(token, []))
                 out.append(token)
+                if on_progress is not None:
+                    on_progress("generate", len(out), budget)
                 if (forced is None and token == eos) or (forced is not None and not queue):
                     break
                 if forced is None and not queue and self.template.stop[0] in self.tokenizer.decode(out[-4:]):
@@ -430,14 +436,20 @@ class NextGPT(nn.Module):
     # ------------------------------------------------------------ one exchange
 
     def chat(self, messages, *, max_new_tokens=64, temperature=0.0, top_p=1.0, seed=0, force_response=None,
-             guidance_scale=None, num_inference_steps=None, decode=True, progress=True) -> Reply:
+             guidance_scale=None, num_inference_steps=None, decode=True, progress=True, on_progress=None) -> Reply:
         """Answer the last user turn of `messages` (a string, message dicts or a Conversation;
         a Conversation gets the answer appended). Signal tokens in the answer are projected and
         routed to their decoder; decode=False stops after the projection. guidance_scale and
-        num_inference_steps override every decoder's own defaults (None keeps them; 0 is a value)."""
+        num_inference_steps override every decoder's own defaults (None keeps them; 0 is a value).
+
+        on_progress(phase, done, total), if given, follows the work as it happens, whatever
+        `progress` says about the terminal bars: phase "encode <modality>" after each new input,
+        "generate" after each answer token (total is the token budget; an answer may stop before
+        it), "decode <modality>" after each denoising step."""
         conv = messages if isinstance(messages, Conversation) else Conversation.from_messages(messages)
-        prompt = self.build_prompt(conv)
-        new = self.generate_ids(prompt, max_new_tokens, temperature, top_p, seed, force_response, progress)
+        prompt = self.build_prompt(conv, on_progress)
+        new = self.generate_ids(prompt, max_new_tokens, temperature, top_p, seed, force_response, progress,
+                                on_progress)
         fixed, runs, notices = find_signal_runs(new, self.signal_ids)
         text, raw = self._answer_text(fixed)
         reply = Reply(text=text, raw_text=raw, notices=notices, generated_ids=new, token_ids=fixed, prompt=prompt)
@@ -460,8 +472,9 @@ class NextGPT(nn.Module):
                 except WeightsError as e:
                     reply.notices.append(f"the {modality} decoder could not be loaded, so no {modality} output: {e}")
                     continue
+                step = None if on_progress is None else (lambda i, n, m=modality: on_progress(f"decode {m}", i, n))
                 media = decoder.generate(cond, guidance_scale=guidance_scale, num_inference_steps=num_inference_steps,
-                                         seed=seed, progress=progress)
+                                         seed=seed, progress=progress, on_step=step)
                 {"image": reply.images, "audio": reply.audios, "video": reply.videos}[modality].extend(media)
         if isinstance(messages, Conversation):
             messages.assistant(raw)
@@ -522,9 +535,12 @@ class MediaDecoder:
         self.modality, self.pipeline, self.call_kwargs = modality, pipeline, call_kwargs
         self.guidance_scale, self.num_inference_steps = guidance_scale, num_inference_steps
 
-    def generate(self, cond, guidance_scale=None, num_inference_steps=None, seed=0, progress=True):
-        """cond: a batch of conditionings (B, Q, D), audio (B, D) -> B media."""
-        out = self.pipeline(prompt_embeds=cond, seed=seed, progress=progress, **self.call_kwargs,
+    def generate(self, cond, guidance_scale=None, num_inference_steps=None, seed=0, progress=True, on_step=None):
+        """cond: a batch of conditionings (B, Q, D), audio (B, D) -> B media.
+        on_step(done, total) is called after each denoising step."""
+        scheduler = self.pipeline.scheduler          # its timesteps are set when sampling starts
+        callback = None if on_step is None else (lambda i, *_: on_step(i + 1, len(scheduler.timesteps)))
+        out = self.pipeline(prompt_embeds=cond, seed=seed, progress=progress, callback=callback, **self.call_kwargs,
                             guidance_scale=self.guidance_scale if guidance_scale is None else guidance_scale,
                             num_inference_steps=self.num_inference_steps if num_inference_steps is None
                             else num_inference_steps)
