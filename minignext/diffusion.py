@@ -38,7 +38,7 @@ def denoise(unet_fn, latents, scheduler, cond, uncond=None, guidance_scale=7.5, 
     """
     if num_inference_steps < 1:
         raise ValueError(f"num_inference_steps must be at least 1, got {num_inference_steps}")
-    scheduler.set_timesteps(num_inference_steps, device=latents.device)
+    scheduler.set_timesteps(num_inference_steps)   # on the host: they steer the loop; the UNet moves t to its device
     latents = latents * scheduler.init_noise_sigma
     guided = uncond is not None and guidance_scale > 1.0
     context = torch.cat([uncond, cond]) if guided else cond
@@ -73,13 +73,18 @@ def to_output(images, output_type):
 
 
 
+# the sub-folders of a diffusers repo that each pipeline reads (resolve() fetches only these)
+SD_FOLDERS = ("unet", "vae", "scheduler", "text_encoder", "tokenizer")
+AUDIOLDM_FOLDERS = ("unet", "vae", "scheduler", "vocoder")
+
+
 def load_sd_folder(path, unet_class, scheduler=None, dtype=None, device=None) -> dict:
     """The parts of a diffusers StableDiffusion or TextToVideoSD folder: unet, vae and scheduler, plus
     text_encoder and tokenizer where model_index.json lists them. `scheduler` names another class."""
     from minignext.clip import CLIPText, CLIPTokenizer
     from minignext.vae import AutoencoderKL
 
-    folder = weights.resolve(path)
+    folder = weights.resolve(path, folders=SD_FOLDERS)
     index = weights.read_config(folder, "model_index.json")
     sched_cfg = weights.read_config(folder / "scheduler", "scheduler_config.json")
     if scheduler is not None:
@@ -94,6 +99,8 @@ def load_sd_folder(path, unet_class, scheduler=None, dtype=None, device=None) ->
 
 class ImagePipeline:
     """Text or prompt embeddings -> images, with Stable Diffusion's UNet, VAE and scheduler."""
+
+    FOLDERS = SD_FOLDERS
 
     def __init__(self, unet, vae, scheduler, text_encoder=None, tokenizer=None):
         self.unet, self.vae, self.scheduler = unet, vae, scheduler
@@ -216,6 +223,8 @@ class AudioPipeline:
     `unconditional_embeds` (D,) when building the pipeline.
     """
 
+    FOLDERS = AUDIOLDM_FOLDERS
+
     def __init__(self, unet, vae, scheduler, vocoder, unconditional_embeds=None):
         self.unet, self.vae, self.scheduler, self.vocoder = unet, vae, scheduler, vocoder
         self.unconditional_embeds = unconditional_embeds
@@ -226,7 +235,7 @@ class AudioPipeline:
         from minignext.unet import UNet2DCondition
         from minignext.vae import AutoencoderKL
 
-        folder = weights.resolve(path)
+        folder = weights.resolve(path, folders=AUDIOLDM_FOLDERS)
         sched_cfg = weights.read_config(folder / "scheduler", "scheduler_config.json")
         if scheduler is not None:
             sched_cfg = {**sched_cfg, "_class_name": scheduler}
@@ -322,8 +331,8 @@ class AudioPipeline:
         latents = denoise(lambda x, t, c: self.unet(x, t, encoder_hidden_states=None, class_labels=c), latents,
                           self.scheduler, cond, uncond, guidance_scale, num_inference_steps, progress, callback,
                           generator, desc="audio")
-        audio = self.decode(latents)[1][:, :samples].float().cpu()   # crop the rounding-up of the length
-        return audio.numpy() if output_type == "np" else audio
+        audio = self.decode(latents)[1][:, :samples]                   # crop the rounding-up of the length
+        return audio.float().cpu().numpy() if output_type == "np" else audio
 
     def save(self, waveforms, folder, stem="audio", overwrite=False):
         """Write each waveform as a 16-bit WAV at the vocoder's sampling rate; never overwrites unless asked."""

@@ -32,15 +32,16 @@ from .utils import config_from_dict
 
 @dataclass
 class HifiGanConfig:
-    model_in_dim: int = 16                          # mel bins per frame
+    """Defaults are transformers' SpeechT5HifiGanConfig defaults; `tiny()` for tests."""
+    model_in_dim: int = 80                          # mel bins per frame
     sampling_rate: int = 16000                      # of the output waveform
-    upsample_initial_channel: int = 32              # channels after conv_pre; halved at each upsampling
-    upsample_rates: tuple = (4, 4)                  # their product = samples per mel frame
-    upsample_kernel_sizes: tuple = (8, 8)
-    resblock_kernel_sizes: tuple = (3, 5)           # one residual block per kernel size (the MRF)
-    resblock_dilation_sizes: tuple = ((1, 3), (1, 3))
+    upsample_initial_channel: int = 512             # channels after conv_pre; halved at each upsampling
+    upsample_rates: tuple = (4, 4, 4, 4)            # their product = samples per mel frame
+    upsample_kernel_sizes: tuple = (8, 8, 8, 8)
+    resblock_kernel_sizes: tuple = (3, 7, 11)       # one residual block per kernel size (the MRF)
+    resblock_dilation_sizes: tuple = ((1, 3, 5), (1, 3, 5), (1, 3, 5))
     leaky_relu_slope: float = 0.1
-    normalize_before: bool = False                  # standardise the mel with the `mean`/`scale` buffers
+    normalize_before: bool = True                   # standardise the mel with the `mean`/`scale` buffers
 
     def __post_init__(self):
         self.upsample_rates = tuple(self.upsample_rates)
@@ -58,6 +59,12 @@ class HifiGanConfig:
     @classmethod
     def from_hf(cls, d: dict) -> "HifiGanConfig":
         return config_from_dict(cls, d)
+
+    @classmethod
+    def tiny(cls, **overrides) -> "HifiGanConfig":
+        return cls(**{**dict(model_in_dim=16, upsample_initial_channel=32, upsample_rates=(4, 4),
+                             upsample_kernel_sizes=(8, 8), resblock_kernel_sizes=(3, 5),
+                             resblock_dilation_sizes=((1, 3), (1, 3)), normalize_before=False), **overrides})
 
 
 class ResBlock(nn.Module):
@@ -123,10 +130,12 @@ class HifiGan(nn.Module):
     @classmethod
     def from_pretrained(cls, path, dtype=None, device=None) -> "HifiGan":
         folder = weights.resolve(path)
-        config = HifiGanConfig.from_hf(weights.read_config(folder))
-        model = weights.build_on_meta(cls, config)
-        weights.load_into(model, weights.load_safetensors(folder, stem="model"), dtype=dtype, device=device)
-        return model.eval()
+        return cls.from_checkpoint(weights.read_config(folder), weights.load_checkpoint(folder), dtype, device)
+
+    @classmethod
+    def from_checkpoint(cls, config: dict, tensors: dict, dtype=None, device=None) -> "HifiGan":
+        """A published config.json dict and the tensors as its file stores them -> the model."""
+        return weights.load_model(cls, HifiGanConfig.from_hf(config), tensors, dtype=dtype, device=device)
 
 
 # ---------------------------------------------------------------- Griffin-Lim: no weights
