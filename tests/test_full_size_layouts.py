@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from minignext import weights
 from minignext.clip import CLIPText
 from minignext.llama import Llama
 from minignext.unet import UNet2DCondition
