@@ -65,12 +65,14 @@ def add_nextgpt_tokens(tokenizer, llm) -> list:
 
 def freeze_old_rows(param: torch.nn.Parameter, first_new_id: int):
     """Train only the rows >= first_new_id of an embedding / lm_head matrix: a gradient hook
-    zeroes the others (the reference leaves all 32038 rows trainable). Returns the hook handle."""
+    zeroes the others (the reference leaves all 32038 rows trainable). Returns the hook handle.
+    The parameter also keeps `first_trained_row`, for FSDP, whose sharded gradients bypass the hook."""
     def hook(grad):
         grad = grad.clone()
         grad[:first_new_id] = 0
         return grad
     param.requires_grad_(True)
+    param.first_trained_row = first_new_id
     return param.register_hook(hook)
 
 

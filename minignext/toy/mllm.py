@@ -5,7 +5,8 @@ Labels follow the Hugging Face convention: `labels` lines up with the input ids,
 is learnt, and the loss shifts them by one (logits at t predict the label at t + 1).
 
     pad_batch     right-padded ids and labels
-    answer_ce     next-token cross-entropy on the labelled tokens only (NExT-GPT trains the answers)
+    answer_ce     next-token cross-entropy on the labelled tokens only (NExT-GPT trains the answers),
+                  weighted across processes by their token counts
     splice        soft tokens (projected media embeddings) written into the input embeddings
     media_bank    frozen ImageBind embeddings of rendered media, computed once before training
 """
@@ -31,15 +32,22 @@ def pad_batch(seqs, labels=None, pad_id=0):
     return ids, out
 
 
-def answer_ce(logits, labels):
-    """Next-token cross-entropy where labels != -100: logits at t predict the label at t + 1."""
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+def answer_ce(logits, labels, args=None):
+    """Next-token cross-entropy where labels != -100: logits at t predict the label at t + 1. With the
+    RunArgs of one of several processes, this share's part of the global batch's mean (RunArgs.mean):
+    the shares hold different numbers of labelled tokens."""
+    logits, labels = logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten()
+    if args is None or args.world_size == 1:
+        return F.cross_entropy(logits, labels, ignore_index=-100)
+    total = F.cross_entropy(logits, labels, ignore_index=-100, reduction="sum")
+    return args.mean(total, (labels != -100).sum())
 
 
 def splice(embeds, rows, positions, vectors):
     """`embeds` (B, T, D) with vectors[i] (D,) written at (rows[i], positions[i]); index_put keeps the
     graph, so gradients reach whatever made the vectors (the input projection)."""
-    return embeds.index_put((torch.tensor(rows), torch.tensor(positions)), vectors)
+    return embeds.index_put((torch.tensor(rows, device=embeds.device), torch.tensor(positions, device=embeds.device)),
+                            vectors)
 
 
 @torch.no_grad()
