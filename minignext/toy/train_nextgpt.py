@@ -12,7 +12,9 @@ The foundations in weights/toy/ (ImageBind, LLaMA, the decoders' text encoders) 
              = 32, as NExT-GPT) on q, k, v, o plus both projections and the new rows; CE on the
              assistant tokens plus the stage-2 distance for every turn that makes media.
 
-All stages use Adam with betas (0.9, 0.95). Media are encoded once by the frozen ImageBind (a bank of
+The stages themselves (what trains, the examples, the losses, the loop, the delta) are
+minignext.training.stages, which the real-size path shares; this module gives them the toy world's
+dialogues. All stages use Adam with betas (0.9, 0.95). Media are encoded once by the frozen ImageBind (a bank of
 embeddings per object), and every caption's decoder conditioning is computed once: the frozen parts
 need no forward pass in the loop. What ships is a delta like the official `pytorch_model.pt`: only
 what trained, in peft's names (llama_model.base_model.model...lora_A.default.weight, the resized
@@ -32,19 +34,19 @@ from pathlib import Path
 import torch
 
 from minignext import weights
-from minignext.lora import add_lora, lora_parameters
-from minignext.systems.nextgpt import (MODALITIES, PROJECTION_NAMES, SIGNALS, SPLICE_CLOSE, SPLICE_OPEN, NextGPT,
-                               add_nextgpt_tokens, freeze_old_rows)
+from minignext.lora import add_lora
+from minignext.systems.nextgpt import MODALITIES, SIGNALS, NextGPT
 from minignext.projection import OutputProjectionConfig
-from minignext.systems.nextgpt_checkpoint import peft_name, projection_state, write_folder
-from minignext.tokenizer import VICUNA_V0
+from minignext.systems.nextgpt_checkpoint import write_folder
 from minignext.toy import decoder_text, family, world
-from minignext.toy.mllm import answer_ce, media_bank, pad_batch, splice
+from minignext.toy.mllm import media_bank
 from minignext.toy.train_audio_decoder import EMBED_DIM
-from minignext.toy.trainer import ADAM_BETAS, TOY_DIR, Run, RunArgs, optimizer_step
+from minignext.toy.trainer import TOY_DIR, RunArgs
+from minignext.training import stages
+from minignext.training.stages import (LORA, collate, count_trainable, distance_loss, loss_fn,  # noqa: F401
+                                       signal_distance, trainable)
 
 OUT_DIR = TOY_DIR / "nextgpt"
-LORA = {"r": 32, "alpha": 32.0}            # NExT-GPT's; at r = 16 a few held-out requests got no signal tokens
 PROJECTION = dict(d_model=64, nhead=4, num_encoder_layers=2, num_decoder_layers=2, dim_feedforward=128)
 STAGES = {                                  # steps, batch, peak lr
     1: dict(steps=2000, batch=32, lr=5e-3),
@@ -108,13 +110,7 @@ def build(root=TOY_DIR, seed=0, decoders=True) -> tuple[NextGPT, dict]:
     encoder, llm, tok, _ = load_foundations(root, decoders=False)
     texts = load_texts(root) if decoders else None
     torch.manual_seed(seed)
-    spelled = [tok.encode(name, add_bos=False) for name in (SPLICE_OPEN, SPLICE_CLOSE)]   # the LLM's <Img></Img>
-    new = add_nextgpt_tokens(tok, llm)
-    with torch.no_grad():       # distinct random rows (resize starts them all at the mean row) ...
-        for w in {id(p): p for p in (llm.model.embed_tokens.weight, llm.lm_head.weight)}.values():
-            w[new] = torch.randn(len(new), w.shape[1]) * w[:new[0]].std()
-        for i, ids in zip(new[:2], spelled):                          # ... but <Img> as the LLM spelled it
-            llm.model.embed_tokens.weight[i] = llm.embed(torch.tensor(ids)).mean(0)
+    new = stages.add_tokens(tok, llm)
     projections = {}
     for m in MODALITIES:
         q, d = COND_SHAPES[m]
@@ -129,37 +125,12 @@ def build(root=TOY_DIR, seed=0, decoders=True) -> tuple[NextGPT, dict]:
 # ---------------------------------------------------------------- examples
 
 def encode_dialogue(model, turns, bank, targets, rng):
-    """World turns -> token ids in the Vicuna-v0 template, exactly as NextGPT.build_prompt lays out a
-    conversation, with labels on the assistant tokens (signal runs and the closing "###" included),
-    the soft-token slots (position, embedding) and the signal runs (modality, start, target caption)."""
-    tok = model.tokenizer
-    ids, labels, soft, runs = [tok.bos_id], [-100], [], []
-
-    def add(tokens, train):
-        ids.extend(tokens)
-        labels.extend(tokens if train else [-100] * len(tokens))
-
-    for i, t in enumerate(turns):
-        user = tok.encode(VICUNA_V0.user, add_bos=False)
-        add(user[:1], i > 0)                              # the "###" that ends the previous answer
-        add(user[1:], False)
-        if t.user_media is not None:
-            m = t.user_media
-            vecs = bank[(m.modality, m.obj, m.direction)]
-            add([tok.token_to_id(SPLICE_OPEN)], False)
-            soft.append((len(ids), vecs[rng.integers(len(vecs))]))
-            add([0], False)
-            add([tok.token_to_id(SPLICE_CLOSE)], False)
-        text = f" {t.user}" if t.user_media is not None else t.user
-        add(tok.encode(text + VICUNA_V0.sep + VICUNA_V0.assistant.rstrip(), add_bos=False), False)
-        add(tok.encode(f" {t.assistant}", add_bos=False), True)
-        if t.assistant_media is not None:
-            m = t.assistant_media
-            runs.append((m.modality, len(ids), targets(m)))
-            add(model.signal_ids[m.modality], True)
-        add(tok.encode(VICUNA_V0.sep, add_bos=False), True)
-    add(tok.encode(VICUNA_V0.user, add_bos=False)[:1], True)
-    return {"ids": ids, "labels": labels, "soft": soft, "runs": runs}
+    """World turns -> an example of minignext.training.stages (ids and labels in the Vicuna-v0
+    template, soft-token slots, signal runs), each input medium one of its bank's embeddings."""
+    def soft(m):
+        vecs = bank[(m.modality, m.obj, m.direction)]
+        return vecs[rng.integers(len(vecs))]
+    return stages.encode_dialogue(model, turns, soft, targets)
 
 
 FILLERS = ("now", "me", "so", "then", "and", "the", "a", "too", "you", "good", "it", "fine", "i", "thank")
@@ -192,101 +163,18 @@ def stage_turn(stage, rng):
     return [t]
 
 
-def collate(model, examples):
-    """Right-padded batch: input embeddings with the projected soft tokens spliced in, labels, runs."""
-    ids, labels = pad_batch([e["ids"] for e in examples], [e["labels"] for e in examples])
-    embeds = model.llama_model.embed(ids)
-    soft = [(b, p, v) for b, e in enumerate(examples) for p, v in e["soft"]]
-    if soft:
-        b, p, v = zip(*soft)
-        embeds = splice(embeds, b, p, model.llama_proj(torch.stack(v))[:, 0])
-    runs = [(b, m, s, t) for b, e in enumerate(examples) for m, s, t in e["runs"]]
-    return embeds, labels, runs
-
-
-def signal_distance(pred, target):
-    """Stage 2's alignment loss: the mean over tokens of the Euclidean (L2, not squared) distance."""
-    return (pred - target).norm(dim=-1).mean()
-
-
-def distance_loss(model, hidden, runs):
-    """Mean per-token Euclidean distance (not squared) between the projected signal states and the
-    decoder text encoder's output, averaged over the modalities present."""
-    losses = []
-    for modality in MODALITIES:
-        mine = [(b, s, t) for b, m, s, t in runs if m == modality]
-        if not mine:
-            continue
-        ids = torch.tensor(model.signal_ids[modality])
-        states = torch.stack([hidden[b, s:s + len(ids)] for b, s, _ in mine])
-        emb = model.llama_model.embed(ids)[None].expand(len(mine), -1, -1)
-        pred = model.output_projection(modality)(states, emb)
-        losses.append(signal_distance(pred, torch.stack([t for _, _, t in mine])))
-    return torch.stack(losses).mean() if losses else hidden.new_zeros(())
-
-
-def loss_fn(model, examples):
-    embeds, labels, runs = collate(model, examples)
-    logits, hidden = model.llama_model(inputs_embeds=embeds, return_hidden=True)
-    ce = answer_ce(logits, labels)
-    dist = distance_loss(model, hidden, runs)
-    return ce + dist, ce, dist
-
-
 # ---------------------------------------------------------------- the stages
 
-def trainable(model, stage) -> list:
-    """Switch on exactly what `stage` trains (NExT-GPT sec. 4.1, 5); returns the parameters. The
-    embedding / lm_head matrices train only in their new rows (a gradient hook zeroes the rest)."""
-    model.requires_grad_(False)
-    params = list(model.llama_proj.parameters())
-    if stage >= 2:
-        params = [] if stage == 2 else params
-        for m in MODALITIES:
-            params += list(model.output_projection(m).parameters())
-        llm = model.llama_model
-        for w in {id(p): p for p in (llm.model.embed_tokens.weight, llm.lm_head.weight)}.values():
-            if not hasattr(w, "_rows_hook"):
-                w._rows_hook = freeze_old_rows(w, model.first_new_id)
-            params.append(w)
-    if stage == 3:
-        params += list(lora_parameters(model.llama_model).values())
-    for p in params:
-        p.requires_grad_(True)
-    return params
-
-
-def count_trainable(model, stage) -> dict:
-    """Trainable parameters of `stage` (new rows only, for the resized matrices) vs all of them."""
-    total = sum(p.numel() for p in model.parameters())
-    n = 0
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        rows = p.shape[0] - model.first_new_id if name.endswith(("embed_tokens.weight", "lm_head.weight")) else None
-        n += p.numel() if rows is None else rows * p.shape[1]
-    return {"stage": stage, "trainable": n, "total": total, "percent": round(100 * n / total, 3)}
-
-
 def run_stage(model, stage, bank, targets, args: RunArgs, batch=None):
+    """Train `stage` on the toy world's dialogues (stage_turn), `batch` of them per step."""
     cfg = {**STAGES[stage], **({"batch": batch} if batch else {})}
-    params = trainable(model, stage)
-    fast = {id(p) for m in ("llama_proj", *(PROJECTION_NAMES[m] for m in MODALITIES))
-            for p in getattr(model, m).parameters()} if stage == 3 else set()
-    groups = [{"params": [p for p in params if id(p) not in fast]},
-              {"params": [p for p in params if id(p) in fast], "lr_scale": PROJECTION_LR_SCALE}]
-    opt = torch.optim.Adam([g for g in groups if g["params"]], lr=cfg["lr"], betas=ADAM_BETAS)
-    part = f"nextgpt_stage{stage}"
-    run = Run.start(part, args, {"model": model}, opt, cfg["steps"], cfg["lr"], warmup=50)
-    model.train()
-    for step in run.steps():
-        rng = args.rng(f"{part}/batches", step)           # the batch depends on the step only: resumable
-        examples = [encode_dialogue(model, stage_turn(stage, rng), bank, targets, rng) for _ in range(cfg["batch"])]
-        loss, ce, dist = loss_fn(model, examples)
-        optimizer_step(opt, loss, params)
-        run.log(loss.item(), ce=ce.item(), dist=dist.item())
-    model.eval()
-    return run
+
+    def draw(step):          # the batch depends on the step only: resumable, the same on every rank
+        rng = args.rng(f"nextgpt_stage{stage}/batches", step)
+        return [encode_dialogue(model, stage_turn(stage, rng), bank, targets, rng) for _ in range(cfg["batch"])]
+
+    return stages.run_stage(model, stage, args, draw, steps=cfg["steps"], lr=cfg["lr"],
+                            projection_lr_scale=PROJECTION_LR_SCALE if stage == 3 else 1.0)
 
 
 @torch.no_grad()
@@ -325,10 +213,11 @@ def train(args: RunArgs, out_dir=None, root=TOY_DIR, bank_per_key=BANK_PER_KEY) 
         run = run_stage(model, stage, bank, targets, args)
         summary["stages"][stage] = {**count_trainable(model, stage), "steps": run.total, "loss": run.mean_loss(),
                                     "seconds": round(run.seconds, 1)}
-    out = save(model, out_dir or OUT_DIR, root, overwrite=True)
+    out = Path(out_dir or OUT_DIR)
     examples = sum(s["steps"] * STAGES[k]["batch"] for k, s in summary["stages"].items())
-    family.write_training_record(out, minutes=round((time.perf_counter() - t0) / 60, 1), examples=examples,
-                                 stages=summary["stages"])
+    minutes = round((time.perf_counter() - t0) / 60, 1)
+    args.on_main(lambda: family.write_training_record(save(model, out, root, overwrite=True), minutes=minutes,
+                                                      examples=examples, stages=summary["stages"]))
     summary.update(folder=str(out), lora=LORA, seconds=round(time.perf_counter() - t0, 1),
                    megabytes=round((out / "delta.safetensors").stat().st_size / 1e6, 2))
     return summary
@@ -337,13 +226,8 @@ def train(args: RunArgs, out_dir=None, root=TOY_DIR, bank_per_key=BANK_PER_KEY) 
 # ---------------------------------------------------------------- the delta, in the official names
 
 def delta_state(model) -> dict:
-    """What stages 1-3 trained, under the official checkpoint's (peft) names."""
-    llm = model.llama_model
-    out = {peft_name(k): v for k, v in lora_parameters(llm).items()}
-    out[peft_name("model.embed_tokens.weight")] = llm.model.embed_tokens.weight
-    out[peft_name("lm_head.weight")] = llm.lm_head.weight
-    out.update(projection_state(model))
-    return {k: v.detach().to(STORE_DTYPE).contiguous() for k, v in out.items()}
+    """What stages 1-3 trained, under the official checkpoint's (peft) names, in fp16."""
+    return stages.delta_state(model, STORE_DTYPE)
 
 
 def save(model, folder, root=TOY_DIR, overwrite=False) -> Path:
