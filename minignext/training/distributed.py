@@ -234,12 +234,17 @@ class DataParallel:
         if any(self.optimizer.state.values()):
             raise ValueError("FSDP must shard the parameters before the optimiser takes its first step")
         shadow = twin(self.modules)
+        # fully_shard cannot shard 0-d tensors (ImageBind's logit scale); frozen ones stay whole on every rank
+        scalars = {name: p for name, p in shadow.named_parameters() if p.dim() == 0}
+        if any(p.requires_grad for p in scalars.values()):
+            raise ValueError(f"FSDP cannot shard the 0-d parameters {', '.join(scalars)} that train; train this run "
+                             f"under DDP (without --fsdp)")
         mesh = init_device_mesh(self.device.type, (dist.get_world_size(),))
         units = fsdp_units()
         for m in list(shadow.modules()):
             if isinstance(m, units):
-                fully_shard(m, mesh=mesh)
-        fully_shard(shadow, mesh=mesh)
+                fully_shard(m, mesh=mesh, ignored_params=set(scalars.values()))
+        fully_shard(shadow, mesh=mesh, ignored_params=set(scalars.values()))
         shadow.set_reduce_scatter_unused_params(True)     # ranks whose share leaves a part unused
         self.held, self.reached = {}, set()
         for prefix, m in shadow.named_modules():
