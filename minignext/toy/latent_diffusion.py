@@ -50,14 +50,16 @@ class EMA(torch.nn.Module):
             s.lerp_(p.detach(), 1 - self.decay)
 
 
-def diffusion_loss(unet_fn, scheduler, latents, cond, generator, high_noise_share=0.0):
+def diffusion_loss(unet_fn, scheduler, latents, cond, generator, high_noise_share=0.0, args=None):
     """One DDPM training step's loss: noise latents at a random t (eq. 4), predict the noise (eq. 14)
     or, under a v-prediction schedule, v.
 
     high_noise_share > 0 draws that share of the samples' t from the noisiest 30% only, where a sampler
     lays out the picture (and a video its motion). A scheduler whose prediction_type is "v_prediction"
     makes the target v = sqrt(abar) eps - sqrt(1 - abar) x_0 (Salimans & Ho 2022, sec. 4), which stays
-    defined where the SNR is zero."""
+    defined where the SNR is zero. With the RunArgs of one of several processes, t and the noise are
+    drawn for the whole batch of `latents` and this process's share is trained (`cond` is the
+    share's already)."""
     n, T = latents.shape[0], len(scheduler)
     t = torch.randint(0, T, (n,), generator=generator)
     if high_noise_share:
@@ -69,7 +71,10 @@ def diffusion_loss(unet_fn, scheduler, latents, cond, generator, high_noise_shar
     if scheduler.config.prediction_type == "v_prediction":
         a = abar.view((-1,) + (1,) * (latents.dim() - 1))
         target = a.sqrt() * noise - (1 - a).sqrt() * latents
-    return (unet_fn(scheduler.add_noise(latents, noise, t), t, cond) - target).pow(2).mean()
+    if args is not None:
+        latents, noise, t, target = (args.shard(x) for x in (latents, noise, t, target))
+    err = (unet_fn(scheduler.add_noise(latents, noise, t), t, cond) - target).pow(2)
+    return err.mean() if args is None else args.mean(err.sum(), err.numel())
 
 
 # ---------------------------------------------------------------- the VAE
@@ -82,14 +87,23 @@ def train_vae(part, vae, batch, args: RunArgs, *, steps, lr, pixel_weights=None,
     run = Run.start(part, args, {"vae": vae}, opt, steps, lr, warmup=50)
     for step in run.steps():
         x = batch(args.rng(f"{part}/batches", step))
-        posterior = vae.encode(x)
-        recon = vae.decode(posterior.sample(args.generator(f"{part}/posterior", step)))
-        w = pixel_weights(x) if pixel_weights is not None else torch.ones_like(x[:, :1])
-        err = recon - x
-        loss = (w * err.abs()).mean() + (w * err ** 2).mean() + kl_weight * posterior.kl().mean()
+        loss = run.forward(vae_loss, vae, x, args.generator(f"{part}/posterior", step), pixel_weights, kl_weight, args)
         optimizer_step(opt, loss, vae.parameters())
         run.log(loss.detach())
     return run
+
+
+def vae_loss(vae, x, generator, pixel_weights, kl_weight, args: RunArgs):
+    """train_vae's loss on this process's share of the batch x; the posterior's noise is drawn for
+    all of x, as one process draws it."""
+    n, x = len(x), args.shard(x)
+    posterior = vae.encode(x)
+    noise = torch.randn((n,) + posterior.mean.shape[1:], generator=generator, dtype=posterior.mean.dtype)
+    recon = vae.decode(posterior.mean + posterior.std * args.shard(noise))
+    w = pixel_weights(x) if pixel_weights is not None else torch.ones_like(x[:, :1])
+    err = recon - x
+    return (args.mean((w * err.abs()).sum(), err.numel()) + args.mean((w * err ** 2).sum(), err.numel())
+            + kl_weight * args.mean(posterior.kl().sum(), len(x)))
 
 
 @torch.no_grad()
@@ -124,10 +138,6 @@ def train_denoiser(part, unet, text, latents, caption, args: RunArgs, *, steps, 
     params = [p for m in trained.values() for p in m.parameters()]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     scheduler = DDPMScheduler.from_config(scheduler_config)
-    if class_labels:        # AudioLDM: the pooled text embedding joins the time embedding
-        conditioning, unet_fn = decoder_text.embed, lambda x, t, c: unet(x, t, class_labels=c)
-    else:                   # Stable Diffusion: cross-attention on the text encoder's states
-        conditioning, unet_fn = decoder_text.encode, lambda x, t, c: unet(x, t, encoder_hidden_states=c)
     run = Run.start(part, args, {**trained, **{f"ema_{k}": e for k, e in emas.items()}}, opt, steps, lr, warmup)
     for step in run.steps():
         g = args.generator(f"{part}/latents", step)
@@ -135,15 +145,26 @@ def train_denoiser(part, unet, text, latents, caption, args: RunArgs, *, steps, 
         x0 = (mean[pick] + std[pick] * torch.randn(mean[pick].shape, generator=g)) * scaling_factor
         rng = args.rng(f"{part}/captions", step)
         captions = decoder_text.drop_captions([caption(i, rng) for i in pick.tolist()], CAPTION_DROPOUT, rng)
-        with torch.set_grad_enabled(trains_text):
-            cond = conditioning(text_encoder, tokenizer, captions)
-        loss = diffusion_loss(unet_fn, scheduler, x0, cond, g, high_noise_share)
+        loss = run.forward(denoiser_loss, unet, text_encoder, tokenizer, x0, args.shard(captions), scheduler, g,
+                           class_labels, high_noise_share, args)
         optimizer_step(opt, loss, params)
         for name, ema in emas.items():
             ema.update(trained[name])
         run.log(loss.detach())
     text_out = emas["text_encoder"].shadow if trains_text else text_encoder
     return emas["unet"].shadow, text_out, run
+
+
+def denoiser_loss(unet, text_encoder, tokenizer, x0, captions, scheduler, generator, class_labels, high_noise_share,
+                  args: RunArgs):
+    """train_denoiser's loss: x0 the whole batch, captions this process's share of its captions."""
+    if class_labels:        # AudioLDM: the pooled text embedding joins the time embedding
+        conditioning, unet_fn = decoder_text.embed, lambda x, t, c: unet(x, t, class_labels=c)
+    else:                   # Stable Diffusion: cross-attention on the text encoder's states
+        conditioning, unet_fn = decoder_text.encode, lambda x, t, c: unet(x, t, encoder_hidden_states=c)
+    with torch.set_grad_enabled(any(p.requires_grad for p in text_encoder.parameters())):
+        cond = conditioning(text_encoder, tokenizer, captions)
+    return diffusion_loss(unet_fn, scheduler, x0, cond, generator, high_noise_share, args)
 
 
 # ---------------------------------------------------------------- saving

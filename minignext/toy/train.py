@@ -15,6 +15,13 @@ the other; then the video decoder, which starts from the image decoder, alone wi
 Each lane is `python -m minignext.toy.train foundations --only ... --lanes 1 --threads N`, logging
 to lane-PART.log in the runs folder (PART its first part), and this process shows one status line for
 all of them.
+
+Every part also trains on several processes, under torchrun, the parts one after the other (no lanes):
+
+    torchrun --nproc_per_node 2 -m minignext.toy.train foundations --threads 1 [--fsdp]
+
+Each step's global batch is split between the processes (DDP; with --fsdp the runs that hold an LLM
+are sharded), which take the same steps one process would (minignext.toy.trainer).
 """
 
 import argparse
@@ -27,7 +34,8 @@ from pathlib import Path
 
 import torch
 
-from minignext.toy.trainer import RUNS_DIR, TOY_DIR, RunArgs
+from minignext.toy.trainer import RUNS_DIR, TOY_DIR, RunArgs, RunStopped
+from minignext.training import distributed
 
 FOUNDATIONS = ("imagebind", "llm", "image_decoder", "audio_decoder", "video_decoder")
 PHASES = ((("image_decoder",), ("imagebind", "llm", "audio_decoder")),      # two lanes side by side
@@ -41,7 +49,8 @@ def run_parts(parts, args: RunArgs):
         result = importlib.import_module(f"minignext.toy.train_{part}").train(args)
         result["seconds"] = round(time.perf_counter() - t0, 1)
         summary[part] = result
-        print(f"{part}: {json.dumps(result)}", flush=True)
+        if args.main:
+            print(f"{part}: {json.dumps(result)}", flush=True)
     return summary
 
 
@@ -70,7 +79,8 @@ def lane_command(lane, args: RunArgs, threads) -> list[str]:
     """The command that trains one lane (a list of parts) in a process of its own, with the same RunArgs."""
     return [sys.executable, "-m", "minignext.toy.train", "foundations", "--only", ",".join(lane), "--lanes", "1",
             "--threads", str(threads), "--seed", str(args.seed), "--scale", repr(args.scale),
-            "--runs-dir", str(args.runs_dir)] + ([] if args.resume else ["--fresh"])
+            "--runs-dir", str(args.runs_dir)] + ([] if args.resume else ["--fresh"]) + (
+            ["--stop-after", str(args.stop_after)] if args.stop_after else [])
 
 
 def run_lanes(lanes, args: RunArgs, threads):
@@ -114,11 +124,15 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--lanes", type=int, default=2, choices=(1, 2),
                    help="foundations: train in this many parallel processes of one thread each")
+    p.add_argument("--fsdp", action="store_true", help="under torchrun: shard the LLM runs (FSDP) instead of DDP")
+    p.add_argument("--stop-after", type=int, help="stop each run after this many of its steps, resumably")
     return p
 
 
 def run_args(ns: argparse.Namespace) -> RunArgs:
-    return RunArgs(seed=ns.seed, scale=ns.scale, resume=not ns.fresh, runs_dir=ns.runs_dir)
+    """This process's RunArgs: the options, and its rank under torchrun."""
+    return RunArgs.from_env(seed=ns.seed, scale=ns.scale, resume=not ns.fresh, runs_dir=ns.runs_dir,
+                            fsdp=ns.fsdp, stop_after=ns.stop_after)
 
 
 def main(argv=None):
@@ -137,12 +151,20 @@ def main(argv=None):
     else:
         parts = ["nextgpt"]
     t0 = time.perf_counter()
-    if ns.what == "foundations" and ns.lanes > 1 and len(parts) > 1:
+    if ns.what == "foundations" and ns.lanes > 1 and len(parts) > 1 and args.world_size == 1:
         summary = run_phases(parts, args, ns.threads)
     else:
-        summary = run_parts(parts, args)
-    total = time.perf_counter() - t0
-    print(f"trained {', '.join(parts)} in {total / 60:.1f} min; weights in {TOY_DIR}")
+        distributed.setup()
+        try:
+            summary = run_parts(parts, args)
+        except RunStopped as e:
+            if args.main:
+                print(e, flush=True)
+            return None
+        finally:
+            distributed.teardown()
+    if args.main:
+        print(f"trained {', '.join(parts)} in {(time.perf_counter() - t0) / 60:.1f} min; weights in {TOY_DIR}")
     return summary
 
 

@@ -151,11 +151,18 @@ def train_text_encoder(args: RunArgs):
         labels = {name: torch.tensor([values.index(getattr(o, name)) if c else len(values)
                                       for o, c in zip(objs, captions)])
                   for name, values in (("pitch", world.PITCHES), ("contour", world.CONTOURS))}
-        embeds = text_embeds(text_encoder, tokenizer, captions)
-        loss = sum(F.cross_entropy(heads[k](embeds * 8), labels[k]) for k in heads)
+        loss = run.forward(attribute_loss, text_encoder, heads, tokenizer, args.shard(captions),
+                           {k: args.shard(v) for k, v in labels.items()}, args)
         optimizer_step(opt, loss, params, max_norm=None)
         run.log(loss.detach())
     return text_encoder.eval().requires_grad_(False), tokenizer, run
+
+
+def attribute_loss(text_encoder, heads, tokenizer, captions, labels, args: RunArgs):
+    """The heads' cross-entropies on this process's share of the captions."""
+    embeds = text_embeds(text_encoder, tokenizer, captions)
+    return sum(args.mean(F.cross_entropy(heads[k](embeds * 8), labels[k], reduction="sum"), len(captions))
+               for k in heads)
 
 
 # ---------------------------------------------------------------- 3. the UNet
@@ -179,8 +186,8 @@ def train(args: RunArgs, out_dir=None) -> dict:
     vae, vae_run = train_vae(args)
     text_encoder, tokenizer, text_run = train_text_encoder(args)
     unet, unet_run = train_unet(vae, text_encoder, tokenizer, args)
-    latent_diffusion.save_pipeline(out, "AudioLDMPipeline", unet, "UNet2DConditionModel", vae, text_encoder, tokenizer,
-                                   SAMPLING, SCHEDULER, vocoder=vocoder_config(), overwrite=True)
+    args.on_main(latent_diffusion.save_pipeline, out, "AudioLDMPipeline", unet, "UNet2DConditionModel", vae,
+                 text_encoder, tokenizer, SAMPLING, SCHEDULER, vocoder=vocoder_config(), overwrite=True)
     return summary(out, vae=vae_run, text=text_run, unet=unet_run)
 
 

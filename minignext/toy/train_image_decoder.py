@@ -103,8 +103,8 @@ def train(args: RunArgs, out_dir=None) -> dict:
     out = Path(out_dir or OUT_DIR)
     vae, vae_runs = train_vae(args)
     unet, text_encoder, tokenizer, unet_run = train_unet(vae, args)
-    latent_diffusion.save_pipeline(out, "StableDiffusionPipeline", unet, "UNet2DConditionModel", vae, text_encoder,
-                                   tokenizer, SAMPLING, SCHEDULER, overwrite=True)
+    args.on_main(latent_diffusion.save_pipeline, out, "StableDiffusionPipeline", unet, "UNet2DConditionModel", vae,
+                 text_encoder, tokenizer, SAMPLING, SCHEDULER, overwrite=True)
     return summary(out, **vae_runs, unet=unet_run)
 
 

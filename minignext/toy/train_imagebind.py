@@ -174,13 +174,12 @@ def train(args: RunArgs, out_dir=None) -> dict:
     banks = {m: make_bank(m, args.count(s[key], least=32), args.rng(f"imagebind/{m}-bank"))
              for m, key in (("image", "images"), ("audio", "sounds"), ("video", "videos"))}
     sizes = {"image": s["image_batch"], "audio": s["audio_batch"], "video": s["video_batch"]}
-    branch = {"image": "vision", "video": "vision", "audio": "audio"}
     opt = torch.optim.AdamW(model.parameters(), lr=s["peak_lr"], betas=ADAM_BETAS, weight_decay=0.05)
     run = Run.start("imagebind", args, {"model": model}, opt, s["steps"], s["peak_lr"], s["warmup"])
     model.train()
     for step in run.steps():
         rng = args.rng("imagebind/batches", step)      # the batch depends on the step only: resumable
-        losses = {}
+        shares = {}
         for modality, (x, items) in banks.items():
             if modality == "video":                       # whole groups of four directions
                 pick = (4 * rng.integers(len(items) // 4, size=sizes[modality] // 4)[:, None] + np.arange(4)).ravel()
@@ -188,15 +187,28 @@ def train(args: RunArgs, out_dir=None) -> dict:
                 pick = rng.integers(len(items), size=sizes[modality])
             captions = [add_fillers(items[i].caption(rng), rng) for i in pick]
             labels = torch.tensor([class_id(items[i].obj, items[i].direction) for i in pick])
-            emb = model.embed(branch[modality], x[pick])
-            text = model.embed("text", tokenizer(captions))
-            losses[modality] = info_nce(emb, text, labels, logit_scale(model))
-        loss = sum(losses.values())
+            shares[modality] = (x[args.shard(pick)], args.shard(captions), labels)
+        loss, losses = run.forward(contrastive_loss, model, tokenizer, shares, args)
         optimizer_step(opt, loss, model.parameters())
         run.log(loss.item(), **{k: v.item() for k, v in losses.items()}, scale=logit_scale(model).item())
     model.eval()
-    save(out_dir, model, tokenizer, overwrite=True)
+    args.on_main(save, out_dir, model, tokenizer, overwrite=True)
     return summary(out_dir, model=run)
+
+
+BRANCH = {"image": "vision", "video": "vision", "audio": "audio"}
+
+
+def contrastive_loss(model, tokenizer, shares, args: RunArgs):
+    """The summed InfoNCE of every modality: {modality: (inputs, captions, labels of the whole batch)},
+    inputs and captions this process's share. The embeddings of all shares are gathered, so that
+    every process computes the loss of the whole batch."""
+    losses = {}
+    for modality, (x, captions, labels) in shares.items():
+        emb = args.gather(model.embed(BRANCH[modality], x))
+        text = args.gather(model.embed("text", tokenizer(captions)))
+        losses[modality] = info_nce(emb, text, labels, logit_scale(model))
+    return sum(losses.values()), losses
 
 
 def save(folder, model: ImageBind, tokenizer: CLIPTokenizer, dtype=torch.float16, overwrite=False):

@@ -119,17 +119,21 @@ def marker_spans(tokenizer: Tokenizer, texts) -> list[list[tuple[int, int]]]:
     return out
 
 
-def fold_markers(embed, seqs, spans, rng, p=FOLD_P):
-    """Right-padded input embeddings (B, T, D) and labels (B, T), where each marker's span is, with
-    probability p, folded into one position: the sum of its token embeddings over sqrt(n). A folded
-    position is nobody's label, so nothing learns to predict it. `embed` maps ids (T,) -> (T, D)."""
+def fold_plan(spans, rng, p=FOLD_P) -> list[list[tuple[int, int]]]:
+    """Which marker spans to fold, each with probability p: drawn for a whole batch at once, so that
+    every process draws the same and keeps its share."""
+    return [[span for span in marks if rng.random() < p] for marks in spans]
+
+
+def folded(embed, seqs, folds):
+    """Right-padded input embeddings (B, T, D) and labels (B, T), where each span of `folds` is folded
+    into one position: the sum of its token embeddings over sqrt(n). A folded position is nobody's
+    label, so nothing learns to predict it. `embed` maps ids (T,) -> (T, D)."""
     rows, labels = [], []
-    for seq, marks in zip(seqs, spans):
+    for seq, marks in zip(seqs, folds):
         e = embed(torch.tensor(seq))
         pieces, ids, last = [], [], 0
         for a, b in marks:
-            if rng.random() >= p:
-                continue
             pieces += [e[last:a], e[a:b].sum(0, keepdim=True) / (b - a) ** 0.5]
             ids += seq[last:a] + [-100]
             last = b
@@ -137,6 +141,17 @@ def fold_markers(embed, seqs, spans, rng, p=FOLD_P):
         labels.append(ids + seq[last:])
     _, labels = pad_batch(labels)
     return torch.nn.utils.rnn.pad_sequence(rows, batch_first=True), labels
+
+
+def fold_markers(embed, seqs, spans, rng, p=FOLD_P):
+    """`folded` with each marker's span folded with probability p (fold_plan)."""
+    return folded(embed, seqs, fold_plan(spans, rng, p))
+
+
+def share_loss(model, seqs, folds, args: RunArgs):
+    """The cross-entropy of this process's share of a batch (all of it in one process)."""
+    embeds, labels = folded(model.model.embed_tokens, seqs, folds)
+    return answer_ce(model(inputs_embeds=embeds), labels, args)
 
 
 def train(args: RunArgs, out_dir=None) -> dict:
@@ -153,12 +168,12 @@ def train(args: RunArgs, out_dir=None) -> dict:
     for step in run.steps():
         rng = args.rng("llm/batches", step)               # the batch depends on the step only: resumable
         pick = rng.integers(len(data), size=SCHEDULE["batch_size"])
-        embeds, labels = fold_markers(model.model.embed_tokens, [data[i] for i in pick], [spans[i] for i in pick], rng)
-        loss = answer_ce(model(inputs_embeds=embeds), labels)
+        folds = fold_plan([spans[i] for i in pick], rng)
+        loss = run.forward(share_loss, model, args.shard([data[i] for i in pick]), args.shard(folds), args)
         optimizer_step(opt, loss, model.parameters())
         run.log(loss.item())
     model.eval()
-    save(out_dir, model, tokenizer, overwrite=True)
+    args.on_main(save, out_dir, model, tokenizer, overwrite=True)
     return summary(out_dir, model=run)
 
 

@@ -141,15 +141,21 @@ def train_text_encoder(image_text, tokenizer, args: RunArgs):
         captions += [world.caption(m.obj, rng, "image") for m in media[:TEXT_BATCH // 4]] + [""] * (TEXT_BATCH // 8)
         dirs = [world.DIRECTIONS.index(m.direction) for m in media]
         dirs += [0] * (len(captions) - len(dirs))          # no direction word: no code is added
-        ids = tokenizer(captions, max_length=tokenizer.model_max_length)
+        ids = args.shard(tokenizer(captions, max_length=tokenizer.model_max_length))
         with torch.no_grad():
             target = teacher(ids).last_hidden_state
             after = torch.arange(ids.shape[1]) >= direction_positions(tokenizer, ids)[:, None]   # (B, T)
-            target = target + after[..., None] * codes[torch.tensor(dirs)][:, None]
-        loss = F.mse_loss(student(ids).last_hidden_state, target)
+            target = target + after[..., None] * codes[torch.tensor(args.shard(dirs))][:, None]
+        loss = run.forward(distill_loss, student, ids, target, args)
         optimizer_step(opt, loss, params)
         run.log(loss.detach())
     return student.eval().requires_grad_(False), run
+
+
+def distill_loss(student, ids, target, args: RunArgs):
+    """The student's squared error to the target states, on this process's share of the captions."""
+    err = (student(ids).last_hidden_state - target).pow(2)
+    return args.mean(err.sum(), err.numel())
 
 
 # ---------------------------------------------------------------- training
@@ -180,8 +186,8 @@ def train(args: RunArgs, out_dir=None, image_dir=None) -> dict:
     ema_unet, text_encoder, unet_run = latent_diffusion.train_denoiser(
         "video_decoder_unet", unet, (text_encoder, tokenizer), (mean, std, vae.scaling_factor),
         lambda i, rng: media[i].caption(rng), args, scheduler_config=SCHEDULER, **s)
-    latent_diffusion.save_pipeline(out, "TextToVideoSDPipeline", ema_unet, "UNet3DConditionModel", vae, text_encoder,
-                                   tokenizer, SAMPLING, SCHEDULER, overwrite=True)
+    args.on_main(latent_diffusion.save_pipeline, out, "TextToVideoSDPipeline", ema_unet, "UNet3DConditionModel", vae,
+                 text_encoder, tokenizer, SAMPLING, SCHEDULER, overwrite=True)
     return summary(out, text=text_run, unet=unet_run)
 
 
