@@ -344,7 +344,7 @@ class NextGPT(nn.Module):
     def build_prompt(self, conversation: Conversation, on_progress=None) -> Prompt:
         ids, insert_at, soft, modalities = [], [], [], []
         todo, done = sum(len(t.media) - len(t.soft) for t in conversation.turns), 0
-        if self.tokenizer.bos_id is not None:
+        if self.tokenizer.adds_bos:
             ids.append(self.tokenizer.bos_id)
         for seg in self.prompt_segments(conversation):
             if seg in (SPLICE_OPEN, SPLICE_CLOSE):

@@ -78,6 +78,7 @@ def apply_delta(llm, delta: dict, lora_alpha=32.0) -> dict:
             rest[key] = t
         elif ".lora_" in key:
             lora[key] = t
+    add_new_rows(llm, delta.get("llama_model.model.embed_tokens.new_rows"), delta.get("llama_model.lm_head.new_rows"))
     embed, head = delta.get("llama_model.model.embed_tokens.weight"), delta.get("llama_model.lm_head.weight")
     if embed is not None:
         if embed.shape[1] != llm.config.hidden_size:
@@ -99,11 +100,35 @@ def apply_delta(llm, delta: dict, lora_alpha=32.0) -> dict:
         w = params[target]
         with torch.no_grad():
             w.copy_(weights.merge_lora(w, lora[key_a].to(w.device), lora[key_b].to(w.device), alpha=lora_alpha))
-    known = {"llama_model.model.embed_tokens.weight", "llama_model.lm_head.weight", *lora}
+    known = {"llama_model.model.embed_tokens.weight", "llama_model.lm_head.weight", *lora,
+             "llama_model.model.embed_tokens.new_rows", "llama_model.lm_head.new_rows"}
     stray = [k for k in delta if k.startswith("llama_model.") and k not in known]
     if stray:
         raise WeightsError(f"delta has LLM keys that are neither LoRA nor embeddings: {', '.join(stray[:5])}")
     return rest
+
+
+def add_new_rows(llm, embed_rows, head_rows=None):
+    """minignext's compact form of the grown matrices: only the rows past the base vocabulary
+    (`embed_tokens.new_rows`, and `lm_head.new_rows` unless the head is tied to the embedding), where
+    the official full matrices would dwarf the delta (SmolLM2: 49,152 rows for 38 new ones)."""
+    if embed_rows is None:
+        if head_rows is not None:
+            raise WeightsError("the delta has lm_head.new_rows but no embed_tokens.new_rows")
+        return
+    tied = llm.lm_head.weight is llm.model.embed_tokens.weight
+    if (head_rows is None) != tied:
+        raise WeightsError(f"the delta's new rows do not fit the LLM: its lm_head is {'tied' if tied else 'untied'}, "
+                           f"the delta {'has' if head_rows is not None else 'lacks'} lm_head.new_rows")
+    if embed_rows.shape[1] != llm.config.hidden_size:
+        raise WeightsError(f"delta embed_tokens.new_rows has shape {tuple(embed_rows.shape)}, the LLM's width is "
+                           f"{llm.config.hidden_size}")
+    base = llm.config.vocab_size
+    llm.resize_token_embeddings(base + embed_rows.shape[0])
+    with torch.no_grad():
+        llm.model.embed_tokens.weight[base:] = embed_rows
+        if head_rows is not None:
+            llm.lm_head.weight[base:] = head_rows
 
 
 def load_projections(model, tensors: dict, dtype=None, device=None):
