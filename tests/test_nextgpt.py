@@ -246,14 +246,15 @@ def test_add_nextgpt_tokens_grows_vocab_and_embeddings():
     assert tok.encode("[IMG0][AUD7]", add_bos=False) == [tok.token_to_id("[IMG0]"), tok.token_to_id("[AUD7]")]
 
 
-def test_a_decoder_that_cannot_load_gives_a_notice_not_a_crash(model, monkeypatch):
+def test_a_decoder_that_cannot_load_fails_the_reply_with_the_reason(model, monkeypatch):
     def missing():
         raise WeightsError("weights/real/nextgpt-7b/audioldm_unconditional.safetensors is missing")
     monkeypatch.setitem(model.decoder_loaders, "audio", missing)
     monkeypatch.setattr(model, "_decoders", {})
-    reply = model.chat("Play a tone.", force_response=f"Listen {AUD}", **FAST)
-    assert reply.text == "Listen" and reply.audios == []
-    assert any("audio decoder could not be loaded" in n and "audioldm_unconditional" in n for n in reply.notices)
+    conv = Conversation().user("Play a tone.")
+    with pytest.raises(WeightsError, match="audio decoder could not be loaded: .*audioldm_unconditional"):
+        model.chat(conv, force_response=f"Listen {AUD}", **FAST)
+    assert [t.role for t in conv.turns] == ["user"]         # no half answer joins the history
 
 
 REAL = __import__("minignext.presets", fromlist=["REAL_DIR"]).REAL_DIR

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from minignext import media
-from minignext.generation import decode_one_token, prefill, sample
+from minignext.generation import check_generation_options, decode_one_token, prefill, sample
 from minignext.projection import InputProjection, OutputProjection
 from minignext.tokenizer import VICUNA_V0
 from minignext.utils import progress as progress_bar
@@ -155,6 +155,13 @@ class Message:
     soft: list = field(default_factory=list)        # encoded soft tokens, cached across turns
 
 
+class UserText(str):
+    """Text a user wrote: special tokens typed in it are read as plain text."""
+
+
+MESSAGE_KEYS = ("role", "content", "image", "audio", "video")
+
+
 class Conversation:
     """A multi-turn chat. Media attached to earlier turns stay in the prompt of later ones."""
 
@@ -162,11 +169,15 @@ class Conversation:
         self.turns: list[Message] = []
 
     def user(self, text, image=None, audio=None, video=None) -> "Conversation":
+        if not isinstance(text, str):
+            raise ValueError(f"a message's text must be a string; got {type(text).__name__}")
         media = []
         for modality, items in (("image", image), ("audio", audio), ("video", video)):
             # a list holds several inputs; anything else (a path, an image, a (waveform, rate) pair) is one
             items = [] if items is None else items if isinstance(items, list) else [items]
             media += [(modality, x) for x in items]
+        if not text.strip() and not media:
+            raise ValueError("the message is empty; write something or attach an image, audio or video")
         self.turns.append(Message("user", text, media))
         return self
 
@@ -181,6 +192,10 @@ class Conversation:
         if isinstance(messages, str):
             return conv.user(messages)
         for m in messages:
+            unknown = sorted(set(m) - set(MESSAGE_KEYS)) if isinstance(m, dict) else None
+            if unknown is None or unknown:
+                raise ValueError(f"a message is a dict with keys {', '.join(MESSAGE_KEYS)} (one input or a list "
+                                 f"under 'image', 'audio', 'video'); got {unknown or type(m).__name__}")
             role, text = m.get("role", "user"), m.get("content", "")
             if role == "user":
                 conv.user(text, m.get("image"), m.get("audio"), m.get("video"))
@@ -206,7 +221,7 @@ class Conversation:
             for k in range(len(turn.media)):
                 out += [SPLICE_OPEN, (t, k), SPLICE_CLOSE]
             text = f" {turn.text}" if turn.media else turn.text
-            out.append(text + VICUNA_V0.sep + VICUNA_V0.assistant.rstrip())
+            out.append(UserText(text + VICUNA_V0.sep + VICUNA_V0.assistant.rstrip()))
         return out
 
 
@@ -216,6 +231,7 @@ class Prompt:
     ids: list                       # T token ids, -1 at soft-token positions
     soft_positions: list            # where the soft tokens sit
     soft_modalities: list           # their modality, in order
+    notices: list = field(default_factory=list)     # how inputs were read (a one-frame video as an image)
 
 
 @dataclass
@@ -326,22 +342,23 @@ class NextGPT(nn.Module):
         name = "audio" if modality == "audio" else "vision"
         return self.llama_proj(self.visual_encoder.embed(name, x).to(self.llama_proj.weight.dtype))[:, 0]
 
+    def _text_ids(self, seg) -> list:
+        if type(seg) is str and seg in (SPLICE_OPEN, SPLICE_CLOSE):
+            return [self._token_id(seg)]
+        return self.tokenizer.encode(seg, add_bos=False, special=not isinstance(seg, UserText))
+
     def build_prompt(self, conversation: Conversation) -> Prompt:
-        ids, insert_at, soft, modalities = [], [], [], []
+        ids, insert_at, soft, modalities, notices = [], [], [], [], []
         if self.tokenizer.bos_id is not None:
             ids.append(self.tokenizer.bos_id)
         for seg in conversation.segments():
-            if seg in (SPLICE_OPEN, SPLICE_CLOSE):
-                ids.append(self._token_id(seg))
-                continue
             if isinstance(seg, str):
-                ids += self.tokenizer.encode(seg, add_bos=False)
+                ids += self._text_ids(seg)
                 continue
             t, k = seg
             turn = conversation.turns[t]
             while len(turn.soft) <= k:                   # encode once, keep for later turns
-                modality, source = turn.media[len(turn.soft)]
-                turn.soft.append(self.encode(modality, source))
+                notices += self._encode_next(turn)
             insert_at.append(len(ids))
             soft.append(turn.soft[k])
             modalities.append(turn.media[k][0])
@@ -351,7 +368,54 @@ class NextGPT(nn.Module):
         full_ids = list(ids)
         for p in positions:
             full_ids.insert(p, -1)
-        return Prompt(embeds[None], full_ids, positions, modalities)
+        return Prompt(embeds[None], full_ids, positions, modalities, notices)
+
+    def _encode_next(self, turn: Message) -> list:
+        """Encode the next input of `turn` into its soft-token cache; a video of one frame is read as an image."""
+        k, notices = len(turn.soft), []
+        modality, source = turn.media[k]
+        if modality == "video":
+            source = media.open_video(source)
+            if source.num_frames == 1:
+                notices.append(f"{source.name} holds a single frame, so it was read as an image, not a video")
+                modality, source = "image", source.read([0])[0]
+            turn.media[k] = (modality, source)
+        turn.soft.append(self.encode(modality, source))
+        return notices
+
+    def prompt_length(self, conversation: Conversation) -> int:
+        """The positions build_prompt takes, counted without encoding any media."""
+        return (self.tokenizer.bos_id is not None) + sum(len(self._text_ids(seg)) if isinstance(seg, str) else 1
+                                                           for seg in conversation.segments())
+
+    def fit_history(self, conversation: Conversation, new_tokens: int) -> list:
+        """Drop the oldest turns until the prompt and `new_tokens` fit in the LLM's positions; the
+        inputs of dropped turns move to the first turn kept, newest first, while they still fit.
+        Returns a notice of what went."""
+        positions = self.llama_model.config.max_position_embeddings
+        limit, turns = positions - new_tokens, conversation.turns
+        if self.prompt_length(conversation) <= limit:
+            return []
+        dropped, carried = 0, []
+        while len(turns) > 1 and (turns[0].role == "assistant" or self.prompt_length(conversation) > limit):
+            gone = turns.pop(0)
+            dropped += 1
+            carried += list(zip(gone.media, gone.soft))      # inputs already encoded
+        if self.prompt_length(conversation) > limit:
+            raise ValueError(f"the last message takes {self.prompt_length(conversation)} positions, and with "
+                             f"{new_tokens} new tokens that exceeds the LLM's {positions}; shorten it or ask for "
+                             f"fewer new tokens")
+        first, kept = turns[0], 0
+        for item, soft in reversed(carried):
+            first.media.insert(0, item)
+            first.soft.insert(0, soft)
+            if self.prompt_length(conversation) > limit:
+                first.media.pop(0)
+                first.soft.pop(0)
+                break
+            kept += 1
+        note = f"the conversation outgrew the LLM's {positions} positions, so its {dropped} oldest turns were dropped"
+        return [note + (f"; {kept} of their {len(carried)} inputs were kept" if carried else "")]
 
     # ------------------------------------------------------------ generate
 
@@ -379,6 +443,9 @@ class NextGPT(nn.Module):
         try:
             logits = prefill(llm, inputs_embeds=prompt.embeds)
             for _ in progress_bar(range(budget), desc="generating", enabled=progress):
+                if not torch.isfinite(logits).all():
+                    raise WeightsError(f"the LLM's logits after {len(out)} new tokens are NaN or infinite: its "
+                                       f"weights (or an input's soft token) hold non-finite values")
                 if forced is not None or queue:
                     token = queue.pop(0)
                 else:
@@ -420,12 +487,16 @@ class NextGPT(nn.Module):
         a Conversation gets the answer appended). Signal tokens in the answer are projected and
         routed to their decoder; decode=False stops after the projection. guidance_scale and
         num_inference_steps override every decoder's own defaults (None keeps them; 0 is a value)."""
+        check_generation_options(max_new_tokens, temperature, top_p, guidance_scale, num_inference_steps)
         conv = messages if isinstance(messages, Conversation) else Conversation.from_messages(messages)
+        budget = max_new_tokens if force_response is None else len(self.tokenizer.encode(force_response, add_bos=False))
+        notices = self.fit_history(conv, budget)
         prompt = self.build_prompt(conv)
         new = self.generate_ids(prompt, max_new_tokens, temperature, top_p, seed, force_response, progress)
-        fixed, runs, notices = find_signal_runs(new, self.signal_ids)
+        fixed, runs, fixes = find_signal_runs(new, self.signal_ids)
         text, raw = self._answer_text(fixed)
-        reply = Reply(text=text, raw_text=raw, notices=notices, generated_ids=new, token_ids=fixed, prompt=prompt)
+        reply = Reply(text=text, raw_text=raw, notices=notices + prompt.notices + fixes, generated_ids=new,
+                      token_ids=fixed, prompt=prompt)
         if runs:
             hidden = self.last_hidden(prompt, fixed)
             offset = prompt.embeds.shape[1]
@@ -442,12 +513,11 @@ class NextGPT(nn.Module):
                     continue
                 try:
                     decoder = self.decoder(modality)
-                except WeightsError as e:
-                    reply.notices.append(f"the {modality} decoder could not be loaded, so no {modality} output: {e}")
-                    continue
-                media = decoder.generate(cond, guidance_scale=guidance_scale, num_inference_steps=num_inference_steps,
-                                         seed=seed, progress=progress)
-                {"image": reply.images, "audio": reply.audios, "video": reply.videos}[modality].extend(media)
+                except (WeightsError, OSError, ValueError) as e:
+                    raise WeightsError(f"the {modality} decoder could not be loaded: {e}") from None
+                out = decoder.generate(cond, guidance_scale=guidance_scale, num_inference_steps=num_inference_steps,
+                                       seed=seed, progress=progress)
+                {"image": reply.images, "audio": reply.audios, "video": reply.videos}[modality].extend(out)
         if isinstance(messages, Conversation):
             messages.assistant(raw)
         return reply
@@ -476,13 +546,16 @@ def encoder_input(encoder, modality, source) -> torch.Tensor:
     """A path / PIL image / (waveform, sr) / frames -> the (1, ...) input ImageBind takes."""
     c = encoder.config
     if modality == "image":
+        if isinstance(source, (np.ndarray, torch.Tensor)) and source.ndim != 3:
+            raise ValueError(f"an image input is one uint8 (H, W, 3) array; got shape {tuple(source.shape)}")
         return media.preprocess_image(media.load_image(source), size=c.image_size)[None]
     if modality == "video":
         return media.video_to_imagebind_clips(source, size=c.image_size, frames_per_clip=c.video_frames)[None]
     if modality == "audio":
-        wave, sr = source if isinstance(source, tuple) else media.load_audio(source)
-        return media.waveform_to_imagebind_audio(wave, sr, num_mel_bins=c.audio_num_mel_bins,
-                                                 target_length=c.audio_target_len)[None]
+        mel = dict(num_mel_bins=c.audio_num_mel_bins, target_length=c.audio_target_len)
+        if isinstance(source, tuple):
+            return media.waveform_to_imagebind_audio(*source, **mel)[None]
+        return media.audio_to_imagebind(source, **mel)[None]
     raise ValueError(f"unknown input modality {modality!r}; expected one of image, audio, video")
 
 
@@ -501,13 +574,22 @@ class MediaDecoder:
         self.guidance_scale, self.num_inference_steps = guidance_scale, num_inference_steps
 
     def generate(self, cond, guidance_scale=None, num_inference_steps=None, seed=0, progress=True):
-        """cond: a batch of conditionings (B, Q, D), audio (B, D) -> B media."""
-        out = self.pipeline(prompt_embeds=cond, seed=seed, progress=progress, **self.call_kwargs,
-                            guidance_scale=self.guidance_scale if guidance_scale is None else guidance_scale,
-                            num_inference_steps=self.num_inference_steps if num_inference_steps is None
-                            else num_inference_steps)
+        """cond: a batch of conditionings (B, Q, D), audio (B, D) -> B media. Non-finite values in
+        the conditioning or the output are an error (broken weights), never a black picture."""
+        guidance = self.guidance_scale if guidance_scale is None else guidance_scale
+        steps = self.num_inference_steps if num_inference_steps is None else num_inference_steps
+        check_generation_options(guidance_scale=guidance, num_inference_steps=steps)
+        if not torch.isfinite(cond).all():
+            raise WeightsError(f"the {self.modality} conditioning holds NaN or infinite values; the LLM's or the "
+                               f"output projection's weights are broken")
+        kwargs = {"output_type": "np"} if self.modality == "image" else {}
+        out = self.pipeline(prompt_embeds=cond, seed=seed, progress=progress, **self.call_kwargs, **kwargs,
+                            guidance_scale=guidance, num_inference_steps=steps)
+        if not all(np.isfinite(np.asarray(x)).all() for x in out):
+            raise WeightsError(f"the {self.modality} decoder produced NaN or infinite values; its weights are broken")
         if self.modality == "image":
-            return list(out)
+            from minignext.diffusion import to_output
+            return to_output(torch.from_numpy(np.asarray(out)).permute(0, 3, 1, 2), "pil")
         if self.modality == "audio":
             return [(np.asarray(w, dtype=np.float32).reshape(-1), self.pipeline.sampling_rate) for w in out]
         return [(np.clip(v, 0, 1) * 255).round().astype(np.uint8) for v in out]     # frames (T, H, W, 3)
