@@ -98,14 +98,18 @@ def claim_output(folder: Path, overwrite: bool, stem: str) -> Path:
     earlier run (unless overwrite), and its transcript.md claimed, so a second run into the same
     folder stops here instead of replacing the first one's files."""
     folder.mkdir(parents=True, exist_ok=True)
-    if not overwrite:
-        earlier = sorted(p.name for p in folder.iterdir() if p.name == "transcript.md" or p.name.startswith(stem))
-        if earlier:
-            shown = ", ".join(earlier[:3]) + (", ..." if len(earlier) > 3 else "")
-            raise FileExistsError(f"{folder} already holds an earlier run's files ({shown}); choose another --out "
-                                  f"or pass --overwrite")
-        claim_file(folder / "transcript.md")
-    return folder
+    if overwrite:
+        return folder
+    earlier = sorted(p.name for p in folder.iterdir() if p.name.startswith(stem))
+    if not earlier:
+        try:
+            claim_file(folder / "transcript.md")
+            return folder
+        except FileExistsError:
+            earlier = ["transcript.md"]
+    shown = ", ".join(earlier[:3]) + (", ..." if len(earlier) > 3 else "")
+    raise FileExistsError(f"{folder} already holds an earlier run's files ({shown}); choose another --out or "
+                          f"pass --overwrite")
 
 
 def release(folder: Path):

@@ -372,10 +372,15 @@ def audio_to_imagebind(source, clips: int = 3, clip_seconds: float = 2.0, target
         def read(s, e):
             x = torch.from_numpy(wav.read(s, e)).mean(0)
             if x.numel():
-                _check_finite(x, wav.name)
+                _check_finite(x, "its samples")
             return x
-        return _imagebind_audio(read, wav.num_frames, wav.sample_rate, clips, clip_seconds, target_length,
-                                num_mel_bins)
+        try:
+            return _imagebind_audio(read, wav.num_frames, wav.sample_rate, clips, clip_seconds, target_length,
+                                    num_mel_bins)
+        except MediaError:
+            raise
+        except ValueError as e:
+            raise MediaError(f"{wav.name}: {e}") from None
 
 
 def _imagebind_audio(read, n, sample_rate, clips, clip_seconds, target_length, num_mel_bins):

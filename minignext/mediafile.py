@@ -127,8 +127,8 @@ def decoding(name, what):
         raise
     except UnidentifiedImageError:
         raise MediaError(f"{name}: not an image file Pillow can read (expected PNG, JPEG, GIF, ...)") from None
-    except Image.DecompressionBombError:
-        raise MediaError(f"{name}: too many pixels; the limit is {LIMITS.max_image_pixels} "
+    except Image.DecompressionBombError as e:
+        raise MediaError(f"{name}: too many pixels ({e}); the limit here is {LIMITS.max_image_pixels} pixels "
                          f"(a decompression bomb, or scale it down first)") from None
     except MemoryError:
         raise MediaError(f"{name}: ran out of memory decoding this {what}") from None

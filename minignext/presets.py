@@ -66,6 +66,7 @@ def nextgpt_7b(dtype=None, device=None):
     tok = Tokenizer.from_pretrained(need["vicuna"])
     tok.add_special_tokens(added_tokens())
     delta = weights.load_safetensors(need["delta"], dtype=dtype, device=device or "cpu")
+    weights.check_finite(delta, str(need["delta"]))
     rest = apply_delta(llm, delta)
     encoder = ImageBind.from_pretrained(need["imagebind"], dtype=dtype, device=device)
     projections = {m: OutputProjectionConfig.official(m, llm.config.hidden_size) for m in MODALITIES}

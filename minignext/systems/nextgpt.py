@@ -396,26 +396,26 @@ class NextGPT(nn.Module):
         limit, turns = positions - new_tokens, conversation.turns
         if self.prompt_length(conversation) <= limit:
             return []
-        dropped, carried = 0, []
+        dropped, carried = 0, []                    # (input, its soft token or None), oldest first
         while len(turns) > 1 and (turns[0].role == "assistant" or self.prompt_length(conversation) > limit):
             gone = turns.pop(0)
             dropped += 1
-            carried += list(zip(gone.media, gone.soft))      # inputs already encoded
+            carried += [(m, gone.soft[i] if i < len(gone.soft) else None) for i, m in enumerate(gone.media)]
         if self.prompt_length(conversation) > limit:
             raise ValueError(f"the last message takes {self.prompt_length(conversation)} positions, and with "
                              f"{new_tokens} new tokens that exceeds the LLM's {positions}; shorten it or ask for "
                              f"fewer new tokens")
-        first, kept = turns[0], 0
+        first, kept = turns[0], []
         for item, soft in reversed(carried):
             first.media.insert(0, item)
-            first.soft.insert(0, soft)
             if self.prompt_length(conversation) > limit:
                 first.media.pop(0)
-                first.soft.pop(0)
                 break
-            kept += 1
+            kept.insert(0, soft)
+        encoded = kept[:next((i for i, t in enumerate(kept) if t is None), len(kept))]
+        first.soft = encoded + first.soft if len(encoded) == len(kept) else encoded   # a cache of a media prefix
         note = f"the conversation outgrew the LLM's {positions} positions, so its {dropped} oldest turns were dropped"
-        return [note + (f"; {kept} of their {len(carried)} inputs were kept" if carried else "")]
+        return [note + (f"; {len(kept)} of their {len(carried)} inputs were kept" if carried else "")]
 
     # ------------------------------------------------------------ generate
 
@@ -490,7 +490,8 @@ class NextGPT(nn.Module):
         check_generation_options(max_new_tokens, temperature, top_p, guidance_scale, num_inference_steps)
         conv = messages if isinstance(messages, Conversation) else Conversation.from_messages(messages)
         budget = max_new_tokens if force_response is None else len(self.tokenizer.encode(force_response, add_bos=False))
-        notices = self.fit_history(conv, budget)
+        longest_run = max(map(len, self.signal_ids.values()), default=0)     # a run cut short is completed
+        notices = self.fit_history(conv, budget + longest_run)
         prompt = self.build_prompt(conv)
         new = self.generate_ids(prompt, max_new_tokens, temperature, top_p, seed, force_response, progress)
         fixed, runs, fixes = find_signal_runs(new, self.signal_ids)
