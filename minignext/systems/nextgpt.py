@@ -10,21 +10,21 @@ the loop that joins the parts; reference: NExT-GPT-Lagacy code/model/anyToImageV
     decode   image / video / audio diffusion pipelines, loaded on demand
 
 This file is the loop, in data-flow order: signal tokens and splicing, the conversation, the
-model, the decoders. The official checkpoint and minignext's folder layout are in
-nextgpt_checkpoint.py; ready-made models in minignext/presets.py.
+model; the decoders behind it are minignext.diffusion.MediaDecoder. The official checkpoint and
+minignext's folder layout are in nextgpt_checkpoint.py; ready-made models in minignext/presets.py.
 """
 
 import re
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 from torch import nn
 
 from minignext import media
+from minignext.diffusion import MediaDecoder  # noqa: F401  (the decoders a NextGPT routes to)
 from minignext.generation import check_generation_options, decode_one_token, prefill, sample
 from minignext.projection import InputProjection, OutputProjection
-from minignext.tokenizer import VICUNA_V0
+from minignext.tokenizer import VICUNA_V0, ChatTemplate
 from minignext.utils import progress as progress_bar
 from minignext.weights import WeightsError
 
@@ -34,7 +34,10 @@ from minignext.weights import WeightsError
 SPLICE_OPEN, SPLICE_CLOSE = "<Img>", "</Img>"    # wraps a soft token, whatever its modality
 SIGNALS = {"image": ("IMG", 4), "video": ("VID", 24), "audio": ("AUD", 8)}
 MODALITIES = tuple(SIGNALS)
-STOP_STRING = VICUNA_V0.stop[0]                   # "###"
+# Inputs and the ImageBind branch that reads each; depth, thermal and IMU need ImageBind-huge's
+# branches (the toy ImageBind has vision, text and audio only).
+INPUTS = {"image": "vision", "audio": "audio", "video": "vision", "depth": "depth", "thermal": "thermal",
+          "imu": "imu"}
 
 
 def signal_token_names(modality, n=None):
@@ -159,25 +162,23 @@ class UserText(str):
     """Text a user wrote: special tokens typed in it are read as plain text."""
 
 
-MESSAGE_KEYS = ("role", "content", "image", "audio", "video")
-
-
 class Conversation:
     """A multi-turn chat. Media attached to earlier turns stay in the prompt of later ones."""
 
     def __init__(self):
         self.turns: list[Message] = []
 
-    def user(self, text, image=None, audio=None, video=None) -> "Conversation":
+    def user(self, text, image=None, audio=None, video=None, depth=None, thermal=None, imu=None) -> "Conversation":
         if not isinstance(text, str):
             raise ValueError(f"a message's text must be a string; got {type(text).__name__}")
         media = []
-        for modality, items in (("image", image), ("audio", audio), ("video", video)):
+        given = {"image": image, "audio": audio, "video": video, "depth": depth, "thermal": thermal, "imu": imu}
+        for modality, items in given.items():
             # a list holds several inputs; anything else (a path, an image, a (waveform, rate) pair) is one
             items = [] if items is None else items if isinstance(items, list) else [items]
             media += [(modality, x) for x in items]
         if not text.strip() and not media:
-            raise ValueError("the message is empty; write something or attach an image, audio or video")
+            raise ValueError("the message is empty; write something or attach an input")
         self.turns.append(Message("user", text, media))
         return self
 
@@ -187,41 +188,43 @@ class Conversation:
 
     @classmethod
     def from_messages(cls, messages) -> "Conversation":
-        """A string, or dicts {"role": "user"|"assistant", "content": str, "image"/"audio"/"video": ...}."""
+        """A string, or dicts {"role": "user"|"assistant", "content": str, "image"/"audio"/"video"/...: ...}."""
         conv = cls()
         if isinstance(messages, str):
             return conv.user(messages)
         for m in messages:
-            unknown = sorted(set(m) - set(MESSAGE_KEYS)) if isinstance(m, dict) else None
+            unknown = sorted(set(m) - {"role", "content", *INPUTS}) if isinstance(m, dict) else None
             if unknown is None or unknown:
-                raise ValueError(f"a message is a dict with keys {', '.join(MESSAGE_KEYS)} (one input or a list "
-                                 f"under 'image', 'audio', 'video'); got {unknown or type(m).__name__}")
+                raise ValueError(f"a message is a dict of role, content and inputs ({', '.join(INPUTS)}: one, or a "
+                                 f"list); got {unknown or type(m).__name__}")
             role, text = m.get("role", "user"), m.get("content", "")
             if role == "user":
-                conv.user(text, m.get("image"), m.get("audio"), m.get("video"))
+                conv.user(text, **{modality: m.get(modality) for modality in INPUTS})
             elif role == "assistant":
                 conv.assistant(text)
             else:
                 raise ValueError(f"message role must be 'user' or 'assistant', got {role!r}")
         return conv
 
-    def segments(self):
-        """The Vicuna-v0 prompt as text pieces and soft-token slots (turn index, media index):
-        ### Human: <Img>[soft]</Img> instruction\\n### Assistant: answer\\n### Human: ...
+    def segments(self, template: ChatTemplate = VICUNA_V0):
+        """The prompt as text pieces and soft-token slots (turn index, media index). In NExT-GPT's
+        Vicuna-v0 template: ### Human: <Img>[soft]</Img> instruction\\n### Assistant: answer\\n### Human: ...
         Every input gets its own <Img>[soft]</Img>, in order; the reference instead sums the
         embeddings of several inputs of one modality into a single soft token."""
         if not self.turns or self.turns[-1].role != "user":
             raise ValueError("the conversation must end with a user turn for the model to answer")
+        ask = template.assistant.rstrip(" ")              # the generation prompt
+        lead = template.assistant[len(ask):]              # what stands before an answer's text
         out = []
         for t, turn in enumerate(self.turns):
             if turn.role == "assistant":
-                out.append(f" {turn.text}{VICUNA_V0.sep}")
+                out.append(f"{lead}{turn.text}{template.sep}")
                 continue
-            out.append(VICUNA_V0.user)
+            out.append(template.user)
             for k in range(len(turn.media)):
                 out += [SPLICE_OPEN, (t, k), SPLICE_CLOSE]
             text = f" {turn.text}" if turn.media else turn.text
-            out.append(UserText(text + VICUNA_V0.sep + VICUNA_V0.assistant.rstrip()))
+            out.append(UserText(text + template.sep + ask))
         return out
 
 
@@ -263,8 +266,9 @@ class NextGPT(nn.Module):
     """
 
     def __init__(self, visual_encoder, llama_model, tokenizer, output_projections: dict,
-                 decoder_loaders: dict | None = None, enc_dim=1024):
+                 decoder_loaders: dict | None = None, enc_dim=1024, template: ChatTemplate = VICUNA_V0):
         super().__init__()
+        self.template = template               # NExT-GPT's Vicuna-v0; ChatML on an LLM tuned with it
         self.visual_encoder = visual_encoder
         self.llama_model = llama_model
         self.tokenizer = tokenizer
@@ -276,7 +280,7 @@ class NextGPT(nn.Module):
         self.max_loaded_decoders = None      # 1 keeps a single decoder in memory (nextgpt-7b)
         nums = {m: cfg.num_signal_tokens for m, cfg in output_projections.items()}
         self.signal_ids = {m: [self._token_id(t) for t in signal_token_names(m, n)] for m, n in nums.items()}
-        self.splice_ids = (self._token_id(SPLICE_OPEN), self._token_id(SPLICE_CLOSE))
+        self.splice_ids = self._splice_ids()
 
     @classmethod
     def from_preset(cls, name, dtype=None, device=None) -> "NextGPT":
@@ -305,6 +309,10 @@ class NextGPT(nn.Module):
                                f"add_nextgpt_tokens(tokenizer, llm) first")
         return i
 
+    def _splice_ids(self):
+        """<Img> and </Img>: tokens NExT-GPT adds to the vocabulary."""
+        return self._token_id(SPLICE_OPEN), self._token_id(SPLICE_CLOSE)
+
     def output_projection(self, modality) -> OutputProjection:
         return getattr(self, PROJECTION_NAMES[modality])[0]
 
@@ -328,9 +336,6 @@ class NextGPT(nn.Module):
     def loaded_decoders(self) -> list:
         return list(self._decoders)
 
-    def unload_decoder(self, modality):
-        self._decoders.pop(modality, None)
-
     # ------------------------------------------------------------ encode and splice
 
     @torch.no_grad()
@@ -339,26 +344,42 @@ class NextGPT(nn.Module):
         if self.visual_encoder is None:
             raise ValueError("this model has no encoder; it cannot read media inputs")
         x = encoder_input(self.visual_encoder, modality, source).to(self.device)
-        name = "audio" if modality == "audio" else "vision"
-        return self.llama_proj(self.visual_encoder.embed(name, x).to(self.llama_proj.weight.dtype))[:, 0]
+        return self.llama_proj(self.imagebind_vector(INPUTS[modality], x).to(self.llama_proj.weight.dtype))[:, 0]
+
+    def imagebind_vector(self, branch, x):
+        """ImageBind's normalised embedding, without the logit scale of its forward."""
+        return self.visual_encoder.embed(branch, x)
+
+    def prompt_segments(self, conversation: Conversation) -> list:
+        """What build_prompt encodes: the conversation's segments, each text piece on its own."""
+        return conversation.segments(self.template)
 
     def _text_ids(self, seg) -> list:
         if type(seg) is str and seg in (SPLICE_OPEN, SPLICE_CLOSE):
             return [self._token_id(seg)]
         return self.tokenizer.encode(seg, add_bos=False, special=not isinstance(seg, UserText))
 
-    def build_prompt(self, conversation: Conversation) -> Prompt:
+    def build_prompt(self, conversation: Conversation, on_progress=None) -> Prompt:
         ids, insert_at, soft, modalities, notices = [], [], [], [], []
+        todo, done = sum(len(t.media) - len(t.soft) for t in conversation.turns), 0
         if self.tokenizer.bos_id is not None:
             ids.append(self.tokenizer.bos_id)
-        for seg in conversation.segments():
+        for seg in self.prompt_segments(conversation):
             if isinstance(seg, str):
                 ids += self._text_ids(seg)
                 continue
             t, k = seg
             turn = conversation.turns[t]
             while len(turn.soft) <= k:                   # encode once, keep for later turns
-                notices += self._encode_next(turn)
+                modality, source = turn.media[len(turn.soft)]
+                if modality == "video":                  # a video of one frame is read as an image
+                    modality, source, note = media.video_or_still(source)
+                    turn.media[len(turn.soft)] = (modality, source)
+                    notices += [note] if note else []
+                turn.soft.append(self.encode(modality, source))
+                done += 1
+                if on_progress is not None:
+                    on_progress(f"encode {modality}", done, todo)
             insert_at.append(len(ids))
             soft.append(turn.soft[k])
             modalities.append(turn.media[k][0])
@@ -370,23 +391,10 @@ class NextGPT(nn.Module):
             full_ids.insert(p, -1)
         return Prompt(embeds[None], full_ids, positions, modalities, notices)
 
-    def _encode_next(self, turn: Message) -> list:
-        """Encode the next input of `turn` into its soft-token cache; a video of one frame is read as an image."""
-        k, notices = len(turn.soft), []
-        modality, source = turn.media[k]
-        if modality == "video":
-            source = media.open_video(source)
-            if source.num_frames == 1:
-                notices.append(f"{source.name} holds a single frame, so it was read as an image, not a video")
-                modality, source = "image", source.read([0])[0]
-            turn.media[k] = (modality, source)
-        turn.soft.append(self.encode(modality, source))
-        return notices
-
     def prompt_length(self, conversation: Conversation) -> int:
         """The positions build_prompt takes, counted without encoding any media."""
         return (self.tokenizer.bos_id is not None) + sum(len(self._text_ids(seg)) if isinstance(seg, str) else 1
-                                                           for seg in conversation.segments())
+                                                           for seg in self.prompt_segments(conversation))
 
     def fit_history(self, conversation: Conversation, new_tokens: int) -> list:
         """Drop the oldest turns until the prompt and `new_tokens` fit in the LLM's positions; the
@@ -417,11 +425,12 @@ class NextGPT(nn.Module):
         note = f"the conversation outgrew the LLM's {positions} positions, so its {dropped} oldest turns were dropped"
         return [note + (f"; {len(kept)} of their {len(carried)} inputs were kept" if carried else "")]
 
+
     # ------------------------------------------------------------ generate
 
     @torch.inference_mode()
     def generate_ids(self, prompt: Prompt, max_new_tokens=64, temperature=0.0, top_p=1.0, seed=None,
-                     force_response=None, progress=True):
+                     force_response=None, progress=True, on_progress=None):
         """New token ids after the prompt. Like the reference, [X1..] are never sampled and
         sampling [X0] forces the rest of its run. `force_response` (text) teacher-forces the
         whole answer instead of sampling it: a hook for tests and lessons, since random or
@@ -453,9 +462,11 @@ class NextGPT(nn.Module):
                     token = int(sample(logits.float().cpu(), temperature, top_p, generator=gen)[0])
                     queue = list(firsts.get(token, []))
                 out.append(token)
+                if on_progress is not None:
+                    on_progress("generate", len(out), budget)
                 if (forced is None and token == eos) or (forced is not None and not queue):
                     break
-                if forced is None and not queue and STOP_STRING in self.tokenizer.decode(out[-4:]):
+                if forced is None and not queue and self.template.stop[0] in self.tokenizer.decode(out[-4:]):
                     break
                 pos = prompt.embeds.shape[1] + len(out) - 1
                 logits = decode_one_token(llm, torch.tensor([[token]], device=self.device), pos)
@@ -482,18 +493,24 @@ class NextGPT(nn.Module):
     # ------------------------------------------------------------ one exchange
 
     def chat(self, messages, *, max_new_tokens=64, temperature=0.0, top_p=1.0, seed=0, force_response=None,
-             guidance_scale=None, num_inference_steps=None, decode=True, progress=True) -> Reply:
+             guidance_scale=None, num_inference_steps=None, decode=True, progress=True, on_progress=None) -> Reply:
         """Answer the last user turn of `messages` (a string, message dicts or a Conversation;
         a Conversation gets the answer appended). Signal tokens in the answer are projected and
         routed to their decoder; decode=False stops after the projection. guidance_scale and
-        num_inference_steps override every decoder's own defaults (None keeps them; 0 is a value)."""
+        num_inference_steps override every decoder's own defaults (None keeps them; 0 is a value).
+
+        on_progress(phase, done, total), if given, follows the work as it happens, whatever
+        `progress` says about the terminal bars: phase "encode <modality>" after each new input,
+        "generate" after each answer token (total is the token budget; an answer may stop before
+        it), "decode <modality>" after each denoising step."""
         check_generation_options(max_new_tokens, temperature, top_p, guidance_scale, num_inference_steps)
         conv = messages if isinstance(messages, Conversation) else Conversation.from_messages(messages)
         budget = max_new_tokens if force_response is None else len(self.tokenizer.encode(force_response, add_bos=False))
         longest_run = max(map(len, self.signal_ids.values()), default=0)     # a run cut short is completed
         notices = self.fit_history(conv, budget + longest_run)
-        prompt = self.build_prompt(conv)
-        new = self.generate_ids(prompt, max_new_tokens, temperature, top_p, seed, force_response, progress)
+        prompt = self.build_prompt(conv, on_progress)
+        new = self.generate_ids(prompt, max_new_tokens, temperature, top_p, seed, force_response, progress,
+                                on_progress)
         fixed, runs, fixes = find_signal_runs(new, self.signal_ids)
         text, raw = self._answer_text(fixed)
         reply = Reply(text=text, raw_text=raw, notices=notices + prompt.notices + fixes, generated_ids=new,
@@ -516,9 +533,10 @@ class NextGPT(nn.Module):
                     decoder = self.decoder(modality)
                 except (WeightsError, OSError, ValueError) as e:
                     raise WeightsError(f"the {modality} decoder could not be loaded: {e}") from None
-                out = decoder.generate(cond, guidance_scale=guidance_scale, num_inference_steps=num_inference_steps,
-                                       seed=seed, progress=progress)
-                {"image": reply.images, "audio": reply.audios, "video": reply.videos}[modality].extend(out)
+                step = None if on_progress is None else (lambda i, n, m=modality: on_progress(f"decode {m}", i, n))
+                media = decoder.generate(cond, guidance_scale=guidance_scale, num_inference_steps=num_inference_steps,
+                                         seed=seed, progress=progress, on_step=step)
+                {"image": reply.images, "audio": reply.audios, "video": reply.videos}[modality].extend(media)
         if isinstance(messages, Conversation):
             messages.assistant(raw)
         return reply
@@ -537,18 +555,17 @@ class NextGPT(nn.Module):
                     raw.append(names[t])
             elif t != self.tokenizer.eos_id:
                 chunk.append(t)
-        cut = lambda s: s.split(STOP_STRING)[0].strip()
+        cut = self.template.cut
         raw = " ".join(p.strip() for p in raw if p.strip())
         raw = re.sub(r"\s+(?=\[(?:IMG|VID|AUD)\d+\])", "", raw)   # runs back to back, as they were generated
         return cut(" ".join(p.strip() for p in plain if p.strip())), cut(raw)
 
 
 def encoder_input(encoder, modality, source) -> torch.Tensor:
-    """A path / PIL image / (waveform, sr) / frames -> the (1, ...) input ImageBind takes."""
+    """A path / PIL image / (waveform, sr) / frames / a disparity map (H, W) / IMU readings (6, T)
+    -> the (1, ...) input ImageBind takes."""
     c = encoder.config
     if modality == "image":
-        if isinstance(source, (np.ndarray, torch.Tensor)) and source.ndim != 3:
-            raise ValueError(f"an image input is one uint8 (H, W, 3) array; got shape {tuple(source.shape)}")
         return media.preprocess_image(media.load_image(source), size=c.image_size)[None]
     if modality == "video":
         return media.video_to_imagebind_clips(source, size=c.image_size, frames_per_clip=c.video_frames)[None]
@@ -557,41 +574,10 @@ def encoder_input(encoder, modality, source) -> torch.Tensor:
         if isinstance(source, tuple):
             return media.waveform_to_imagebind_audio(*source, **mel)[None]
         return media.audio_to_imagebind(source, **mel)[None]
-    raise ValueError(f"unknown input modality {modality!r}; expected one of image, audio, video")
-
-
-# ---------------------------------------------------------------- decoders
-
-class MediaDecoder:
-    """A diffusion pipeline behind one interface: conditioning in, media out, with the decoder's
-    own sampling defaults (the published 7.5 and 50 steps unless its folder says otherwise).
-
-    The pipelines themselves embed "" with their own text encoder for the unconditional
-    branch of classifier-free guidance, as the reference does.
-    """
-
-    def __init__(self, modality, pipeline, guidance_scale=7.5, num_inference_steps=50, **call_kwargs):
-        self.modality, self.pipeline, self.call_kwargs = modality, pipeline, call_kwargs
-        self.guidance_scale, self.num_inference_steps = guidance_scale, num_inference_steps
-
-    def generate(self, cond, guidance_scale=None, num_inference_steps=None, seed=0, progress=True):
-        """cond: a batch of conditionings (B, Q, D), audio (B, D) -> B media. Non-finite values in
-        the conditioning or the output are an error (broken weights), never a black picture."""
-        guidance = self.guidance_scale if guidance_scale is None else guidance_scale
-        steps = self.num_inference_steps if num_inference_steps is None else num_inference_steps
-        check_generation_options(guidance_scale=guidance, num_inference_steps=steps)
-        if not torch.isfinite(cond).all():
-            raise WeightsError(f"the {self.modality} conditioning holds NaN or infinite values; the LLM's or the "
-                               f"output projection's weights are broken")
-        kwargs = {"output_type": "np"} if self.modality == "image" else {}
-        out = self.pipeline(prompt_embeds=cond, seed=seed, progress=progress, **self.call_kwargs, **kwargs,
-                            guidance_scale=guidance, num_inference_steps=steps)
-        if not all(np.isfinite(np.asarray(x)).all() for x in out):
-            raise WeightsError(f"the {self.modality} decoder produced NaN or infinite values; its weights are broken")
-        if self.modality == "image":
-            from minignext.diffusion import to_output
-            return to_output(torch.from_numpy(np.asarray(out)).permute(0, 3, 1, 2), "pil")
-        if self.modality == "audio":
-            return [(np.asarray(w, dtype=np.float32).reshape(-1), self.pipeline.sampling_rate) for w in out]
-        return [(np.clip(v, 0, 1) * 255).round().astype(np.uint8) for v in out]     # frames (T, H, W, 3)
-
+    if modality == "thermal":
+        return media.thermal_to_imagebind(source, size=c.image_size)[None]
+    if modality == "depth":
+        return media.depth_to_imagebind(source, size=c.image_size)[None]
+    if modality == "imu":
+        return media.imu_to_imagebind(source, length=c.imu_length)[None]
+    raise ValueError(f"unknown input modality {modality!r}; expected one of {', '.join(INPUTS)}")
