@@ -226,7 +226,7 @@ class WavFile:
 
 
 def _not_wav(name, why):
-    return MediaError(f"{name}: not a readable WAV file ({why}); only uncompressed PCM or float WAV is "
+    return MediaError(f"{name}: not a readable WAV file ({why}); only WAV (uncompressed PCM or float) is "
                       f"read, convert other formats first (e.g. with ffmpeg)")
 
 

@@ -410,9 +410,9 @@ class NextGPT(nn.Module):
             dropped += 1
             carried += [(m, gone.soft[i] if i < len(gone.soft) else None) for i, m in enumerate(gone.media)]
         if self.prompt_length(conversation) > limit:
-            raise ValueError(f"the last message takes {self.prompt_length(conversation)} positions, and with "
-                             f"{new_tokens} new tokens that exceeds the LLM's {positions}; shorten it or ask for "
-                             f"fewer new tokens")
+            raise ValueError(f"the last message ({self.prompt_length(conversation)} positions) and {new_tokens} new "
+                             f"tokens exceed the LLM's {positions} positions; shorten the conversation's last "
+                             f"message or ask for fewer new tokens")
         first, kept = turns[0], []
         for item, soft in reversed(carried):
             first.media.insert(0, item)
