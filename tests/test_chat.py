@@ -323,7 +323,7 @@ def test_run_nextgpt_json_missing_a_key_or_malformed_is_named(runs, tmp_path):
 
     folder = variant(runs["base"], tmp_path / "w", lambda f: edit_json(
         f / "nextgpt.json", lambda m: m["projections"].update(image="oops")))
-    with pytest.raises(weights.WeightsError, match="nextgpt.json: its projections do not describe"):
+    with pytest.raises(weights.WeightsError, match="nextgpt.json: projections has image; expected a dict"):
         load_folder(folder / "toy" / "nextgpt")
     edit_json(folder / "toy" / "nextgpt" / "nextgpt.json", lambda m: m.update(projections={}, decoders=["x"]))
     with pytest.raises(weights.WeightsError, match=r"decoders is \['x'\]; expected a dict"):
@@ -449,7 +449,8 @@ def test_a_reply_that_cannot_be_saved_leaves_no_half_of_it(tmp_path):
     from minignext.chat import save_reply
     from minignext.systems.nextgpt import Reply
 
-    reply = Reply(text="two things", images=[Image.new("RGB", (4, 4))], audios=[(np.full(8, np.nan, np.float32), 16000)])
+    nan_sound = (np.full(8, np.nan, np.float32), 16000)
+    reply = Reply(text="two things", images=[Image.new("RGB", (4, 4))], audios=[nan_sound])
     with pytest.raises(ValueError, match="NaN"):
         save_reply(reply, tmp_path, "turn1")
     assert list(tmp_path.iterdir()) == []
@@ -463,4 +464,4 @@ def test_chat_into_a_folder_holding_an_earlier_chat_needs_overwrite(tmp_path, ca
     assert e.value.code == 2 and "earlier run" in err and "--overwrite" in err and "loading preset" not in err
     monkeypatch.setattr("builtins.input", lambda prompt="": (_ for _ in ()).throw(EOFError))
     cli.main(["chat", "--preset", "tiny-random", "--out", str(tmp_path), "--overwrite"])     # chat has --overwrite
-    assert (tmp_path / "transcript.md").read_text() == "an earlier chat"                  # nothing said, nothing written
+    assert (tmp_path / "transcript.md").read_text() == "an earlier chat"        # nothing said, nothing written

@@ -156,7 +156,7 @@ def write_folder(folder, model: NextGPT, delta: dict, *, encoder_dir, llm_dir, d
 
 
 REQUIRED = {"encoder": str, "llm": str, "delta": str, "enc_dim": int, "projections": dict}
-OPTIONAL = {"decoders": dict, "decoder_kwargs": dict, "lora_r": int, "lora_alpha": (int, float)}
+OPTIONAL = {"decoders": dict, "decoder_kwargs": dict, "lora_r": int, "lora_alpha": (int, float), "template": str}
 
 
 def read_meta(folder) -> dict:
@@ -171,10 +171,10 @@ def read_meta(folder) -> dict:
     for key, kind in {**REQUIRED, **OPTIONAL}.items():
         if key in meta and (not isinstance(meta[key], kind) or isinstance(meta[key], bool)):
             raise WeightsError(f"{path}: {key} is {meta[key]!r}; expected a {getattr(kind, '__name__', 'number')}")
-    for key in ("projections", "decoders", "decoder_kwargs"):
-        stray = sorted(set(meta.get(key, {})) - set(PROJECTION_NAMES))
+    for key, kind in (("projections", dict), ("decoders", str), ("decoder_kwargs", dict)):
+        stray = sorted(m for m, v in meta.get(key, {}).items() if m not in PROJECTION_NAMES or not isinstance(v, kind))
         if stray:
-            raise WeightsError(f"{path}: {key} names {', '.join(stray)}; expected the modalities "
+            raise WeightsError(f"{path}: {key} has {', '.join(stray)}; expected a {kind.__name__} for each of "
                                f"{', '.join(PROJECTION_NAMES)}")
     try:
         meta["projections"] = {m: OutputProjectionConfig.from_dict(d) for m, d in meta["projections"].items()}
