@@ -41,10 +41,11 @@ KV_CACHE_BYTES = 2 * 32 * 2048 * 4096 * 2       # K and V, 32 layers, 2048 posit
 
 
 def default_preset() -> str:
-    """smol where its delta and base weights are at hand, else toy, else tiny-random."""
-    if (TOY_DIR / "smol" / "nextgpt.json").is_file() and smol_base_available():
+    """smol where its delta is (and its base can be had), else toy wherever its folder is (a broken
+    one fails loudly), and tiny-random only where neither is."""
+    if (TOY_DIR / "smol").exists() and smol_base_available():
         return "smol"
-    return "toy" if (TOY_DIR / "nextgpt" / "nextgpt.json").is_file() else "tiny-random"
+    return "toy" if (TOY_DIR / "nextgpt").exists() else "tiny-random"
 
 
 def smol_base_available() -> bool:
@@ -117,6 +118,7 @@ def nextgpt_7b(dtype=None, device=None):
     tok = Tokenizer.from_pretrained(need["vicuna"])
     tok.add_special_tokens(added_tokens())
     delta = weights.load_safetensors(need["delta"], dtype=dtype, device=device or "cpu")
+    weights.check_finite(delta, str(need["delta"]))
     rest = apply_delta(llm, delta)
     encoder = ImageBind.from_pretrained(need["imagebind"], dtype=dtype, device=device)
     projections = {m: OutputProjectionConfig.official(m, llm.config.hidden_size) for m in MODALITIES}

@@ -60,8 +60,14 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self.tok.get_vocab_size(with_added_tokens=True)
 
-    def encode(self, text: str, add_bos=True) -> list[int]:
-        ids = self.tok.encode(text, add_special_tokens=False).ids
+    def encode(self, text: str, add_bos=True, special=True) -> list[int]:
+        """special=False reads special tokens written in `text` ("</s>", NExT-GPT's "<Img>") as
+        plain text, so what a user types never becomes a control token."""
+        before, self.tok.encode_special_tokens = self.tok.encode_special_tokens, not special
+        try:
+            ids = self.tok.encode(text, add_special_tokens=False).ids
+        finally:
+            self.tok.encode_special_tokens = before
         if add_bos and self.bos_id is not None:
             ids = [self.bos_id] + ids
         return ids
