@@ -185,7 +185,7 @@ def encode_dialogue(model, turns, bank, targets, rng):
             add([0], False)
             add([tok.token_to_id(SPLICE_CLOSE)], False)
         text = f" {t.user}" if t.user_media is not None else t.user
-        add(tok.encode(text + template.sep + ask, add_bos=False), False)
+        add(tok.encode(text, add_bos=False, special=False) + tok.encode(template.sep + ask, add_bos=False), False)
         made = made_media(t)
         answer = tok.encode(lead + t.assistant + "".join("".join(signal_token_names(m.modality)) for m in made)
                             + template.sep, add_bos=False)
