@@ -28,13 +28,7 @@ from pathlib import Path
 import torch
 
 from minignext.lora import add_lora, lora_parameters
-from minignext.systems.nextgpt import (
-    INPUTS,
-    MODALITIES,
-    SPLICE_OPEN,
-    NextGPT,
-    encoder_input,
-)
+from minignext.systems.nextgpt import INPUTS, MODALITIES, SPLICE_OPEN, NextGPT, encoder_input
 from minignext.systems.nextgpt_checkpoint import save_pretrained, write_folder
 from minignext.toy.trainer import RunArgs
 from minignext.training import data, stages
@@ -117,7 +111,6 @@ def train(args: RunArgs, preset, data_dir, out, todo=(1, 2, 3), batch=BATCH, lr=
     model.visual_encoder = None                      # frozen and no longer needed: out of memory
     shapes = {m: (model.output_projection(m).config.num_queries, model.output_projection(m).config.out_dim)
               for m in MODALITIES}
-    autocast = dtype if dtype != torch.float32 else None
     report = {}
     for stage in todo:
         if stage == 3:
@@ -133,8 +126,8 @@ def train(args: RunArgs, preset, data_dir, out, todo=(1, 2, 3), batch=BATCH, lr=
                     if k % args.world_size == args.rank else None for k, i in enumerate(picks)]
 
         total = steps or max(1, math.ceil(epochs * len(items) / batch))
-        run = stages.run_stage(model, stage, args, draw, steps=total, lr=lr, warmup=total, autocast=autocast,
-                               save_frozen=False)
+        run = stages.run_stage(model, stage, args, draw, steps=total, lr=lr, warmup=total,
+                               bf16=dtype == torch.bfloat16, save_frozen=False)
         report[stage] = {**stages.count_trainable(model, stage), "steps": run.total, "loss": run.mean_loss(),
                          "seconds": round(run.seconds, 1)}
     lora = stages.LORA if lora_parameters(model.llama_model) else None
