@@ -51,8 +51,8 @@ def parser() -> argparse.ArgumentParser:
 
 
 def run_nextgpt(p, ns):
-    from minignext.toy.trainer import RunArgs, RunStopped
-    from minignext.training import distributed, nextgpt
+    from minignext.toy.trainer import RunArgs, launched
+    from minignext.training import nextgpt
 
     try:
         todo = tuple(int(x) for x in ns.stages.split(","))
@@ -69,17 +69,9 @@ def run_nextgpt(p, ns):
         p.error(str(e))
     if ns.threads:
         torch.set_num_threads(ns.threads)
-    distributed.setup(args.device)
-    try:
-        report = nextgpt.train(args, ns.preset, ns.data, ns.out, todo, batch=ns.batch, lr=ns.lr, epochs=ns.epochs,
-                               steps=ns.steps, dtype=DTYPES[ns.dtype], max_tokens=ns.max_tokens)
-    except RunStopped as e:
-        if args.main:
-            print(e, flush=True)
-        return None
-    finally:
-        distributed.teardown()
-    if args.main:
+    report = launched(args, nextgpt.train, args, ns.preset, ns.data, ns.out, todo, batch=ns.batch, lr=ns.lr,
+                      epochs=ns.epochs, steps=ns.steps, dtype=DTYPES[ns.dtype], max_tokens=ns.max_tokens)
+    if report is not None and args.main:
         print(json.dumps(report, indent=1))
     return report
 

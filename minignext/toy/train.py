@@ -35,8 +35,7 @@ from pathlib import Path
 
 import torch
 
-from minignext.toy.trainer import RUNS_DIR, TOY_DIR, RunArgs, RunStopped
-from minignext.training import distributed
+from minignext.toy.trainer import RUNS_DIR, TOY_DIR, RunArgs, launched
 
 FOUNDATIONS = ("imagebind", "llm", "image_decoder", "audio_decoder", "video_decoder")
 PHASES = ((("image_decoder",), ("imagebind", "llm", "audio_decoder")),      # two lanes side by side
@@ -161,16 +160,8 @@ def main(argv=None):
     if ns.what == "foundations" and ns.lanes > 1 and len(parts) > 1 and args.world_size == 1:
         summary = run_phases(parts, args, ns.threads)
     else:
-        distributed.setup()
-        try:
-            summary = run_parts(parts, args)
-        except RunStopped as e:
-            if args.main:
-                print(e, flush=True)
-            return None
-        finally:
-            distributed.teardown()
-    if args.main:
+        summary = launched(args, run_parts, parts, args)
+    if summary is not None and args.main:
         print(f"trained {', '.join(parts)} in {(time.perf_counter() - t0) / 60:.1f} min; weights in {TOY_DIR}")
     return summary
 

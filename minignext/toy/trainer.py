@@ -167,6 +167,20 @@ class RunStopped(Exception):
     """A run stopped after RunArgs.stop_after of its steps, checkpointed; the same command resumes it."""
 
 
+def launched(args: RunArgs, fn, *fn_args, **fn_kwargs):
+    """fn(...) as one of the processes torchrun started (or alone): the process group joined before and
+    left after. A run stopped by stop_after ends it quietly, rank 0 saying so, and gives None."""
+    distributed.setup(args.device)
+    try:
+        return fn(*fn_args, **fn_kwargs)
+    except RunStopped as e:
+        if args.main:
+            print(e, flush=True)
+        return None
+    finally:
+        distributed.teardown()
+
+
 def holds_llm(modules: dict) -> bool:
     from minignext.llama import LlamaDecoderLayer
 

@@ -316,10 +316,7 @@ class DataParallel:
     def save(self, folder, frozen=True):
         """FSDP: every rank writes its shards of the modules and the optimiser (torch.distributed.checkpoint)."""
         import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            get_state_dict,
-        )
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
         options = StateDictOptions(ignore_frozen_params=not frozen)
         modules, optimizer = get_state_dict(self.wrapped, self.optimizer, options=options)
@@ -327,11 +324,7 @@ class DataParallel:
 
     def load(self, folder, frozen=True):
         import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            get_state_dict,
-            set_state_dict,
-        )
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
         options = StateDictOptions(ignore_frozen_params=not frozen, strict=frozen)   # frozen ones stay as built
         modules, optimizer = get_state_dict(self.wrapped, self.optimizer, options=options)
