@@ -6,6 +6,7 @@
     llm        the toy LLaMA's own training loop (minignext.toy.train_llm) for 2 steps
     nextgpt    NExT-GPT's three stages on the tiny-random preset and the synthetic data in DATA, 3 steps each
     reduce     RunArgs.mean and RunArgs.gather on shares, and the same on the whole batch (reduce.json)
+    misuse     a loss computed outside run.forward, which the step must refuse (refused.txt)
 
 JOB+fsdp runs JOB under FSDP. Each job writes to OUT/JOB/ (its runs in runs/); one stopped by --stop-after
 leaves OUT/JOB/stopped. Without torchrun the jobs run in one process. Several jobs share one launch
@@ -20,7 +21,7 @@ from pathlib import Path
 import torch
 
 from minignext.toy import train_llm
-from minignext.toy.trainer import RunArgs, RunStopped
+from minignext.toy.trainer import Run, RunArgs, RunStopped, optimizer_step
 from minignext.training import distributed, nextgpt
 
 LLM_SCALE, NEXTGPT_STEPS, NEXTGPT_BATCH = 0.003, 3, 4
@@ -62,7 +63,21 @@ def reduce(out, data, common):
                                                      "want_grad": want.tolist()}))
 
 
-JOBS = {"llm": llm, "nextgpt": run_nextgpt, "reduce": reduce}
+def misuse(out, data, common):
+    """A loss computed outside run.forward: DDP never combines those gradients, so the step refuses."""
+    args = RunArgs.from_env(progress=False, runs_dir=out / "runs", **common)
+    layer = torch.nn.Linear(2, 1)
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+    run = Run.start("misuse", args, {"layer": layer}, opt, 2, 0.1, warmup=1)
+    try:
+        for _ in run.steps():
+            optimizer_step(opt, layer(torch.ones(1, 2)).sum(), layer.parameters())
+    except RuntimeError as e:
+        if args.main:
+            (out / "refused.txt").write_text(str(e))
+
+
+JOBS = {"llm": llm, "nextgpt": run_nextgpt, "reduce": reduce, "misuse": misuse}
 
 
 def main():

@@ -57,7 +57,7 @@ def runs(tmp_path_factory):
         (one / job).mkdir(parents=True)
         driver.JOBS[job](one / job, data_dir, {"fsdp": False, "stop_after": None})
     return {"one": one, "data": data_dir, "tmp": tmp,
-            "two": launch(tmp / "two", data_dir, "reduce,llm,nextgpt,llm+fsdp,nextgpt+fsdp")}
+            "two": launch(tmp / "two", data_dir, "reduce,misuse,llm,nextgpt,llm+fsdp,nextgpt+fsdp")}
 
 
 def run_state(runs_dir) -> dict:
@@ -90,6 +90,11 @@ def test_shares_reduce_to_the_whole_batch(runs):
     got = json.loads((runs["two"] / "reduce" / "reduce.json").read_text())
     assert got["loss"] == pytest.approx(got["want"], rel=1e-6)
     torch.testing.assert_close(torch.tensor(got["grad"]), torch.tensor(got["want_grad"]), rtol=1e-6, atol=1e-6)
+
+
+def test_a_loss_computed_outside_the_wrapper_is_refused(runs):
+    """Under DDP such gradients would never be averaged: each process would drift on its own share."""
+    assert "must come from run.forward" in (runs["two"] / "misuse" / "refused.txt").read_text()
 
 
 @pytest.mark.parametrize("job", ["llm", "llm+fsdp"])

@@ -215,7 +215,7 @@ class DataParallel:
 
     def __init__(self, modules: dict, optimizer, fsdp=False, device="cpu", unused_params=False):
         self.modules, self.optimizer, self.fsdp = _Modules(modules), optimizer, fsdp
-        self.device = torch.device(device)
+        self.device, self.forwarded = torch.device(device), False
         if fsdp:
             self._shard()
         else:
@@ -271,6 +271,7 @@ class DataParallel:
     def forward(self, fn, *args, **kwargs):
         args = [self.substitute.get(id(a), a) for a in args]
         kwargs = {k: self.substitute.get(id(v), v) for k, v in kwargs.items()}
+        self.forwarded = True
         out = self.wrapped(fn, *args, **kwargs)
         if self.fsdp:
             self.reached = {self.held[i] for i in graph_leaves(out) if i in self.held}
@@ -280,6 +281,10 @@ class DataParallel:
         """The parameters to clip and step, once backward has run: under FSDP their shards, with the
         frozen rows' gradients zeroed."""
         params = list(params)
+        if not self.forwarded:
+            raise RuntimeError("on several processes the step's loss must come from run.forward(fn, *modules, ...): "
+                               "computed outside it, DDP and FSDP never combine the processes' gradients")
+        self.forwarded = False
         if not self.fsdp:
             return params
         used = [name for name, p in self.modules.named_parameters() if p.grad is not None]
