@@ -14,12 +14,12 @@ The foundations in weights/toy/ (ImageBind, LLaMA, the decoders' text encoders) 
 
 The stages themselves (what trains, the examples, the losses, the loop, the delta) are
 minignext.training.stages, which the real-size path shares; this module gives them the toy world's
-dialogues and recipes. All stages use Adam with betas (0.9, 0.95). Media are encoded once by the frozen ImageBind (a bank of
-embeddings per object), and every caption's decoder conditioning is computed once: the frozen parts
-need no forward pass in the loop. What ships is a delta like the official `pytorch_model.pt`: only
-what trained, in peft's names (llama_model.base_model.model...lora_A.default.weight, the resized
-embed_tokens and lm_head, llama_proj, gen_text_hidden_fcs*), in weights/toy/nextgpt/delta.safetensors,
-next to nextgpt.json that points at the foundations.
+dialogues and recipes. All stages use Adam with betas (0.9, 0.95). Media are encoded once by the
+frozen ImageBind (a bank of embeddings per object), and every caption's decoder conditioning is
+computed once: the frozen parts need no forward pass in the loop. What ships is a delta like the
+official `pytorch_model.pt`: only what trained, in peft's names (llama_model.base_model.model...
+lora_A.default.weight, the resized embed_tokens and lm_head, llama_proj, gen_text_hidden_fcs*), in
+weights/toy/nextgpt/delta.safetensors, next to nextgpt.json that points at the foundations.
 
     python -m minignext.toy.train nextgpt
     python -m minignext.toy.eval nextgpt

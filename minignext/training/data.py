@@ -105,7 +105,8 @@ def read_pairs(data_dir) -> list[Medium]:
         for i, entry in enumerate(_read_json(path)):
             file = _field(entry, key, path, i)
             caption = clean_caption(_field(entry, "caption", path, i))
-            out.append(Medium(modality, root / folder / media / file, caption, Path(data_dir) / "embed" / f"{file}.npy"))
+            embed = Path(data_dir) / "embed" / f"{file}.npy"
+            out.append(Medium(modality, root / folder / media / file, caption, embed))
     if not out:
         raise FileNotFoundError(f"{root} holds none of {', '.join(f'{f}/{n}' for f, n, _, _ in PAIRS.values())}")
     return out

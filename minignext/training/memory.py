@@ -123,7 +123,8 @@ def markdown_table(gpus=(1, 2, 4, 8), tokens=512) -> str:
              "| --- | --- | --- | " + " | ".join("---" for _ in gpus) + " |"]
     what = {1: "1 (input projection)", 2: "2 (output projections, new rows)", 3: "3 (+ LoRA r=32)"}
     for way, stage, trained, gb in t["rows"]:
-        lines.append(f"| {way} | {what[stage]} | {trained / 1e6:,.1f} M | " + " | ".join(f"{x:.1f} GB" for x in gb) + " |")
+        cells = [what[stage], f"{trained / 1e6:,.1f} M"] + [f"{x:.1f} GB" for x in gb]
+        lines.append(f"| {way} | " + " | ".join(cells) + " |")
     per_token = t["activations"]
     lines.append("")
     lines.append(f"Activations, on top, per GPU: about {per_token / 1e6:.1f} MB a token (an estimate), "
