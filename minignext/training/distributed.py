@@ -266,7 +266,8 @@ class DataParallel:
         """Which tensor a module's parameter is while it runs: FSDP's gathered copy, the leaf that
         autograd will accumulate into."""
         for n in names:
-            self.held[id(getattr(module, n))] = prefix + n
+            t = getattr(module, n)
+            self.held[id(t)] = (t, prefix + n)           # the tensor kept, so that its id stays its own
 
     def forward(self, fn, *args, **kwargs):
         args = [self.substitute.get(id(a), a) for a in args]
@@ -274,12 +275,12 @@ class DataParallel:
         self.forwarded = True
         out = self.wrapped(fn, *args, **kwargs)
         if self.fsdp:
-            self.reached = {self.held[i] for i in graph_leaves(out) if i in self.held}
+            self.reached = {self.held[i][1] for i in graph_leaves(out) if i in self.held}
         return out
 
     def after_backward(self, params) -> list:
         """The parameters to clip and step, once backward has run: under FSDP their shards, with the
-        frozen rows' gradients zeroed."""
+        frozen rows' gradients zeroed. A loss that did not come through `forward` is refused."""
         params = list(params)
         if not self.forwarded:
             raise RuntimeError("on several processes the step's loss must come from run.forward(fn, *modules, ...): "
