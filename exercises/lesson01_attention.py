@@ -58,8 +58,8 @@ HINTS = {
         "then scores.softmax(-1) @ v.",
     ],
     "online_softmax_step": [
-        "softmax(s) = exp(s - c) / sum(exp(s - c)) for any constant c. Keep c equal to the largest "
-        "score seen so far. When a new block brings a larger maximum, everything summed so far was "
+        "A softmax does not change when the same constant is subtracted from every score; subtract "
+        "the largest score seen so far, so that no exponential overflows. When a new block brings a larger maximum, everything summed so far was "
         "computed against the old maximum and has to be rescaled to the new one.",
         "The new maximum is the larger of the old one and the block's row maximum. The block "
         "contributes exp(scores - new max) to the normaliser (summed over the block) and those "
