@@ -97,6 +97,26 @@ def exercise_folder(folder) -> Path:
                             f"`make exercises` copies the stubs to mine/")
 
 
+def unsolved(folder, lesson) -> list:
+    """The exercises of a lesson file that still only raise their hint."""
+    import ast
+
+    tree = ast.parse((exercise_folder(folder) / f"{lesson}.py").read_text())
+    return [n.name for n in tree.body if isinstance(n, ast.FunctionDef) and not n.name.startswith("_")
+            and any(isinstance(s, ast.Raise) and "_stuck(" in ast.unparse(s) for s in n.body)]
+
+
+def yours(lesson) -> str:
+    """"mine" when mine/<lesson>.py exists with every exercise solved, else "solutions": what a
+    notebook's last section runs, so that a student sees their own code at work once it is done."""
+    mine = ROOT / "mine" / f"{lesson}.py"
+    if mine.is_file() and not unsolved("mine", lesson):
+        return "mine"
+    if mine.is_file():
+        print(f"mine/{lesson}.py still has {', '.join(unsolved('mine', lesson))} to solve: running the solutions")
+    return "solutions"
+
+
 def load_lesson(folder, lesson):
     path = exercise_folder(folder) / f"{lesson}.py"
     spec = importlib.util.spec_from_file_location(f"minignext_exercise_{lesson}", path)

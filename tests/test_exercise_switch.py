@@ -35,7 +35,7 @@ def demo():
     picture = Image.fromarray(world.render_image(world.Obj("red", "circle"), np.random.default_rng(0)))
     conv = Conversation().user("what is in this picture?", image=picture)
     replies = [model.chat(conv, progress=False, num_inference_steps=3)]
-    for request in ("draw a blue square.", "play a deep tone that rises.", "make a video of a green star moving left."):
+    for request in ("draw a blue square.", "play a deep tone that rises.", "make a video of a green cross moving left."):
         conv.user(request)
         replies.append(model.chat(conv, progress=False, num_inference_steps=3, max_new_tokens=40))
     return replies
