@@ -100,14 +100,19 @@ def random_figure_cells(path):
     random, unmarked = set(), []
     for i, source in code_cells(path):
         tree = ast.parse("\n".join(line for line in source.splitlines() if not line.startswith("%")))
+        made_here = set()
         for node in statements(tree.body):
             made, cleared = taint(node, random)
             random = (random - cleared) | made
+            made_here |= made
         for node in ast.walk(tree):         # trained here: torch.optim.X(model.parameters(), ...)
             if isinstance(node, ast.Call) and ast.unparse(node.func).startswith("torch.optim."):
                 for arg in node.args:
                     random -= names_in(arg)
-        used = names_in(tree) & random
+        # names the cell binds itself (loop and comprehension variables, arguments) count only if it made them random
+        bound = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
+        bound |= {a.arg for a in ast.walk(tree) if isinstance(a, ast.arg)}
+        used = names_in(tree) & random - (bound - made_here)
         if used and any(f in source for f in FIGURE_CALLS) and MARKER not in source:
             unmarked.append((i, sorted(used)))
     return unmarked
