@@ -1,11 +1,11 @@
-# The README's commands:  `make demo`, `make test`, and `make lab` for the notebooks.
+# The README's commands:  `make demo`, `make test`, `make serve`, and `make lab` for the notebooks.
 PYTHON   ?= python3
 VENV     ?= .venv
 PY       := $(VENV)/bin/python
 PIP      := $(PY) -m pip
 LAB_ARGS ?=
 
-.PHONY: demo test install install-test lab bench exercises demo-mine clean
+.PHONY: demo test install install-test browser serve lab bench exercises demo-mine clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,10 +33,26 @@ $(VENV)/.installed-lab: $(VENV)/.installed requirements-lab.txt
 	touch $@
 
 install: $(VENV)/.installed
-install-test: $(VENV)/.installed-test
+install-test: $(VENV)/.installed-test browser
+
+# The page test (tests/test_serve.py) drives Debian's chromium through its chromedriver. As root,
+# install them when missing; elsewhere say so (that test then skips, and fails under CI=true).
+browser:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "installing chromium and chromium-driver (apt-get) for the browser test"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+			chromium chromium-driver fonts-liberation >/dev/null; \
+	else \
+		echo "note: chromium and chromedriver are missing; as root: apt-get install chromium chromium-driver"; \
+	fi
 
 demo: install
 	$(VENV)/bin/minignext demo
+
+# The live chat page on http://127.0.0.1:8000/ (Ctrl-C stops it).
+serve: install
+	$(VENV)/bin/minignext serve
 
 test: install-test
 	$(PY) -m pytest -q

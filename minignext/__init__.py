@@ -17,6 +17,8 @@ official checkpoint:
 
     systems/nextgpt.py             NExT-GPT's any-to-any loop: signal tokens, conversation, model, decoders
     systems/nextgpt_checkpoint.py  NExT-GPT's released delta and minignext's saved-folder layout
+    systems/llava.py               LLaVA-1.5: CLIP patch features -> MLP -> one soft token per <image> placeholder
+    systems/pandagpt.py            PandaGPT: NExT-GPT's input side, all six ImageBind modalities, text out
     systems/minigpt4.py            MiniGPT-4 (and BLIP-2's own Blip2ForConditionalGeneration)
     systems/flamingo.py            IDEFICS and OpenFlamingo
     systems/anygpt.py              AnyGPT: media as discrete tokens in the vocabulary
@@ -24,9 +26,9 @@ official checkpoint:
 Ready-made models by name live apart from both: presets.py ("nextgpt-7b", "toy", "tiny-random")
 and tiny.py (tiny random builds of every part, for tests and lessons).
 
-Around them: cli.py, chat.py and demo.py (the `minignext` command), bench/ (speed against the
-reference libraries), toy/ (the toy world, its analytic checkers, and the training and
-evaluation of every toy model).
+Around them: cli.py, chat.py and demo.py (the `minignext` command), serve.py and web/ (the live
+chat page of `minignext serve`), bench/ (speed against the reference libraries), toy/ (the toy
+world, its analytic checkers, and the training and evaluation of every toy model).
 """
 
 __version__ = "0.1.0"

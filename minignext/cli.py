@@ -56,6 +56,7 @@ FORWARDED = {
     "chat": ("minignext.chat:chat_main", "interactive multi-turn chat"),
     "run": ("minignext.chat:run_main", "one exchange, written to a folder"),
     "download": ("minignext.chat:download_main", "fetch the weights of a preset"),
+    "serve": ("minignext.serve:main", "a live chat page in the browser"),
 }
 
 

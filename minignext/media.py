@@ -8,7 +8,10 @@ encoders were trained with:
   3 evenly spaced 2-s clips, Kaldi fbank as torchaudio.compliance.kaldi.fbank computes it,
   pad/crop to 204 frames, mean -4.268, std 9.138);
 - video: ImageBind `load_and_transform_video_data` (pytorchvideo's
-  ConstantClipsPerVideoSampler, UniformTemporalSubsample, ShortSideScale, SpatialCrop).
+  ConstantClipsPerVideoSampler, UniformTemporalSubsample, ShortSideScale, SpatialCrop);
+- thermal, depth, IMU: ImageBind's other branches. Its repository ships no loader for them;
+  thermal follows PandaGPT's `load_and_transform_thermal_data`, depth the disparity conversion
+  ImageBind's authors published for SUN RGB-D (facebookresearch/omnivore issue 12).
 
 Paper: ImageBind (Girdhar et al., CVPR 2023), code facebookresearch/ImageBind `data.py`.
 Every function checks its input and raises ValueError / FileNotFoundError with a message
@@ -455,3 +458,49 @@ def video_to_imagebind_clips(frames, clips: int = 5, frames_per_clip: int = 2, s
         clip = (_short_side_scale(clip, size) - norm_mean) / norm_std
         out += [_spatial_crop(clip, size, i) for i in ([0, 1, 2] if crops == 3 else [1])]
     return torch.stack(out)
+
+
+# ---------------------------------------------------------------- thermal, depth and IMU (ImageBind)
+
+def thermal_to_imagebind(img, size=224) -> torch.Tensor:
+    """A thermal image (path, PIL image or uint8 array) -> (1, size, size) grey levels in [0, 1]:
+    shortest side to `size` (bicubic), centre crop, no normalisation."""
+    grey = (_as_pil(img) if isinstance(img, (np.ndarray, torch.Tensor)) else load_image(img)).convert("L")
+    pil = center_crop(resize_short_side(grey, size), size)
+    return torch.from_numpy(np.asarray(pil, dtype=np.float32) / 255.0)[None]
+
+
+def depth_to_disparity(depth_m, focal_length: float, baseline: float = 0.075, min_depth: float = 0.01,
+                       max_depth: float = 50.0) -> torch.Tensor:
+    """Metric depth (H, W) in metres -> disparity baseline * focal_length / depth, the scale-free
+    form ImageBind's depth branch was trained on. focal_length in pixels; baseline in metres
+    (0.075 for Kinect, 0.095 for RealSense and Xtion in SUN RGB-D)."""
+    depth = torch.as_tensor(np.asarray(depth_m, dtype=np.float32))
+    if depth.dim() != 2:
+        raise ValueError(f"depth must be one map (H, W) in metres; got shape {tuple(depth.shape)}")
+    _check_finite(depth, "depth")
+    if focal_length <= 0 or baseline <= 0:
+        raise ValueError(f"focal_length and baseline must be positive; got {focal_length}, {baseline}")
+    return baseline * focal_length / depth.clamp(min_depth, max_depth)
+
+
+def depth_to_imagebind(disparity, size=224) -> torch.Tensor:
+    """A disparity map (H, W) -> (1, size, size): shortest side to `size` (bicubic), centre crop."""
+    x = np.asarray(disparity.detach().cpu() if torch.is_tensor(disparity) else disparity, dtype=np.float32)
+    if x.ndim != 2:
+        raise ValueError(f"a disparity map must be (H, W); got shape {x.shape}")
+    _check_finite(torch.from_numpy(x), "disparity")
+    pil = center_crop(resize_short_side(Image.fromarray(x), size), size)
+    return torch.from_numpy(np.asarray(pil, dtype=np.float32).copy())[None]
+
+
+def imu_to_imagebind(readings, length=2000) -> torch.Tensor:
+    """IMU readings (6, T): accelerometer x, y, z then gyroscope x, y, z, one column per time
+    step -> (6, length), the first `length` steps, zero-padded at the end if shorter."""
+    x = torch.as_tensor(np.asarray(readings, dtype=np.float32))
+    if x.dim() != 2 or x.shape[0] != 6:
+        hint = "; transpose it" if x.dim() == 2 and x.shape[1] == 6 else ""
+        raise ValueError(f"IMU readings must be (6, T): 3 accelerometer and 3 gyroscope channels; "
+                         f"got shape {tuple(x.shape)}{hint}")
+    _check_finite(x, "IMU readings")
+    return F.pad(x[:, :length], (0, max(0, length - x.shape[1])))

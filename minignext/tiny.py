@@ -133,15 +133,12 @@ def tiny_random() -> NextGPT:
     """Every part tiny and random, built in-process from fixed seeds: the same model every time.
     Its outputs are noise; it exists to show (and test) the data flow."""
     from minignext.imagebind import ImageBind, ImageBindConfig
-    from minignext.llama import Llama, LlamaConfig
 
     tok = tiny_tokenizer()
     with torch.random.fork_rng():
         torch.manual_seed(0)
-        encoder = ImageBind(ImageBindConfig.tiny()).eval()
-        llm = Llama(LlamaConfig(vocab_size=tok.vocab_size, hidden_size=TINY["llm_hidden"], intermediate_size=128,
-                                num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=512,
-                                bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)).eval()
+        encoder = ImageBind(ImageBindConfig.tiny(modalities=("vision", "text", "audio"))).eval()
+        llm = _tiny_llm(tok)
         new = add_nextgpt_tokens(tok, llm)
         with torch.no_grad():              # random rows too, rather than resize's copies of the mean row
             for w in (llm.model.embed_tokens.weight, llm.lm_head.weight):
@@ -155,3 +152,24 @@ def tiny_random() -> NextGPT:
             loaders[m] = _seeded(100 + i, decoder)
         model = NextGPT(encoder, llm, tok, projections, loaders, enc_dim=encoder.config.out_embed_dim).eval()
     return model
+
+
+def _tiny_llm(tok):
+    from minignext.llama import Llama, LlamaConfig
+
+    return Llama(LlamaConfig(vocab_size=tok.vocab_size, hidden_size=TINY["llm_hidden"], intermediate_size=128,
+                             num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=512,
+                             bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)).eval()
+
+
+def tiny_pandagpt():
+    """PandaGPT with every part tiny and random (an ImageBind with all six branches), from fixed
+    seeds: the same model every time."""
+    from minignext.imagebind import ImageBind, ImageBindConfig
+    from minignext.systems.pandagpt import PandaGPT
+
+    tok = tiny_tokenizer()
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        encoder = ImageBind(ImageBindConfig.tiny()).eval()
+        return PandaGPT(encoder, _tiny_llm(tok), tok, enc_dim=encoder.config.out_embed_dim).eval()

@@ -139,5 +139,8 @@ class ChatTemplate:
 
 
 VICUNA_V0 = ChatTemplate(name="vicuna_v0", user="### Human: ", assistant="### Assistant: ", stop=("###",))
+# ChatML, as SmolLM2-Instruct and many others are tuned on; <|im_end|> is one special token.
+CHATML = ChatTemplate(name="chatml", user="<|im_start|>user\n", assistant="<|im_start|>assistant\n",
+                      system="<|im_start|>system\n", sep="<|im_end|>\n", stop=("<|im_end|>",))
 PLAIN = ChatTemplate(name="plain", user="", assistant="")
-TEMPLATES = {t.name: t for t in (VICUNA_V0, PLAIN)}
+TEMPLATES = {t.name: t for t in (VICUNA_V0, CHATML, PLAIN)}

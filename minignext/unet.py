@@ -324,16 +324,23 @@ class DownBlock2D(nn.Module):
             self.downsamplers = nn.ModuleList([Downsample2D(cout, cout, cfg.downsample_padding)])
 
     def forward(self, x, temb, context=None):
-        skips = []
-        for i, resnet in enumerate(self.resnets):
-            x = resnet(x, temb)
-            if hasattr(self, "attentions"):
-                x = self.attentions[i](x, context)
-            skips.append(x)
-        if hasattr(self, "downsamplers"):
-            x = self.downsamplers[0](x)
-            skips.append(x)
-        return x, skips
+        def layer(i, x):
+            x = self.resnets[i](x, temb)
+            return self.attentions[i](x, context) if hasattr(self, "attentions") else x
+        return down_path(self, x, layer)
+
+
+def down_path(block, x, layer):
+    """A down block's pass: `layer(i, x)` for each of its layers, then its downsampler, if any;
+    every output is kept as a skip connection for the up path."""
+    skips = []
+    for i in range(len(block.resnets)):
+        x = layer(i, x)
+        skips.append(x)
+    if hasattr(block, "downsamplers"):
+        x = block.downsamplers[0](x)
+        skips.append(x)
+    return x, skips
 
 
 class CrossAttnDownBlock2D(DownBlock2D):
@@ -388,14 +395,18 @@ DOWN_BLOCKS = {"DownBlock2D": DownBlock2D, "CrossAttnDownBlock2D": CrossAttnDown
 UP_BLOCKS = {"UpBlock2D": UpBlock2D, "CrossAttnUpBlock2D": CrossAttnUpBlock2D}
 
 
+def check_block_types(cfg, down_blocks, up_blocks):
+    for kind in (*cfg.down_block_types, *cfg.up_block_types):
+        if kind not in down_blocks and kind not in up_blocks:
+            raise ValueError(f"block type {kind!r} is not supported; use one of "
+                             f"{', '.join([*down_blocks, *up_blocks])}")
+
+
 class UNet2DCondition(nn.Module):
     def __init__(self, config: UNet2DConditionConfig):
         super().__init__()
         cfg, ch = config, config.block_out_channels
-        for kind in (*cfg.down_block_types, *cfg.up_block_types):
-            if kind not in DOWN_BLOCKS and kind not in UP_BLOCKS:
-                raise ValueError(f"block type {kind!r} is not supported; use one of "
-                                 f"{', '.join([*DOWN_BLOCKS, *UP_BLOCKS])}")
+        check_block_types(cfg, DOWN_BLOCKS, UP_BLOCKS)
         if cfg.mid_block_type not in ("UNetMidBlock2DCrossAttn", None):
             raise ValueError(f"mid_block_type {cfg.mid_block_type!r} is not supported")
         self.config = cfg

@@ -30,7 +30,7 @@ from torch import nn
 
 from . import weights
 from .unet import (BasicTransformerBlock, Downsample2D, ResnetBlock2D, TimestepEmbedding, Timesteps,
-                   Transformer2DModel, Upsample2D)
+                   Transformer2DModel, Upsample2D, check_block_types, down_path)
 from .utils import config_from_dict
 
 
@@ -181,16 +181,12 @@ class DownBlock3D(nn.Module):
             self.downsamplers = nn.ModuleList([Downsample2D(cout, cout, cfg.downsample_padding)])
 
     def forward(self, x, temb, context, num_frames):
-        skips = []
-        for i, (resnet, temp_conv) in enumerate(zip(self.resnets, self.temp_convs)):
-            x = temp_conv(resnet(x, temb), num_frames)
+        def layer(i, x):
+            x = self.temp_convs[i](self.resnets[i](x, temb), num_frames)
             if hasattr(self, "attentions"):
                 x = self.temp_attentions[i](self.attentions[i](x, context), num_frames, context)
-            skips.append(x)
-        if hasattr(self, "downsamplers"):
-            x = self.downsamplers[0](x)
-            skips.append(x)
-        return x, skips
+            return x
+        return down_path(self, x, layer)
 
 
 class CrossAttnDownBlock3D(DownBlock3D):
@@ -250,10 +246,7 @@ class UNet3DCondition(nn.Module):
     def __init__(self, config: UNet3DConditionConfig):
         super().__init__()
         cfg, ch = config, config.block_out_channels
-        for kind in (*cfg.down_block_types, *cfg.up_block_types):
-            if kind not in DOWN_BLOCKS and kind not in UP_BLOCKS:
-                raise ValueError(f"block type {kind!r} is not supported; use one of "
-                                 f"{', '.join([*DOWN_BLOCKS, *UP_BLOCKS])}")
+        check_block_types(cfg, DOWN_BLOCKS, UP_BLOCKS)
         self.config = cfg
         self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
         self.time_proj = Timesteps(ch[0], flip_sin_to_cos=True, freq_shift=0)

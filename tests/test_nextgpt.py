@@ -303,3 +303,32 @@ def test_a_waveform_rate_pair_is_one_audio_input():
     kinds = [m for m, _ in conv.turns[0].media]
     assert kinds == ["image", "image", "audio"]
     assert conv.turns[0].media[2][1][1] == 16000
+
+
+def test_on_progress_follows_each_phase_and_step(model, inputs, capsys):
+    events = []
+    conv = Conversation().user("Look and listen.", image=inputs["image"], audio=inputs["audio"])
+    reply = model.chat(conv, force_response=f"Here {IMG} and {AUD}", num_inference_steps=3, progress=False,
+                       on_progress=lambda phase, done, total: events.append((phase, done, total)))
+    phases = [p for p, _, _ in events]
+    assert events[:2] == [("encode image", 1, 2), ("encode audio", 2, 2)]
+    n = len(reply.generated_ids)
+    assert [e for e in events if e[0] == "generate"] == [("generate", i, n) for i in range(1, n + 1)]
+    for modality in ("image", "audio"):
+        assert [e for e in events if e[0] == f"decode {modality}"] == [(f"decode {modality}", i, 3) for i in (1, 2, 3)]
+    assert phases.index("decode image") > phases.index("generate") and phases[-1] == "decode audio"
+    assert capsys.readouterr().err == ""                    # no terminal bars with progress=False
+
+    # a later turn encodes only its new input; the earlier ones are cached
+    events.clear()
+    conv.user("And this?", image=inputs["image"])
+    model.chat(conv, max_new_tokens=2, progress=False, on_progress=lambda *e: events.append(e))
+    assert [e for e in events if e[0].startswith("encode")] == [("encode image", 1, 1)]
+
+
+def test_terminal_progress_bars_still_draw_with_on_progress(model, capsys):
+    seen = []
+    model.chat("Draw.", force_response=f"Here {IMG}", num_inference_steps=2, progress=True,
+               on_progress=lambda *e: seen.append(e))
+    err = capsys.readouterr().err
+    assert "denoising: |####################| 2/2" in err and ("decode image", 2, 2) in seen

@@ -24,7 +24,7 @@ from torch import nn
 from minignext import media
 from minignext.generation import decode_one_token, prefill, sample
 from minignext.projection import InputProjection, OutputProjection
-from minignext.tokenizer import VICUNA_V0
+from minignext.tokenizer import VICUNA_V0, ChatTemplate
 from minignext.utils import progress as progress_bar
 from minignext.weights import WeightsError
 
@@ -34,7 +34,10 @@ from minignext.weights import WeightsError
 SPLICE_OPEN, SPLICE_CLOSE = "<Img>", "</Img>"    # wraps a soft token, whatever its modality
 SIGNALS = {"image": ("IMG", 4), "video": ("VID", 24), "audio": ("AUD", 8)}
 MODALITIES = tuple(SIGNALS)
-STOP_STRING = VICUNA_V0.stop[0]                   # "###"
+# Inputs and the ImageBind branch that reads each; depth, thermal and IMU need ImageBind-huge's
+# branches (the toy ImageBind has vision, text and audio only).
+INPUTS = {"image": "vision", "audio": "audio", "video": "vision", "depth": "depth", "thermal": "thermal",
+          "imu": "imu"}
 
 
 def signal_token_names(modality, n=None):
@@ -161,9 +164,10 @@ class Conversation:
     def __init__(self):
         self.turns: list[Message] = []
 
-    def user(self, text, image=None, audio=None, video=None) -> "Conversation":
+    def user(self, text, image=None, audio=None, video=None, depth=None, thermal=None, imu=None) -> "Conversation":
         media = []
-        for modality, items in (("image", image), ("audio", audio), ("video", video)):
+        given = {"image": image, "audio": audio, "video": video, "depth": depth, "thermal": thermal, "imu": imu}
+        for modality, items in given.items():
             # a list holds several inputs; anything else (a path, an image, a (waveform, rate) pair) is one
             items = [] if items is None else items if isinstance(items, list) else [items]
             media += [(modality, x) for x in items]
@@ -176,37 +180,39 @@ class Conversation:
 
     @classmethod
     def from_messages(cls, messages) -> "Conversation":
-        """A string, or dicts {"role": "user"|"assistant", "content": str, "image"/"audio"/"video": ...}."""
+        """A string, or dicts {"role": "user"|"assistant", "content": str, "image"/"audio"/"video"/...: ...}."""
         conv = cls()
         if isinstance(messages, str):
             return conv.user(messages)
         for m in messages:
             role, text = m.get("role", "user"), m.get("content", "")
             if role == "user":
-                conv.user(text, m.get("image"), m.get("audio"), m.get("video"))
+                conv.user(text, **{modality: m.get(modality) for modality in INPUTS})
             elif role == "assistant":
                 conv.assistant(text)
             else:
                 raise ValueError(f"message role must be 'user' or 'assistant', got {role!r}")
         return conv
 
-    def segments(self):
-        """The Vicuna-v0 prompt as text pieces and soft-token slots (turn index, media index):
-        ### Human: <Img>[soft]</Img> instruction\\n### Assistant: answer\\n### Human: ...
+    def segments(self, template: ChatTemplate = VICUNA_V0):
+        """The prompt as text pieces and soft-token slots (turn index, media index). In NExT-GPT's
+        Vicuna-v0 template: ### Human: <Img>[soft]</Img> instruction\\n### Assistant: answer\\n### Human: ...
         Every input gets its own <Img>[soft]</Img>, in order; the reference instead sums the
         embeddings of several inputs of one modality into a single soft token."""
         if not self.turns or self.turns[-1].role != "user":
             raise ValueError("the conversation must end with a user turn for the model to answer")
+        ask = template.assistant.rstrip(" ")              # the generation prompt
+        lead = template.assistant[len(ask):]              # what stands before an answer's text
         out = []
         for t, turn in enumerate(self.turns):
             if turn.role == "assistant":
-                out.append(f" {turn.text}{VICUNA_V0.sep}")
+                out.append(f"{lead}{turn.text}{template.sep}")
                 continue
-            out.append(VICUNA_V0.user)
+            out.append(template.user)
             for k in range(len(turn.media)):
                 out += [SPLICE_OPEN, (t, k), SPLICE_CLOSE]
             text = f" {turn.text}" if turn.media else turn.text
-            out.append(text + VICUNA_V0.sep + VICUNA_V0.assistant.rstrip())
+            out.append(text + template.sep + ask)
         return out
 
 
@@ -247,8 +253,9 @@ class NextGPT(nn.Module):
     """
 
     def __init__(self, visual_encoder, llama_model, tokenizer, output_projections: dict,
-                 decoder_loaders: dict | None = None, enc_dim=1024):
+                 decoder_loaders: dict | None = None, enc_dim=1024, template: ChatTemplate = VICUNA_V0):
         super().__init__()
+        self.template = template               # NExT-GPT's Vicuna-v0; ChatML on an LLM tuned with it
         self.visual_encoder = visual_encoder
         self.llama_model = llama_model
         self.tokenizer = tokenizer
@@ -260,7 +267,7 @@ class NextGPT(nn.Module):
         self.max_loaded_decoders = None      # 1 keeps a single decoder in memory (nextgpt-7b)
         nums = {m: cfg.num_signal_tokens for m, cfg in output_projections.items()}
         self.signal_ids = {m: [self._token_id(t) for t in signal_token_names(m, n)] for m, n in nums.items()}
-        self.splice_ids = (self._token_id(SPLICE_OPEN), self._token_id(SPLICE_CLOSE))
+        self.splice_ids = self._splice_ids()
 
     @classmethod
     def from_preset(cls, name, dtype=None, device=None) -> "NextGPT":
@@ -289,6 +296,10 @@ class NextGPT(nn.Module):
                                f"add_nextgpt_tokens(tokenizer, llm) first")
         return i
 
+    def _splice_ids(self):
+        """<Img> and </Img>: tokens NExT-GPT adds to the vocabulary."""
+        return self._token_id(SPLICE_OPEN), self._token_id(SPLICE_CLOSE)
+
     def output_projection(self, modality) -> OutputProjection:
         return getattr(self, PROJECTION_NAMES[modality])[0]
 
@@ -312,9 +323,6 @@ class NextGPT(nn.Module):
     def loaded_decoders(self) -> list:
         return list(self._decoders)
 
-    def unload_decoder(self, modality):
-        self._decoders.pop(modality, None)
-
     # ------------------------------------------------------------ encode and splice
 
     @torch.no_grad()
@@ -323,14 +331,22 @@ class NextGPT(nn.Module):
         if self.visual_encoder is None:
             raise ValueError("this model has no encoder; it cannot read media inputs")
         x = encoder_input(self.visual_encoder, modality, source).to(self.device)
-        name = "audio" if modality == "audio" else "vision"
-        return self.llama_proj(self.visual_encoder.embed(name, x).to(self.llama_proj.weight.dtype))[:, 0]
+        return self.llama_proj(self.imagebind_vector(INPUTS[modality], x).to(self.llama_proj.weight.dtype))[:, 0]
 
-    def build_prompt(self, conversation: Conversation) -> Prompt:
+    def imagebind_vector(self, branch, x):
+        """ImageBind's normalised embedding, without the logit scale of its forward."""
+        return self.visual_encoder.embed(branch, x)
+
+    def prompt_segments(self, conversation: Conversation) -> list:
+        """What build_prompt encodes: the conversation's segments, each text piece on its own."""
+        return conversation.segments(self.template)
+
+    def build_prompt(self, conversation: Conversation, on_progress=None) -> Prompt:
         ids, insert_at, soft, modalities = [], [], [], []
+        todo, done = sum(len(t.media) - len(t.soft) for t in conversation.turns), 0
         if self.tokenizer.bos_id is not None:
             ids.append(self.tokenizer.bos_id)
-        for seg in conversation.segments():
+        for seg in self.prompt_segments(conversation):
             if seg in (SPLICE_OPEN, SPLICE_CLOSE):
                 ids.append(self._token_id(seg))
                 continue
@@ -342,6 +358,9 @@ class NextGPT(nn.Module):
             while len(turn.soft) <= k:                   # encode once, keep for later turns
                 modality, source = turn.media[len(turn.soft)]
                 turn.soft.append(self.encode(modality, source))
+                done += 1
+                if on_progress is not None:
+                    on_progress(f"encode {modality}", done, todo)
             insert_at.append(len(ids))
             soft.append(turn.soft[k])
             modalities.append(turn.media[k][0])
@@ -357,7 +376,7 @@ class NextGPT(nn.Module):
 
     @torch.inference_mode()
     def generate_ids(self, prompt: Prompt, max_new_tokens=64, temperature=0.0, top_p=1.0, seed=None,
-                     force_response=None, progress=True):
+                     force_response=None, progress=True, on_progress=None):
         """New token ids after the prompt. Like the reference, [X1..] are never sampled and
         sampling [X0] forces the rest of its run. `force_response` (text) teacher-forces the
         whole answer instead of sampling it: a hook for tests and lessons, since random or
@@ -386,9 +405,11 @@ class NextGPT(nn.Module):
                     token = int(sample(logits.float().cpu(), temperature, top_p, generator=gen)[0])
                     queue = list(firsts.get(token, []))
                 out.append(token)
+                if on_progress is not None:
+                    on_progress("generate", len(out), budget)
                 if (forced is None and token == eos) or (forced is not None and not queue):
                     break
-                if forced is None and not queue and STOP_STRING in self.tokenizer.decode(out[-4:]):
+                if forced is None and not queue and self.template.stop[0] in self.tokenizer.decode(out[-4:]):
                     break
                 pos = prompt.embeds.shape[1] + len(out) - 1
                 logits = decode_one_token(llm, torch.tensor([[token]], device=self.device), pos)
@@ -415,14 +436,20 @@ class NextGPT(nn.Module):
     # ------------------------------------------------------------ one exchange
 
     def chat(self, messages, *, max_new_tokens=64, temperature=0.0, top_p=1.0, seed=0, force_response=None,
-             guidance_scale=None, num_inference_steps=None, decode=True, progress=True) -> Reply:
+             guidance_scale=None, num_inference_steps=None, decode=True, progress=True, on_progress=None) -> Reply:
         """Answer the last user turn of `messages` (a string, message dicts or a Conversation;
         a Conversation gets the answer appended). Signal tokens in the answer are projected and
         routed to their decoder; decode=False stops after the projection. guidance_scale and
-        num_inference_steps override every decoder's own defaults (None keeps them; 0 is a value)."""
+        num_inference_steps override every decoder's own defaults (None keeps them; 0 is a value).
+
+        on_progress(phase, done, total), if given, follows the work as it happens, whatever
+        `progress` says about the terminal bars: phase "encode <modality>" after each new input,
+        "generate" after each answer token (total is the token budget; an answer may stop before
+        it), "decode <modality>" after each denoising step."""
         conv = messages if isinstance(messages, Conversation) else Conversation.from_messages(messages)
-        prompt = self.build_prompt(conv)
-        new = self.generate_ids(prompt, max_new_tokens, temperature, top_p, seed, force_response, progress)
+        prompt = self.build_prompt(conv, on_progress)
+        new = self.generate_ids(prompt, max_new_tokens, temperature, top_p, seed, force_response, progress,
+                                on_progress)
         fixed, runs, notices = find_signal_runs(new, self.signal_ids)
         text, raw = self._answer_text(fixed)
         reply = Reply(text=text, raw_text=raw, notices=notices, generated_ids=new, token_ids=fixed, prompt=prompt)
@@ -445,8 +472,9 @@ class NextGPT(nn.Module):
                 except WeightsError as e:
                     reply.notices.append(f"the {modality} decoder could not be loaded, so no {modality} output: {e}")
                     continue
+                step = None if on_progress is None else (lambda i, n, m=modality: on_progress(f"decode {m}", i, n))
                 media = decoder.generate(cond, guidance_scale=guidance_scale, num_inference_steps=num_inference_steps,
-                                         seed=seed, progress=progress)
+                                         seed=seed, progress=progress, on_step=step)
                 {"image": reply.images, "audio": reply.audios, "video": reply.videos}[modality].extend(media)
         if isinstance(messages, Conversation):
             messages.assistant(raw)
@@ -466,14 +494,15 @@ class NextGPT(nn.Module):
                     raw.append(names[t])
             elif t != self.tokenizer.eos_id:
                 chunk.append(t)
-        cut = lambda s: s.split(STOP_STRING)[0].strip()
+        cut = self.template.cut
         raw = " ".join(p.strip() for p in raw if p.strip())
         raw = re.sub(r"\s+(?=\[(?:IMG|VID|AUD)\d+\])", "", raw)   # runs back to back, as they were generated
         return cut(" ".join(p.strip() for p in plain if p.strip())), cut(raw)
 
 
 def encoder_input(encoder, modality, source) -> torch.Tensor:
-    """A path / PIL image / (waveform, sr) / frames -> the (1, ...) input ImageBind takes."""
+    """A path / PIL image / (waveform, sr) / frames / a disparity map (H, W) / IMU readings (6, T)
+    -> the (1, ...) input ImageBind takes."""
     c = encoder.config
     if modality == "image":
         return media.preprocess_image(media.load_image(source), size=c.image_size)[None]
@@ -483,7 +512,13 @@ def encoder_input(encoder, modality, source) -> torch.Tensor:
         wave, sr = source if isinstance(source, tuple) else media.load_audio(source)
         return media.waveform_to_imagebind_audio(wave, sr, num_mel_bins=c.audio_num_mel_bins,
                                                  target_length=c.audio_target_len)[None]
-    raise ValueError(f"unknown input modality {modality!r}; expected one of image, audio, video")
+    if modality == "thermal":
+        return media.thermal_to_imagebind(source, size=c.image_size)[None]
+    if modality == "depth":
+        return media.depth_to_imagebind(source, size=c.image_size)[None]
+    if modality == "imu":
+        return media.imu_to_imagebind(source, length=c.imu_length)[None]
+    raise ValueError(f"unknown input modality {modality!r}; expected one of {', '.join(INPUTS)}")
 
 
 # ---------------------------------------------------------------- decoders
@@ -500,9 +535,12 @@ class MediaDecoder:
         self.modality, self.pipeline, self.call_kwargs = modality, pipeline, call_kwargs
         self.guidance_scale, self.num_inference_steps = guidance_scale, num_inference_steps
 
-    def generate(self, cond, guidance_scale=None, num_inference_steps=None, seed=0, progress=True):
-        """cond: a batch of conditionings (B, Q, D), audio (B, D) -> B media."""
-        out = self.pipeline(prompt_embeds=cond, seed=seed, progress=progress, **self.call_kwargs,
+    def generate(self, cond, guidance_scale=None, num_inference_steps=None, seed=0, progress=True, on_step=None):
+        """cond: a batch of conditionings (B, Q, D), audio (B, D) -> B media.
+        on_step(done, total) is called after each denoising step."""
+        scheduler = self.pipeline.scheduler          # its timesteps are set when sampling starts
+        callback = None if on_step is None else (lambda i, *_: on_step(i + 1, len(scheduler.timesteps)))
+        out = self.pipeline(prompt_embeds=cond, seed=seed, progress=progress, callback=callback, **self.call_kwargs,
                             guidance_scale=self.guidance_scale if guidance_scale is None else guidance_scale,
                             num_inference_steps=self.num_inference_steps if num_inference_steps is None
                             else num_inference_steps)

@@ -6,7 +6,8 @@ embed_tokens and lm_head, llama_proj and the three output projections. A minigne
 that delta next to a `nextgpt.json` that points at the frozen parts:
 
     nextgpt.json         encoder, llm: folders (relative paths); delta: the delta's file name;
-                         lora_r, lora_alpha; enc_dim; projections: OutputProjectionConfig per
+                         lora_r, lora_alpha; enc_dim; template: the chat template's name
+                         (vicuna_v0 when absent); projections: OutputProjectionConfig per
                          modality; decoders: diffusers-layout folders; decoder_kwargs per modality
     delta.safetensors    the delta, in the official names
 
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 
 from minignext import weights
 from minignext.projection import OutputProjectionConfig
+from minignext.tokenizer import TEMPLATES, VICUNA_V0
 from minignext.systems.nextgpt import (PROJECTION_NAMES, MediaDecoder, NextGPT, added_tokens)
 from minignext.weights import WeightsError
 
@@ -135,7 +137,7 @@ def write_folder(folder, model: NextGPT, delta: dict, *, encoder_dir, llm_dir, d
     weights.save_safetensors(delta, folder / "delta.safetensors", overwrite=overwrite)
     rel = lambda p: os.path.relpath(Path(p).resolve(), folder.resolve())      # noqa: E731
     meta = {"encoder": rel(encoder_dir), "llm": rel(llm_dir), "delta": "delta.safetensors",
-            "enc_dim": model.llama_proj.in_features,
+            "enc_dim": model.llama_proj.in_features, "template": model.template.name,
             "projections": {m: asdict(model.output_projection(m).config) for m in model.signal_ids},
             "decoders": {m: rel(d) for m, d in (decoder_dirs or {}).items()},
             "decoder_kwargs": dict(decoder_kwargs or {})}
@@ -177,7 +179,10 @@ def load_folder(folder, dtype=None, device=None) -> NextGPT:
     for m, path in meta.get("decoders", {}).items():
         kwargs = meta.get("decoder_kwargs", {}).get(m, {})
         loaders[m] = lambda m=m, path=folder / path, kw=kwargs: folder_decoder(m, path, dtype, device, **kw)
-    model = NextGPT(encoder, llm, tok, projections, loaders, enc_dim=meta["enc_dim"])
+    template = meta.get("template", VICUNA_V0.name)
+    if template not in TEMPLATES:
+        raise WeightsError(f"{folder / 'nextgpt.json'} names the chat template {template!r}; known: {', '.join(TEMPLATES)}")
+    model = NextGPT(encoder, llm, tok, projections, loaders, enc_dim=meta["enc_dim"], template=TEMPLATES[template])
     load_projections(model, rest, dtype=dtype, device=device)
     return model.eval()
 

@@ -2,6 +2,7 @@
 
     python -m minignext.toy.eval foundations [--only ...] [--quick]
     python -m minignext.toy.eval nextgpt [--quick]
+    python -m minignext.toy.eval users [--preset toy] [--quick]   (a user's own words: eval_users)
 
 Each foundation's module `minignext.toy.train_<part>` has `evaluate(quick=False, seed=1234) -> list[Metric]`;
 the toy NExT-GPT's is `minignext.toy.eval_nextgpt`, which drives `NextGPT.chat` like every user does.
@@ -20,7 +21,8 @@ import torch
 
 from minignext.toy.train import FOUNDATIONS
 
-EVALUATORS = {"nextgpt": "minignext.toy.eval_nextgpt"}      # part -> module; default minignext.toy.train_<part>
+EVALUATORS = {"nextgpt": "minignext.toy.eval_nextgpt",      # part -> module; default minignext.toy.train_<part>
+              "users": "minignext.toy.eval_users"}
 
 
 @dataclass
@@ -47,30 +49,32 @@ def format_table(metrics) -> str:
 
 
 def parts_of(what, only=None) -> list[str]:
-    if what == "nextgpt":
-        return ["nextgpt"]
+    if what in EVALUATORS:
+        return [what]
     return only.split(",") if only else list(FOUNDATIONS)
 
 
-def evaluate(parts, quick=False):
+def evaluate(parts, quick=False, **kwargs):
     metrics = []
     for part in parts:
         t0 = time.perf_counter()
-        metrics += importlib.import_module(EVALUATORS.get(part, f"minignext.toy.train_{part}")).evaluate(quick=quick)
+        module = importlib.import_module(EVALUATORS.get(part, f"minignext.toy.train_{part}"))
+        metrics += module.evaluate(quick=quick, **kwargs)
         print(f"{part}: evaluated in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
     return metrics
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m minignext.toy.eval", description=__doc__.splitlines()[0])
-    p.add_argument("what", choices=("foundations", "nextgpt"))
+    p.add_argument("what", choices=("foundations", *EVALUATORS))
     p.add_argument("--only", help="comma-separated parts: " + ",".join(FOUNDATIONS))
     p.add_argument("--quick", action="store_true", help="a smoke check on a few samples: misses are reported, not failed")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--preset", default=None, help="users: the preset whose chat is judged (default: toy)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     parts = parts_of(args.what, args.only)
-    metrics = evaluate(parts, quick=args.quick)
+    metrics = evaluate(parts, quick=args.quick, **({"preset": args.preset} if args.preset else {}))
     print(format_table(metrics))
     failed = [m.name for m in metrics if not m.ok]
     if failed and args.quick:

@@ -53,7 +53,8 @@ MODEL = dict(image_size=32, video_frames=2, kernel_size=(2, 4, 4), audio_num_mel
              audio_kernel_size=16, audio_stride=16, out_embed_dim=64,
              vision_embed_dim=64, vision_num_blocks=3, vision_num_heads=4,
              audio_embed_dim=64, audio_num_blocks=3, audio_num_heads=4, audio_drop_path=0.1,
-             text_embed_dim=64, text_num_blocks=2, text_num_heads=4, context_length=CONTEXT_LENGTH)
+             text_embed_dim=64, text_num_blocks=2, text_num_heads=4, context_length=CONTEXT_LENGTH,
+             modalities=("vision", "text", "audio"))
 SCHEDULE = dict(steps=1500, peak_lr=2e-3, warmup=50, image_batch=48, audio_batch=32, video_batch=48,
                 images=3000, sounds=2400, videos=3000)
 
