@@ -39,7 +39,7 @@ def any_to_any(model, conversation, force_response=None, max_new_tokens=32, num_
     conditioning, media = [], []
     for modality, start in runs:
         run = model.signal_ids[modality]
-        at = prompt.embeds.shape[1] + start
+        at = prompt.embeds.shape[1] + start - 1      # from the token before the run: earlier turns' runs stay out
         states = extract_signal_states(hidden[:, at:], all_ids[at:], run)
         embeds = model.llama_model.embed(torch.tensor(run, device=model.device))[None].to(states.dtype)
         cond = model.output_projection(modality)(states, embeds)
