@@ -1,6 +1,6 @@
 """Lesson 7 exercises: the two losses that train the toy foundations, then a training loop.
 
-Solve these before you read minignext/toy/train_imagebind.py and train_image_decoder.py; then
+Solve these before you read minignext/toy/train_imagebind.py and latent_diffusion.py; then
 compare. Each function raises NotImplementedError with a first hint; more hints, each closer to
 code, are in HINTS at the bottom of this file. Look at them one at a time, only when stuck.
 

@@ -1,7 +1,7 @@
 """Lesson 8 exercises: NExT-GPT's training stages, then applying a trained delta.
 
-Solve these before you read minignext/toy/train_nextgpt.py, minignext/lora.py and
-minignext/systems/nextgpt_checkpoint.py; then compare. Each function raises NotImplementedError
+Solve these before you read minignext/toy/train_nextgpt.py, minignext/toy/mllm.py,
+minignext/lora.py and minignext/systems/nextgpt_checkpoint.py; then compare. Each function raises NotImplementedError
 with a first hint; more hints, each closer to code, are in HINTS at the bottom of this file. Look
 at them one at a time, only when stuck.
 

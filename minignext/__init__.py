@@ -10,7 +10,8 @@ A map of the package. The parts are flat modules, in data-flow order:
              resampler and gated cross-attention)
     LLM      attention.py, llama.py, lora.py, tokenizer.py, generation.py
     decode   unet.py, unet3d.py, vae.py, vocoder.py, schedulers.py, diffusion.py (the pipelines)
-    files    weights.py (finding, reading, checking, converting checkpoints), utils.py
+    files    weights.py (finding, reading, checking, converting checkpoints), gguf.py (llama.cpp's
+             GGUF files -> Hugging Face folders), utils.py
 
 Each system of the family is one file in systems/ that assembles those parts and loads its
 official checkpoint:

@@ -177,7 +177,9 @@ def download_main(argv=None):
     p = argparse.ArgumentParser(prog="minignext download", description="fetch the weights of a preset")
     p.add_argument("preset", choices=list(PRESETS))
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--dry-run", action="store_true",
+                   help="only list the repositories, files and sizes, and the memory each stage needs")
     args = p.parse_args(argv)
-    from minignext.presets import download_preset
-    for line in download_preset(args.preset, overwrite=args.overwrite):
+    from minignext.presets import download_preset, dry_run
+    for line in dry_run(args.preset) if args.dry_run else download_preset(args.preset, overwrite=args.overwrite):
         print(line)

@@ -13,6 +13,7 @@ from minignext.weights import WeightsError
 
 # kind -> "module:function(src, dst, overwrite=...)"
 CONVERTERS = {
+    "gguf": "minignext.gguf:convert_gguf",
     "imagebind": "minignext.imagebind:convert_checkpoint",
     "nextgpt-delta": "minignext.systems.nextgpt_checkpoint:convert_delta",
     "pickle": "minignext.weights:convert_pickle",

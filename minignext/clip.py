@@ -65,7 +65,7 @@ class CLIPTokenizer:
 
     @classmethod
     def from_pretrained(cls, path):
-        folder = weights.resolve(path)
+        folder = weights.resolve(path, folders=("tokenizer",))
         if (folder / "tokenizer").is_dir() and not (folder / "vocab.json").is_file():
             folder = folder / "tokenizer"        # a whole pipeline repo (SD 1.5 layout)
         settings = {}
@@ -128,14 +128,15 @@ class CLIPTokenizer:
 
 @dataclass
 class CLIPVisionConfig:
-    hidden_size: int = 64
-    intermediate_size: int = 128
-    num_hidden_layers: int = 2
-    num_attention_heads: int = 4
+    """Defaults are transformers' CLIPVisionConfig defaults (ViT-B/32); `tiny()` for tests."""
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
     num_channels: int = 3
-    image_size: int = 32
-    patch_size: int = 8
-    projection_dim: int = 32
+    image_size: int = 224
+    patch_size: int = 32
+    projection_dim: int = 512
     with_projection: bool = True       # False for CLIPVisionModel (no visual_projection)
     hidden_act: str = "quick_gelu"     # "quick_gelu" (OpenAI weights) or "gelu"
     layer_norm_eps: float = 1e-5
@@ -154,6 +155,11 @@ class CLIPVisionConfig:
         return config_from_dict(cls, d, **overrides)
 
     @classmethod
+    def tiny(cls, **overrides):
+        return cls(**{**dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                             image_size=32, patch_size=8, projection_dim=32), **overrides})
+
+    @classmethod
     def vit_l_14(cls, image_size=224):
         """openai/clip-vit-large-patch14 (LLaVA uses 336: pass image_size=336)."""
         return cls(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
@@ -162,13 +168,14 @@ class CLIPVisionConfig:
 
 @dataclass
 class CLIPTextConfig:
-    vocab_size: int = 1000
-    hidden_size: int = 64
-    intermediate_size: int = 128
-    num_hidden_layers: int = 2
-    num_attention_heads: int = 4
+    """Defaults are transformers' CLIPTextConfig defaults; `tiny()` for tests."""
+    vocab_size: int = 49408
+    hidden_size: int = 512
+    intermediate_size: int = 2048
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 8
     max_position_embeddings: int = 77
-    projection_dim: int = 32
+    projection_dim: int = 512
     with_projection: bool = False      # True for CLIPTextModelWithProjection (text_projection)
     hidden_act: str = "quick_gelu"
     layer_norm_eps: float = 1e-5
@@ -182,6 +189,11 @@ class CLIPTextConfig:
         if "text_config" in d:   # a whole CLIPModel config: the tower's part plus the shared projection_dim
             d = {**d["text_config"], **{k: d[k] for k in ("projection_dim",) if k in d}}
         return config_from_dict(cls, d, **overrides)
+
+    @classmethod
+    def tiny(cls, **overrides):
+        return cls(**{**dict(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                             num_attention_heads=4, projection_dim=32), **overrides})
 
     @classmethod
     def sd15_text(cls):
@@ -351,7 +363,13 @@ class CLIPVision(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, dtype=None, device=None):
-        return _from_pretrained(cls, CLIPVisionConfig, "vision_model.", "visual_projection.", path, dtype, device)
+        return _from_pretrained(cls, path, dtype, device)
+
+    @classmethod
+    def from_checkpoint(cls, config: dict, tensors: dict, dtype=None, device=None):
+        """A config.json dict and the tensors as the file stores them -> the vision tower."""
+        return _from_checkpoint(cls, CLIPVisionConfig, "vision_model.", "visual_projection.", config, tensors,
+                                dtype, device)
 
 
 # ---------------------------------------------------------------- text tower
@@ -405,31 +423,43 @@ class CLIPText(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, dtype=None, device=None):
-        return _from_pretrained(cls, CLIPTextConfig, "text_model.", "text_projection.", path, dtype, device,
-                                pipeline_folder="text_encoder")
+        return _from_pretrained(cls, path, dtype, device, pipeline_folder="text_encoder")
+
+    @classmethod
+    def from_checkpoint(cls, config: dict, tensors: dict, dtype=None, device=None):
+        """A config.json dict and the tensors as the file stores them -> the text tower."""
+        return _from_checkpoint(cls, CLIPTextConfig, "text_model.", "text_projection.", config, tensors,
+                                dtype, device)
 
 
 # ---------------------------------------------------------------- loading
 
+# Buffers that transformers before 4.31 saved with CLIP weights (SD-1.5's text encoder has one);
+# the model indexes its positions itself.
+LEGACY_BUFFERS = ("embeddings.position_ids",)
+
+
 def add_tower_prefix(key, tensor, prefix):
     """transformers 5 saves CLIPTextModel / CLIPVisionModel without the `text_model.` /
-    `vision_model.` prefix that every other CLIP checkpoint (and this module) uses."""
+    `vision_model.` prefix that every other CLIP checkpoint (and this module) uses: add it.
+    Drop the legacy buffers."""
+    if key.endswith(LEGACY_BUFFERS):
+        return []
     if key.startswith(("text_model.", "vision_model.", "text_projection.", "visual_projection.", "logit_scale")):
         return [(key, tensor)]
     return [(prefix + key, tensor)]
 
 
-def _from_pretrained(cls, config_cls, tower, projection, path, dtype, device, pipeline_folder=None):
-    folder = weights.resolve(path)
+def _from_pretrained(cls, path, dtype, device, pipeline_folder=None):
+    folder = weights.resolve(path, folders=(pipeline_folder,) if pipeline_folder else ())
     if pipeline_folder and (folder / pipeline_folder).is_dir() and not (folder / "config.json").is_file():
         folder = folder / pipeline_folder           # a Stable Diffusion pipeline repo
-    raw = weights.load_safetensors(folder)
-    sd = {}
-    for key, tensor in raw.items():
-        for k, t in add_tower_prefix(key, tensor, tower):
-            if k.startswith((tower, projection)):   # a full CLIPModel holds both towers: keep ours
-                sd[k] = t
-    config = config_cls.from_hf(weights.read_config(folder),
-                                with_projection=any(k.startswith(projection) for k in sd))
-    model = weights.build_on_meta(cls, config)
-    return weights.load_into(model, sd, dtype=dtype, device=device).eval()
+    return cls.from_checkpoint(weights.read_config(folder), weights.load_checkpoint(folder), dtype, device)
+
+
+def _from_checkpoint(cls, config_cls, tower, projection, config, tensors, dtype, device):
+    tensors = weights.remap_state_dict(tensors, lambda k, t: add_tower_prefix(k, t, tower))
+    # a full CLIPModel holds both towers: keep ours
+    sd = {k: t for k, t in tensors.items() if k.startswith((tower, projection))}
+    config = config_cls.from_hf(config, with_projection=any(k.startswith(projection) for k in sd))
+    return weights.load_model(cls, config, sd, dtype=dtype, device=device)

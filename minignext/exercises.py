@@ -71,12 +71,12 @@ SWAPS = {
     },
     "lesson07_toy": {
         "info_nce": [("minignext.toy.train_imagebind", "info_nce")],
-        "diffusion_loss": ("library", [("minignext.toy.train_image_decoder", "diffusion_loss"),
-                                       ("minignext.toy.train_audio_decoder", "diffusion_loss")]),
+        "diffusion_loss": ("library", [("minignext.toy.latent_diffusion", "diffusion_loss")]),
     },
     "lesson08_training": {
         "signal_distance": [("minignext.toy.train_nextgpt", "signal_distance")],
-        "answer_ce": [("minignext.toy.train_nextgpt", "answer_ce")],
+        "answer_ce": [("minignext.toy.mllm", "answer_ce"), ("minignext.toy.train_llm", "answer_ce"),
+                      ("minignext.toy.train_nextgpt", "answer_ce")],
         "freeze_old_rows": [("minignext.toy.train_nextgpt", "freeze_old_rows"),
                             ("minignext.systems.nextgpt", "freeze_old_rows")],
         "merge_lora": [("minignext.weights", "merge_lora"), ("minignext.lora", "merge_lora")],

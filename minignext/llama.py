@@ -32,14 +32,15 @@ from minignext.utils import config_from_dict
 
 @dataclass
 class LlamaConfig:
-    vocab_size: int = 256
-    hidden_size: int = 64
-    intermediate_size: int = 176            # SwiGLU width; LLaMA uses about 8/3 * hidden
-    num_hidden_layers: int = 2
-    num_attention_heads: int = 4
+    """Defaults are transformers' LlamaConfig defaults (LLaMA-7B); `tiny()` for tests and lessons."""
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008          # SwiGLU width; LLaMA uses about 8/3 * hidden
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
     num_key_value_heads: int | None = None  # < num_attention_heads means grouped-query attention
     head_dim: int | None = None             # defaults to hidden_size // num_attention_heads
-    max_position_embeddings: int = 512      # length of the RoPE tables and the longest prompt
+    max_position_embeddings: int = 2048     # length of the RoPE tables and the longest prompt
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0             # RoPE base: frequencies theta^(-2i/d)
     tie_word_embeddings: bool = False       # lm_head shares the embedding matrix
@@ -76,6 +77,12 @@ class LlamaConfig:
         if "max_position_embeddings" not in d and "max_sequence_length" in d:   # 2023-era LLaMA configs
             extra["max_position_embeddings"] = d["max_sequence_length"]
         return config_from_dict(cls, d, rope_theta=float(theta), **extra)
+
+    @classmethod
+    def tiny(cls, **overrides) -> "LlamaConfig":
+        """A small random-weights model: 2 layers of width 64 over a 256-token vocabulary."""
+        return cls(**{**dict(vocab_size=256, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
+                             num_attention_heads=4, max_position_embeddings=512), **overrides})
 
     @classmethod
     def vicuna_7b(cls) -> "LlamaConfig":
@@ -246,12 +253,17 @@ class Llama(nn.Module):
     @classmethod
     def from_pretrained(cls, path_or_repo_id, dtype=None, device=None) -> "Llama":
         folder = weights.resolve(path_or_repo_id)
-        config = LlamaConfig.from_hf(weights.read_config(folder))
-        model = weights.build_on_meta(cls, config)
-        weights.load_into(model, fill_tied_head(config, weights.load_safetensors(folder, stem="model")),
-                          dtype=dtype, device=device)
+        return cls.from_checkpoint(weights.read_config(folder), weights.load_checkpoint(folder), dtype, device)
+
+    @classmethod
+    def from_checkpoint(cls, config: dict, tensors: dict, dtype=None, device=None) -> "Llama":
+        """A config.json dict and the tensors as the file stores them -> the model (from_pretrained
+        without the files; the tensors may be on meta)."""
+        config = LlamaConfig.from_hf(config)
+        tensors = fill_tied_head(config, weights.remap_state_dict(tensors, legacy_key))
+        model = weights.load_model(cls, config, tensors, dtype=dtype, device=device)
         model.tie_weights()
-        return model.eval()
+        return model
 
     def tie_weights(self):
         """Share the embedding with lm_head again if the config ties them (a load with
@@ -339,6 +351,15 @@ class Llama(nn.Module):
         """See minignext.generation.generate."""
         from minignext.generation import generate
         return generate(self, input_ids, max_new_tokens, **kwargs)
+
+
+# Buffers that transformers 4.28-4.30 saved with LLaMA weights (Vicunas merged then carry them);
+# the model computes them itself from the config.
+LEGACY_BUFFERS = ("self_attn.rotary_emb.inv_freq",)
+
+
+def legacy_key(key, tensor):
+    return [] if key.endswith(LEGACY_BUFFERS) else [(key, tensor)]
 
 
 def fill_tied_head(config: LlamaConfig, sd: dict, prefix="") -> dict:

@@ -16,6 +16,22 @@ HUB = {"delta": "ChocoWu/nextgpt_7b_tiva_v0", "image": "stable-diffusion-v1-5/st
        "audio": "cvssp/audioldm-l-full", "video": "cerspense/zeroscope_v2_576w"}
 REAL_DECODER_KWARGS = {"image": {}, "audio": {"audio_length_in_s": 5.0},
                        "video": {"height": 320, "width": 576, "num_frames": 24}}
+# The parts the preset does not fetch from the hub, with their published sizes.
+LOCAL_PARTS = {"imagebind": ("ImageBind-huge: imagebind_huge.pth from Meta (dl.fbaipublicfiles.com/imagebind), "
+                             "converted by `minignext convert imagebind`", 4.8e9),
+               "vicuna-7b-v0": ("Vicuna-7B-v0: LLaMA-7B merged with lmsys/vicuna-7b-delta-v0 (FastChat's "
+                                "apply_delta), an HF folder with tokenizer.json", 13.5e9)}
+# Parameters of each stage of nextgpt-7b as minignext builds it from the published configs
+# (tests/test_presets.py rebuilds every figure on the meta device).
+STAGES = {
+    "encode: ImageBind-huge (all six branches, as converted)": {"ImageBind-huge": 1_200_781_057},
+    "LLM: Vicuna-7B with NExT-GPT's 38 tokens, + projections": {"Vicuna-7B, vocabulary 32038": 6_738_726_912,
+                                                                 "input + 3 output projections": 100_035_840},
+    "image: Stable Diffusion 1.5": {"UNet": 859_520_964, "VAE": 83_653_863, "CLIP ViT-L/14 text": 123_060_480},
+    "audio: AudioLDM-l-full": {"UNet": 739_139_080, "VAE": 55_376_873, "HiFi-GAN": 55_264_897},
+    "video: ZeroScope v2 576w": {"3D UNet": 1_411_233_860, "VAE": 83_653_863, "OpenCLIP ViT-H text": 340_387_840},
+}
+KV_CACHE_BYTES = 2 * 32 * 2048 * 4096 * 2       # K and V, 32 layers, 2048 positions, width 4096, fp16/bf16
 
 
 def default_preset() -> str:
@@ -78,6 +94,49 @@ def nextgpt_7b(dtype=None, device=None):
     return model.eval()
 
 
+def hub_folders() -> dict:
+    """repo -> the sub-folders the nextgpt-7b loaders read (() for the repo root alone)."""
+    from minignext.diffusion import AUDIOLDM_FOLDERS, SD_FOLDERS
+
+    return {HUB["delta"]: (), HUB["image"]: SD_FOLDERS, HUB["audio"]: AUDIOLDM_FOLDERS, HUB["video"]: SD_FOLDERS}
+
+
+def gigabytes(n) -> str:
+    return f"{n / 1e9:.2f} GB"
+
+
+def dry_run(name):
+    """What `download` would fetch, file by file with sizes where the hub says them, and the memory
+    each stage of the preset needs for its weights in fp16 and bf16 (2 bytes a parameter each)."""
+    if name != "nextgpt-7b":
+        yield f"{name}: nothing to download"
+        return
+    for repo, folders in hub_folders().items():
+        try:
+            listing = weights.hub_files(repo)
+        except Exception as e:     # offline: say what would be chosen, without sizes
+            yield (f"{repo}: the hub did not answer ({type(e).__name__}); it would fetch the configs, tokenizers "
+                   f"and weights of {', '.join(folders) or 'the repo root'}: safetensors, or .bin/.pt where a "
+                   f"folder has none (size unknown)")
+            continue
+        files = weights.select_files(listing, folders)
+        known = [listing[f] for f in files if listing[f] is not None]
+        yield f"{repo}: {len(files)} files, {gigabytes(sum(known))}"
+        for f in files:
+            yield f"  {f}  {'size unknown' if listing[f] is None else gigabytes(listing[f])}"
+    for part, (how, size) in LOCAL_PARTS.items():
+        yield f"not from the hub: {how} (about {gigabytes(size)}; goes to {REAL_DIR / part})"
+    yield "memory for the weights of each stage (fp16 and bf16 alike; fp32 twice as much):"
+    totals = {}
+    for stage, parts in STAGES.items():
+        totals[stage] = 2 * sum(parts.values()) + (KV_CACHE_BYTES if stage.startswith("LLM") else 0)
+        extra = f" + {gigabytes(KV_CACHE_BYTES)} KV cache at 2048 tokens" if stage.startswith("LLM") else ""
+        yield f"  {stage}: {gigabytes(2 * sum(parts.values()))}{extra}"
+    encode, llm, *decoders = totals.values()
+    yield (f"  at most (encoder + LLM + the largest decoder; nextgpt-7b keeps one decoder loaded): "
+           f"{gigabytes(encode + llm + max(decoders))}, before activations")
+
+
 def download_preset(name, overwrite=False):
     """Fetch (and convert) what a preset needs; yields progress lines."""
     if name == "tiny-random":
@@ -96,8 +155,14 @@ def download_preset(name, overwrite=False):
         if not (REAL_DIR / "delta.safetensors").exists() or overwrite:
             pt = hf_hub_download(HUB["delta"], "pytorch_model.pt", local_dir=REAL_DIR / "raw")
             yield f"converted {convert_delta(pt, REAL_DIR / 'delta.safetensors', overwrite=overwrite)}"
+        folders = hub_folders()
         for modality in MODALITIES:
-            yield f"{modality} decoder in {weights.resolve(HUB[modality])}"
+            local = weights.resolve(HUB[modality], folders=folders[HUB[modality]])
+            for sub in folders[HUB[modality]]:
+                for stem in weights.WEIGHT_STEMS:     # pickle-only folders: converted once, now
+                    if weights.pickle_files(local / sub, stem) and not weights.has_safetensors(local / sub, stem):
+                        yield f"converted {', '.join(map(str, weights.convert_folder_pickles(local / sub, stem)))}"
+            yield f"{modality} decoder in {local}"
     except WeightsError:
         raise
     except Exception as e:       # offline, gated, no disk: one clear message for all

@@ -26,6 +26,10 @@ from minignext.attention import MultiheadAttention
 from minignext.utils import config_from_dict
 
 
+# modality -> (queries Q, conditioning width, signal tokens), as NExT-GPT's TextFcLayers are built
+OFFICIAL = {"image": (77, 768, 4), "video": (77, 1024, 24), "audio": (1, 512, 8)}
+
+
 class InputProjection(nn.Linear):
     """Linear(encoder width -> LLM width); the official checkpoint calls it `llama_proj`."""
 
@@ -38,22 +42,28 @@ class InputProjection(nn.Linear):
 
 @dataclass
 class OutputProjectionConfig:
-    in_dim: int = 64                 # LLM hidden size (4096 for Vicuna-7B)
-    out_dim: int = 32                # decoder conditioning width (768 / 1024 / 512)
-    num_queries: int = 8             # Q output tokens (77, or 1 for audio)
+    """Defaults are NExT-GPT's image TextFcLayer (Vicuna-7B -> SD-1.5); `official(modality)` gives
+    each modality's, `tiny()` a small one for tests."""
+    in_dim: int = 4096               # LLM hidden size
+    out_dim: int = 768               # decoder conditioning width (768 / 1024 / 512)
+    num_queries: int = 77            # Q output tokens (77, or 1 for audio)
     num_signal_tokens: int = 4       # signal tokens read from the LLM (4 / 24 / 8)
-    d_model: int = 32                # transformer width (512 official)
+    d_model: int = 512               # transformer width
     nhead: int = 4
-    num_encoder_layers: int = 2      # 4 official
-    num_decoder_layers: int = 2      # 4 official
-    dim_feedforward: int = 64        # 2048 official
+    num_encoder_layers: int = 4
+    num_decoder_layers: int = 4
+    dim_feedforward: int = 2048
     layer_norm_eps: float = 1e-5
 
     @classmethod
     def official(cls, modality: str, in_dim: int = 4096) -> "OutputProjectionConfig":
-        q, out, n = {"image": (77, 768, 4), "video": (77, 1024, 24), "audio": (1, 512, 8)}[modality]
-        return cls(in_dim=in_dim, out_dim=out, num_queries=q, num_signal_tokens=n, d_model=512,
-                   nhead=4, num_encoder_layers=4, num_decoder_layers=4, dim_feedforward=2048)
+        q, out, n = OFFICIAL[modality]
+        return cls(in_dim=in_dim, out_dim=out, num_queries=q, num_signal_tokens=n)
+
+    @classmethod
+    def tiny(cls, **overrides) -> "OutputProjectionConfig":
+        return cls(**{**dict(in_dim=64, out_dim=32, num_queries=8, d_model=32, num_encoder_layers=2,
+                             num_decoder_layers=2, dim_feedforward=64), **overrides})
 
     @classmethod
     def from_dict(cls, d: dict) -> "OutputProjectionConfig":

@@ -50,7 +50,7 @@ def _tiny_clip_text(hidden, with_projection=False, projection_dim=None):
         pre_tokenizers.Split(Regex(r"\s+"), behavior="removed"),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     bpe.decoder = decoders.ByteLevel()
-    config = CLIPTextConfig(vocab_size=len(vocab), hidden_size=hidden, intermediate_size=2 * hidden,
+    config = CLIPTextConfig.tiny(vocab_size=len(vocab), hidden_size=hidden, intermediate_size=2 * hidden,
                             num_hidden_layers=1, num_attention_heads=4, max_position_embeddings=77,
                             projection_dim=projection_dim or hidden, with_projection=with_projection,
                             eos_token_id=vocab["<|endoftext|>"])
@@ -67,9 +67,9 @@ def _tiny_image_pipeline():
     from minignext.vae import AutoencoderKL, AutoencoderKLConfig
 
     text_encoder, tokenizer = _tiny_clip_text(TINY["cond"]["image"][1])
-    unet = UNet2DCondition(UNet2DConditionConfig(sample_size=16, block_out_channels=(16, 32), norm_num_groups=8,
+    unet = UNet2DCondition(UNet2DConditionConfig.tiny(sample_size=16, block_out_channels=(16, 32), norm_num_groups=8,
                                                  cross_attention_dim=TINY["cond"]["image"][1], attention_head_dim=4))
-    vae = AutoencoderKL(AutoencoderKLConfig(block_out_channels=(16, 32), norm_num_groups=8, sample_size=32))
+    vae = AutoencoderKL(AutoencoderKLConfig.tiny(block_out_channels=(16, 32), norm_num_groups=8, sample_size=32))
     return ImagePipeline(unet.eval(), vae.eval(), DDIMScheduler.from_config(SD_SCHEDULER), text_encoder, tokenizer)
 
 
@@ -90,13 +90,13 @@ def _tiny_audio_pipeline():
     clap, clap_tok = _tiny_clip_text(32, with_projection=True, projection_dim=dim)
     with torch.no_grad():
         empty = F.normalize(clap(clap_tok([""])).embeds, dim=-1)[0]
-    unet = UNet2DCondition(UNet2DConditionConfig(
+    unet = UNet2DCondition(UNet2DConditionConfig.tiny(
         sample_size=8, block_out_channels=(16, 32), norm_num_groups=8, attention_head_dim=4,
         cross_attention_dim=(16, 32), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), class_embed_type="simple_projection",
         projection_class_embeddings_input_dim=dim, class_embeddings_concat=True))
-    vae = AutoencoderKL(AutoencoderKLConfig(in_channels=1, out_channels=1, block_out_channels=(8, 16), norm_num_groups=4))
-    vocoder = HifiGan(HifiGanConfig(model_in_dim=16, upsample_initial_channel=16, upsample_rates=(8, 8),
+    vae = AutoencoderKL(AutoencoderKLConfig.tiny(in_channels=1, out_channels=1, block_out_channels=(8, 16), norm_num_groups=4))
+    vocoder = HifiGan(HifiGanConfig.tiny(model_in_dim=16, upsample_initial_channel=16, upsample_rates=(8, 8),
                                     upsample_kernel_sizes=(16, 16)))
     scheduler = DDIMScheduler.from_config({**SD_SCHEDULER, "beta_start": 0.0015, "beta_end": 0.0195})
     return AudioPipeline(unet.eval(), vae.eval(), scheduler, vocoder.eval(), unconditional_embeds=empty)
@@ -109,10 +109,10 @@ def _tiny_video_pipeline():
     from minignext.vae import AutoencoderKL, AutoencoderKLConfig
 
     text_encoder, tokenizer = _tiny_clip_text(TINY["cond"]["video"][1])
-    unet = UNet3DCondition(UNet3DConditionConfig(sample_size=8, block_out_channels=(16, 32), norm_num_groups=8,
+    unet = UNet3DCondition(UNet3DConditionConfig.tiny(sample_size=8, block_out_channels=(16, 32), norm_num_groups=8,
                                                  cross_attention_dim=TINY["cond"]["video"][1], attention_head_dim=8,
                                                  transformer_in_heads=2))
-    vae = AutoencoderKL(AutoencoderKLConfig(block_out_channels=(16, 32), norm_num_groups=8, sample_size=16))
+    vae = AutoencoderKL(AutoencoderKLConfig.tiny(block_out_channels=(16, 32), norm_num_groups=8, sample_size=16))
     return VideoPipeline(unet.eval(), vae.eval(), DDIMScheduler.from_config(SD_SCHEDULER), text_encoder, tokenizer)
 
 
@@ -143,7 +143,7 @@ def tiny_random() -> NextGPT:
         with torch.no_grad():              # random rows too, rather than resize's copies of the mean row
             for w in (llm.model.embed_tokens.weight, llm.lm_head.weight):
                 w[new] = torch.randn(len(new), w.shape[1]) * w[:new[0]].std()
-        projections = {m: OutputProjectionConfig(in_dim=TINY["llm_hidden"], out_dim=d, num_queries=q,
+        projections = {m: OutputProjectionConfig.tiny(in_dim=TINY["llm_hidden"], out_dim=d, num_queries=q,
                                                  num_signal_tokens=SIGNALS[m][1])
                        for m, (q, d) in TINY["cond"].items()}
         loaders = {}
@@ -157,7 +157,7 @@ def tiny_random() -> NextGPT:
 def _tiny_llm(tok):
     from minignext.llama import Llama, LlamaConfig
 
-    return Llama(LlamaConfig(vocab_size=tok.vocab_size, hidden_size=TINY["llm_hidden"], intermediate_size=128,
+    return Llama(LlamaConfig.tiny(vocab_size=tok.vocab_size, hidden_size=TINY["llm_hidden"], intermediate_size=128,
                              num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=512,
                              bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)).eval()
 

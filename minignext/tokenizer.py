@@ -8,6 +8,7 @@ The Vicuna v0 template is the one NExT-GPT's legacy code builds by hand
 (NExT-GPT-Lagacy/code/inference.py and model/anyToImageVideoAudio.py; FastChat's
 "###" separator style): turns are `### Human: ...` and `### Assistant: ...`, one
 per line, and generation stops at the string "###" (token 835 in Vicuna's vocabulary).
+ChatML (`<|im_start|>role\n ... <|im_end|>`) is the template of SmolLM2-Instruct.
 """
 
 import json

@@ -31,20 +31,21 @@ _UNSUPPORTED = {"addition_embed_type": None, "encoder_hid_dim_type": None, "time
 
 @dataclass
 class UNet2DConditionConfig:
-    sample_size: int = 32
+    """Defaults are diffusers' UNet2DConditionModel defaults; `tiny()` for tests and lessons."""
+    sample_size: int | None = None             # latent height and width the model was trained at
     in_channels: int = 4
     out_channels: int = 4
-    down_block_types: tuple = ("CrossAttnDownBlock2D", "DownBlock2D")
+    down_block_types: tuple = ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")
     mid_block_type: str | None = "UNetMidBlock2DCrossAttn"
-    up_block_types: tuple = ("UpBlock2D", "CrossAttnUpBlock2D")
-    block_out_channels: tuple = (32, 64)
-    layers_per_block: int | tuple = 1
+    up_block_types: tuple = ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")
+    block_out_channels: tuple = (320, 640, 1280, 1280)
+    layers_per_block: int | tuple = 2
     transformer_layers_per_block: int | tuple = 1
     downsample_padding: int = 1
     mid_block_scale_factor: float = 1.0
     norm_num_groups: int = 32
     norm_eps: float = 1e-5
-    cross_attention_dim: int | tuple = 32      # a tuple gives one width per block (AudioLDM)
+    cross_attention_dim: int | tuple = 1280    # a tuple gives one width per block (AudioLDM)
     attention_head_dim: int | tuple = 8        # diffusers' misnomer: this is the number of heads
     num_attention_heads: int | tuple | None = None
     only_cross_attention: bool | tuple = False
@@ -74,6 +75,13 @@ class UNet2DConditionConfig:
                              f"use None, 'simple_projection' or 'projection'")
         self.time_embed_dim = self.block_out_channels[0] * 4
         self.blocks_time_embed_dim = self.time_embed_dim * (2 if self.class_embeddings_concat else 1)
+
+    @classmethod
+    def tiny(cls, **overrides):
+        """Two levels of 32 and 64 channels, one cross-attention level, 32-wide text."""
+        return cls(**{**dict(sample_size=32, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                             up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), block_out_channels=(32, 64),
+                             layers_per_block=1, cross_attention_dim=32), **overrides})
 
     def per_block(self, name):
         value = getattr(self, name)
@@ -464,6 +472,10 @@ class UNet2DCondition(nn.Module):
     @classmethod
     def from_pretrained(cls, path, dtype=None, device=None):
         folder = weights.resolve(path)
-        model = weights.build_on_meta(cls, UNet2DConditionConfig.from_hf(weights.read_config(folder)))
-        sd = weights.load_safetensors(folder, stem="diffusion_pytorch_model")
-        return weights.load_into(model, sd, dtype=dtype, device=device).eval()
+        return cls.from_checkpoint(weights.read_config(folder),
+                                   weights.load_checkpoint(folder, stem="diffusion_pytorch_model"), dtype, device)
+
+    @classmethod
+    def from_checkpoint(cls, config: dict, tensors: dict, dtype=None, device=None):
+        """A published config.json dict and the tensors as its file stores them -> the model."""
+        return weights.load_model(cls, UNet2DConditionConfig.from_hf(config), tensors, dtype=dtype, device=device)

@@ -36,19 +36,20 @@ from .utils import config_from_dict
 
 @dataclass
 class UNet3DConditionConfig:
-    sample_size: int = 32                       # latent height and width the model was trained at
+    """Defaults are diffusers' UNet3DConditionModel defaults (ModelScope / ZeroScope); `tiny()` for tests."""
+    sample_size: int | None = None              # latent height and width the model was trained at
     in_channels: int = 4
     out_channels: int = 4
-    down_block_types: tuple = ("CrossAttnDownBlock3D", "DownBlock3D")
-    up_block_types: tuple = ("UpBlock3D", "CrossAttnUpBlock3D")
-    block_out_channels: tuple = (32, 64)
-    layers_per_block: int = 1
+    down_block_types: tuple = ("CrossAttnDownBlock3D", "CrossAttnDownBlock3D", "CrossAttnDownBlock3D", "DownBlock3D")
+    up_block_types: tuple = ("UpBlock3D", "CrossAttnUpBlock3D", "CrossAttnUpBlock3D", "CrossAttnUpBlock3D")
+    block_out_channels: tuple = (320, 640, 1280, 1280)
+    layers_per_block: int = 2
     downsample_padding: int = 1
     mid_block_scale_factor: float = 1.0
-    norm_num_groups: int = 8
+    norm_num_groups: int = 32
     norm_eps: float = 1e-5
-    cross_attention_dim: int = 32               # width of the text states (1024 for ZeroScope)
-    attention_head_dim: int = 8                 # channels per head (in the 3D UNet the name is right; the
+    cross_attention_dim: int = 1024             # width of the text states
+    attention_head_dim: int = 64                # channels per head (in the 3D UNet the name is right; the
                                                 # 2D UNet reads the same key as a number of heads)
     transformer_in_heads: int = 8               # heads of transformer_in; diffusers fixes it at 8
     temporal_positions: int | None = None       # not in ZeroScope (None): a sine-cosine table of this many
@@ -69,6 +70,14 @@ class UNet3DConditionConfig:
         if self.act_fn != "silu":
             raise ValueError(f"act_fn {self.act_fn!r} is not supported; the UNet uses 'silu'")
         self.time_embed_dim = self.block_out_channels[0] * 4
+
+    @classmethod
+    def tiny(cls, **overrides) -> "UNet3DConditionConfig":
+        """Two levels of 32 and 64 channels, one cross-attention level, 32-wide text."""
+        return cls(**{**dict(sample_size=32, down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
+                             up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"), block_out_channels=(32, 64),
+                             layers_per_block=1, norm_num_groups=8, cross_attention_dim=32, attention_head_dim=8),
+                      **overrides})
 
     def per_block(self, name):
         """One value per level, as UNet2DConditionConfig.per_block (the pipelines read widths this way)."""
@@ -293,8 +302,12 @@ class UNet3DCondition(nn.Module):
         return unfold_frames(x, f)
 
     @classmethod
-    def from_pretrained(cls, path, dtype=None, device=None) -> "UNet3DCondition":
+    def from_pretrained(cls, path, dtype=None, device=None):
         folder = weights.resolve(path)
-        model = weights.build_on_meta(cls, UNet3DConditionConfig.from_hf(weights.read_config(folder)))
-        sd = weights.load_safetensors(folder, stem="diffusion_pytorch_model")
-        return weights.load_into(model, sd, dtype=dtype, device=device).eval()
+        return cls.from_checkpoint(weights.read_config(folder),
+                                   weights.load_checkpoint(folder, stem="diffusion_pytorch_model"), dtype, device)
+
+    @classmethod
+    def from_checkpoint(cls, config: dict, tensors: dict, dtype=None, device=None):
+        """A published config.json dict and the tensors as its file stores them -> the model."""
+        return weights.load_model(cls, UNet3DConditionConfig.from_hf(config), tensors, dtype=dtype, device=device)

@@ -22,16 +22,17 @@ from minignext.utils import config_from_dict
 
 @dataclass
 class AutoencoderKLConfig:
+    """Defaults are diffusers' AutoencoderKL defaults; `tiny()` for tests and lessons."""
     in_channels: int = 3
     out_channels: int = 3
-    down_block_types: tuple = ("DownEncoderBlock2D", "DownEncoderBlock2D")
-    up_block_types: tuple = ("UpDecoderBlock2D", "UpDecoderBlock2D")
-    block_out_channels: tuple = (32, 64)
+    down_block_types: tuple = ("DownEncoderBlock2D",)
+    up_block_types: tuple = ("UpDecoderBlock2D",)
+    block_out_channels: tuple = (64,)
     layers_per_block: int = 1
     latent_channels: int = 4
     norm_num_groups: int = 32
     act_fn: str = "silu"
-    sample_size: int = 64
+    sample_size: int = 32
     scaling_factor: float = 0.18215          # latents * scaling_factor have about unit variance
     shift_factor: float | None = None        # subtracted before scaling (SD3-style VAEs; None in SD-1.5)
     use_quant_conv: bool = True
@@ -49,6 +50,12 @@ class AutoencoderKLConfig:
     @classmethod
     def from_hf(cls, d: dict):
         return config_from_dict(cls, d)
+
+    @classmethod
+    def tiny(cls, **overrides):
+        """Two levels of 32 and 64 channels (a scale factor of 2)."""
+        return cls(**{**dict(down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                             block_out_channels=(32, 64), sample_size=64), **overrides})
 
 
 class VAEAttention(Attention):
@@ -196,6 +203,24 @@ class AutoencoderKL(nn.Module):
     @classmethod
     def from_pretrained(cls, path, dtype=None, device=None):
         folder = weights.resolve(path)
-        model = weights.build_on_meta(cls, AutoencoderKLConfig.from_hf(weights.read_config(folder)))
-        sd = weights.load_safetensors(folder, stem="diffusion_pytorch_model")
-        return weights.load_into(model, sd, dtype=dtype, device=device).eval()
+        return cls.from_checkpoint(weights.read_config(folder),
+                                   weights.load_checkpoint(folder, stem="diffusion_pytorch_model"), dtype, device)
+
+    @classmethod
+    def from_checkpoint(cls, config: dict, tensors: dict, dtype=None, device=None):
+        """A published config.json dict and the tensors as its file stores them -> the model
+        (from_pretrained without the files; the tensors may be on meta)."""
+        return weights.load_model(cls, AutoencoderKLConfig.from_hf(config), tensors, legacy_key, dtype, device)
+
+
+# diffusers before 0.17 named the mid-block attention so; SD-1.5's and AudioLDM's published VAEs still do
+LEGACY_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
+
+
+def legacy_key(key, tensor):
+    """`encoder.mid_block.attentions.0.query.weight` -> `...to_q.weight`, as diffusers renames on load."""
+    module, _, leaf = key.rpartition(".")
+    block, _, name = module.rpartition(".")
+    if ".mid_block.attentions." in f"{block}." and name in LEGACY_NAMES:
+        return [(f"{block}.{LEGACY_NAMES[name]}.{leaf}", tensor)]
+    return [(key, tensor)]

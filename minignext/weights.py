@@ -1,8 +1,9 @@
 """Finding, reading, checking and converting checkpoints.
 
 Everything minignext loads comes through here:
-    resolve()              hub repo id or local path -> local folder
+    resolve()              hub repo id or local path -> local folder (only the files loaders read)
     read_config()          config.json -> dict
+    load_checkpoint()      a model folder's weights, its pickles converted once; a remap applied
     load_safetensors()     one file, a folder, or a sharded index -> {key: tensor}
     load_into()            strict, assign-style load into a model built on `meta`
     convert_pickle()       a .pt/.pth/.bin pickle -> safetensors, with weights_only=True
@@ -14,7 +15,9 @@ memory-mapped tensors are assigned into it, so a checkpoint is never held in
 memory twice.
 """
 
+import fnmatch
 import json
+import logging
 import os
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,6 +25,8 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+
+log = logging.getLogger("minignext")
 
 WEIGHTS_DIR = Path(os.environ.get("MINIGNEXT_WEIGHTS", Path(__file__).resolve().parent.parent / "weights"))
 
@@ -32,10 +37,12 @@ class WeightsError(RuntimeError):
 
 # ---------------------------------------------------------------- locating
 
-def resolve(path_or_repo_id, allow_patterns=None) -> Path:
+def resolve(path_or_repo_id, folders=()) -> Path:
     """A local folder for `path_or_repo_id`, downloading hub repos into weights/hub/.
 
-    Honours HF_HUB_OFFLINE: offline, only what is already under weights/hub/ is used.
+    Only the files a loader reads are fetched (`select_files`): those at the root, and in the
+    sub-folders named by `folders` (a pipeline's parts; None for all). Honours HF_HUB_OFFLINE:
+    offline, only what is already under weights/hub/ is used.
     """
     path = Path(path_or_repo_id).expanduser()
     if path.exists():
@@ -44,17 +51,65 @@ def resolve(path_or_repo_id, allow_patterns=None) -> Path:
     if repo_id.count("/") != 1 or repo_id.startswith((".", "/", "~")):
         raise WeightsError(f"{repo_id}: no such file or folder, and not a hub repo id (owner/name)")
     local = WEIGHTS_DIR / "hub" / repo_id.replace("/", "--")
-    if local.is_dir() and any(local.iterdir()):
+    if local.is_dir() and any(local.iterdir()) and all((local / f).is_dir() for f in folders or ()):
         return local
-    from huggingface_hub import snapshot_download
-
     try:
-        return Path(snapshot_download(repo_id, local_dir=local, allow_patterns=allow_patterns))
+        from huggingface_hub import snapshot_download
+
+        files = select_files(hub_files(repo_id), folders)
+        return Path(snapshot_download(repo_id, local_dir=local, allow_patterns=files))
     except Exception as e:  # offline, unknown repo, no network: all end the same way for the user
         raise WeightsError(
             f"{repo_id}: not found locally (looked in {local}) and could not be downloaded: "
             f"{type(e).__name__}: {e}. With internet access, run `minignext download` for the "
             f"preset that needs it, or pass a local folder.") from None
+
+
+def hub_files(repo_id) -> dict:
+    """{file name: size in bytes, or None} of a hub repo (needs the network)."""
+    from huggingface_hub import HfApi
+
+    info = HfApi().model_info(repo_id, files_metadata=True)
+    return {s.rfilename: s.size for s in info.siblings}
+
+
+# Read by loaders besides the weights: configs, shard indexes, tokenizers.
+CONFIG_PATTERNS = ("*.json", "merges.txt", "vocab.txt", "*.model")
+WEIGHT_SUFFIXES = {"safetensors": (".safetensors",), "pickle": (".bin", ".pt", ".pth")}
+WEIGHT_STEMS = ("model", "pytorch_model", "diffusion_pytorch_model")   # transformers', diffusers' names
+
+
+def is_weights_file(name, kind) -> bool:
+    """`{stem}.ext` or a shard `{stem}-0000i-of-0000n.ext` of a known stem; not a variant such as
+    `.fp16.safetensors`, nor training_args.bin."""
+    stem, _, ext = name.rpartition(".")
+    return f".{ext}" in WEIGHT_SUFFIXES[kind] and stem.split("-")[0] in WEIGHT_STEMS and "." not in stem
+
+
+def select_files(files, folders=None) -> list:
+    """The files of a hub repo that minignext's loaders read: the configs and tokenizer files, and in
+    each folder its weights as safetensors or, only where the folder has none, as a pickle.
+
+    Left out: precision and EMA variants (`*.fp16.safetensors`, `*.non_ema.bin`), the single-file
+    checkpoints at the root of a pipeline repo (SD-1.5's multi-gigabyte `.ckpt` and `.safetensors`),
+    and sub-folders not in `folders` (None: every sub-folder)."""
+    by_folder = {}
+    for name in files:
+        folder, _, base = name.rpartition("/")
+        by_folder.setdefault(folder, []).append(base)
+    pipeline = "model_index.json" in by_folder.get("", [])
+    chosen = []
+    for folder, names in by_folder.items():
+        if folder and folders is not None and folder not in folders:
+            continue
+        prefix = f"{folder}/" if folder else ""
+        chosen += [prefix + n for n in names if any(fnmatch.fnmatch(n, p) for p in CONFIG_PATTERNS)]
+        if folder == "" and pipeline:
+            continue
+        weights = [n for n in names if is_weights_file(n, "safetensors")] or \
+            [n for n in names if is_weights_file(n, "pickle")]
+        chosen += [prefix + n for n in weights]
+    return sorted(chosen)
 
 
 def read_config(folder, name="config.json") -> dict:
@@ -82,16 +137,91 @@ def safetensors_files(path, stem="model") -> list[Path]:
         return [single]
     index = path / f"{stem}.safetensors.index.json"
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise WeightsError(f"{index}: not a valid shard index ({e})") from None
-        shards = [path / name for name in dict.fromkeys(weight_map.values())]
+        shards = [path / name for name in dict.fromkeys(_weight_map(index).values())]
         missing = [str(s) for s in shards if not s.is_file()]
         if missing:
             raise WeightsError(f"{index} lists shards that are not there: {', '.join(missing)}")
         return shards
     raise WeightsError(f"{path}: found neither {single.name} nor {index.name}")
+
+
+# transformers saved `model` weights as pytorch_model.bin before it wrote model.safetensors
+PICKLE_STEMS = {"model": ("model", "pytorch_model")}
+
+
+def pickle_files(folder, stem="model") -> list:
+    """A folder's pickle checkpoint as a list of files (one, or the shards of an index); [] if none."""
+    folder = Path(folder)
+    for name in PICKLE_STEMS.get(stem, (stem,)):
+        for ext in WEIGHT_SUFFIXES["pickle"]:
+            if (folder / f"{name}{ext}").is_file():
+                return [folder / f"{name}{ext}"]
+            index = folder / f"{name}{ext}.index.json"
+            if index.is_file():
+                return [folder / shard for shard in dict.fromkeys(_weight_map(index).values())]
+    return []
+
+
+def _weight_map(index) -> dict:
+    try:
+        return json.loads(Path(index).read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError) as e:
+        raise WeightsError(f"{index}: not a valid shard index ({e})") from None
+
+
+def convert_folder_pickles(folder, stem="model") -> list:
+    """Convert a folder's pickle checkpoint, once, into `{stem}.safetensors` beside it (shards keep
+    their numbering, with a new `{stem}.safetensors.index.json`). Returns the files written."""
+    folder, pickles = Path(folder), pickle_files(folder, stem)
+    if not pickles:
+        raise WeightsError(f"{folder}: no {stem}.safetensors and no pickle checkpoint to convert")
+    if len(pickles) == 1:
+        return [convert_pickle(pickles[0], folder / f"{stem}.safetensors", overwrite=True)]
+    out, renamed = [], {}
+    for shard in pickles:
+        name = stem + shard.name[shard.name.index("-"):].rsplit(".", 1)[0] + ".safetensors"   # model-00001-of-00002
+        out.append(convert_pickle(shard, folder / name, overwrite=True))
+        renamed[shard.name] = name
+    index = next(folder.glob(f"*{pickles[0].suffix}.index.json"))
+    weight_map = {k: renamed[v] for k, v in _weight_map(index).items()}
+    (folder / f"{stem}.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map},
+                                                                      indent=2))
+    return out
+
+
+def load_checkpoint(path, stem="model", dtype=None, device="cpu") -> dict:
+    """The tensors of a model folder (or file) as published: safetensors, or a pickle
+    (.bin / .pt, read with weights_only=True) converted once to safetensors beside it."""
+    path = Path(path)
+    if path.is_file() and path.suffix in WEIGHT_SUFFIXES["pickle"]:
+        target = path.with_suffix(".safetensors")
+        if not target.is_file():
+            convert_pickle(path, target)
+        path = target
+    elif path.is_dir() and not has_safetensors(path, stem) and pickle_files(path, stem):
+        log.info("%s: converting the pickle checkpoint to safetensors, once", path)
+        convert_folder_pickles(path, stem)
+    return load_safetensors(path, stem, dtype, device)
+
+
+def has_safetensors(folder, stem="model") -> bool:
+    folder = Path(folder)
+    return (folder / f"{stem}.safetensors").is_file() or (folder / f"{stem}.safetensors.index.json").is_file()
+
+
+def remap_state_dict(tensors: dict, remap) -> dict:
+    """Apply a module's pure remap `(key, tensor) -> [(key, tensor), ...]` to every entry. An empty
+    list drops the key; each module's table names the legacy buffers it drops, and each drop is logged."""
+    out, source = {}, {}
+    for key, t in tensors.items():
+        pairs = remap(key, t)
+        if not pairs:
+            log.info("%s: a legacy buffer the model computes itself; not loaded", key)
+        for k, v in pairs:
+            if k in out:
+                raise WeightsError(f"checkpoint keys {source[k]} and {key} both map to {k}")
+            out[k], source[k] = v, key
+    return out
 
 
 def load_safetensors(path, stem="model", dtype=None, device="cpu") -> dict:
@@ -148,6 +278,14 @@ def _aligned(t):
     """Memory-mapped tensors sit at arbitrary 8-byte offsets in the file, and oneDNN and BLAS
     kernels run a few percent slower on CPU weights that are not 64-byte aligned: copy those."""
     return t.clone() if t.device.type == "cpu" and t.data_ptr() % 64 else t
+
+
+def load_model(cls, config, tensors: dict, remap=None, dtype=None, device=None):
+    """`cls(config)` built on meta, filled strictly with `tensors` (after the module's `remap`)."""
+    model = build_on_meta(cls, config)
+    if remap is not None:
+        tensors = remap_state_dict(tensors, remap)
+    return load_into(model, tensors, dtype=dtype, device=device).eval()
 
 
 def build_on_meta(cls, config):

@@ -176,7 +176,7 @@ def test_full_clip_checkpoint_loads_each_tower(tmp_path):
 
 
 def test_vision_rejects_bad_images(tmp_path):
-    model = clip.CLIPVision(clip.CLIPVisionConfig())
+    model = clip.CLIPVision(clip.CLIPVisionConfig.tiny())
     with pytest.raises(ValueError, match="multiple of the patch size"):
         model(torch.randn(1, 3, 30, 32))
     with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):

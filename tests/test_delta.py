@@ -43,7 +43,7 @@ def official_delta(hidden=64, layers=2, peft_adapter_name=False):
     sd["llama_proj.weight"] = torch.randn(hidden, 32, generator=g)
     sd["llama_proj.bias"] = torch.randn(hidden, generator=g)
     for prefix, out in [("gen_text_hidden_fcs", 24), ("gen_text_hidden_fcs_video", 24), ("gen_text_hidden_fcs_audio", 16)]:
-        proj = OutputProjection(OutputProjectionConfig(in_dim=hidden, out_dim=out))
+        proj = OutputProjection(OutputProjectionConfig.tiny(in_dim=hidden, out_dim=out))
         sd.update({f"{prefix}.0.{k}": v for k, v in proj.state_dict().items()})
     return sd
 

@@ -15,7 +15,7 @@ from transformers.generation.logits_process import (TemperatureLogitsWarper,  # 
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
-    m = Llama(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+    m = Llama(LlamaConfig.tiny(vocab_size=64, hidden_size=32, intermediate_size=64, num_attention_heads=4,
                           num_key_value_heads=2, max_position_embeddings=64)).eval()
     with torch.no_grad():
         for p in m.parameters():

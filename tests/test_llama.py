@@ -139,11 +139,11 @@ def test_tied_embeddings_share_one_tensor(tmp_path):
     _, folder = save_hf(tmp_path, "mqa-tied")
     ours = Llama.from_pretrained(folder)
     assert ours.lm_head.weight is ours.model.embed_tokens.weight
-    assert Llama(LlamaConfig(tie_word_embeddings=True)).lm_head.weight is not None
+    assert Llama(LlamaConfig.tiny(tie_word_embeddings=True)).lm_head.weight is not None
 
 
 def test_prompt_longer_than_positions_is_a_clear_error():
-    model = Llama(LlamaConfig(max_position_embeddings=16))
+    model = Llama(LlamaConfig.tiny(max_position_embeddings=16))
     with pytest.raises(ValueError, match="max_position_embeddings"):
         model(torch.zeros(1, 17, dtype=torch.long))
     model.setup_cache(1, 8)
@@ -154,7 +154,7 @@ def test_prompt_longer_than_positions_is_a_clear_error():
 
 
 def test_bad_forward_arguments():
-    model = Llama(LlamaConfig())
+    model = Llama(LlamaConfig.tiny())
     with pytest.raises(ValueError, match="exactly one"):
         model()
     with pytest.raises(ValueError, match="inputs_embeds"):
@@ -176,7 +176,7 @@ def test_padding_mask_matches_hf(pair):
 def test_resize_token_embeddings():
     torch.manual_seed(0)
     for tied in (False, True):
-        model = Llama(LlamaConfig(vocab_size=50, tie_word_embeddings=tied))
+        model = Llama(LlamaConfig.tiny(vocab_size=50, tie_word_embeddings=tied))
         old_embed = model.model.embed_tokens.weight.detach().clone()
         old_head = model.lm_head.weight.detach().clone()
         new = model.resize_token_embeddings(58)

@@ -237,7 +237,7 @@ def test_add_nextgpt_tokens_grows_vocab_and_embeddings():
     from minignext.tiny import tiny_tokenizer
     tok = tiny_tokenizer()
     base = tok.vocab_size
-    llm = Llama(LlamaConfig(vocab_size=base, hidden_size=32, intermediate_size=64, num_attention_heads=4))
+    llm = Llama(LlamaConfig.tiny(vocab_size=base, hidden_size=32, intermediate_size=64, num_attention_heads=4))
     old = llm.model.embed_tokens.weight.detach().clone()
     ids = add_nextgpt_tokens(tok, llm)
     assert ids == list(range(base, base + 38)) and tok.vocab_size == base + 38

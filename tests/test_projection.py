@@ -58,7 +58,7 @@ def test_output_projection_matches_nn_transformer(modality, tmp_path):
 
 
 def test_tiny_default_matches_reference_layout():
-    c = OutputProjectionConfig()
+    c = OutputProjectionConfig.tiny()
     ref = ReferenceTextFcLayer(c.in_dim, c.out_dim, c.num_queries, hidden=c.d_model,
                                layers=c.num_encoder_layers, ff=c.dim_feedforward).eval()
     ours = OutputProjection(c)

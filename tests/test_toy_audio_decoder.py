@@ -6,10 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from minignext.diffusion import AudioPipeline, GriffinLim
+from minignext.diffusion import AudioPipeline
 from minignext.media import hz_to_mel
 from minignext.toy import checkers, world
 from minignext.toy import train_audio_decoder as audio
+from minignext.toy.trainer import RunArgs
+from minignext.vocoder import GriffinLim
 
 SHIPPED = audio.OUT_DIR / "model_index.json"
 
@@ -27,9 +29,8 @@ def test_log_mel_frames_and_band_of_a_sine():
 
 
 def test_train_tiny_saves_a_pipeline_that_loads(tmp_path):
-    torch.manual_seed(0)
-    summary = audio.train(seed=0, resume=False, progress=False, scale=0.001, out_dir=tmp_path / "out",
-                          runs_dir=tmp_path / "runs")
+    summary = audio.train(RunArgs(scale=0.001, resume=False, progress=False, runs_dir=tmp_path / "runs"),
+                          out_dir=tmp_path / "out")
     folder = tmp_path / "out"
     assert summary["megabytes"] > 0
     assert json.loads((folder / "model_index.json").read_text())["vocoder"] == ["minignext", "GriffinLim"]

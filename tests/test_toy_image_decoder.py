@@ -9,15 +9,16 @@ import torch
 from torch.testing import assert_close
 
 from minignext.diffusion import ImagePipeline
-from minignext.toy import checkers, decoder_text, world
+from minignext.toy import checkers, decoder_text, latent_diffusion, world
 from minignext.toy import train_image_decoder as image_decoder
+from minignext.toy.trainer import RunArgs
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("image_decoder")
-    summary = image_decoder.train(scale=0.002, progress=False, resume=False, out_dir=root / "out",
-                                  runs_dir=root / "runs")
+    summary = image_decoder.train(RunArgs(scale=0.002, progress=False, resume=False, runs_dir=root / "runs"),
+                                  out_dir=root / "out")
     return root / "out", summary
 
 
@@ -61,7 +62,7 @@ def test_tiny_training_writes_a_stable_diffusion_folder(tiny_run):
     for name in ("model_index.json", "sampling.json", "unet/config.json", "vae/config.json",
                  "text_encoder/config.json", "tokenizer/tokenizer.json", "scheduler/scheduler_config.json"):
         assert (folder / name).is_file(), name
-    assert summary["megabytes"] < 6 and np.isfinite(summary["unet_loss"])
+    assert summary["megabytes"] < 6 and np.isfinite(summary["unet"]["loss"])
     pipe, settings = image_decoder.load_pipeline(folder)
     assert settings == image_decoder.SAMPLING and pipe.dtype == torch.float32
     images = pipe(prompt=["a red circle", "a blue box"], num_inference_steps=2, guidance_scale=3.0, seed=0,
@@ -89,8 +90,8 @@ def test_tiny_training_folder_matches_diffusers(tiny_run):
 def test_save_pipeline_never_overwrites(tiny_run):
     folder, _ = tiny_run
     with pytest.raises(FileExistsError):
-        image_decoder.save_pipeline(folder, "StableDiffusionPipeline", None, "UNet2DConditionModel", None, None,
-                                    None, image_decoder.SAMPLING)
+        latent_diffusion.save_pipeline(folder, "StableDiffusionPipeline", None, "UNet2DConditionModel", None, None,
+                                       None, image_decoder.SAMPLING, image_decoder.SCHEDULER)
 
 
 SHIPPED = image_decoder.OUT_DIR
@@ -108,44 +109,3 @@ def test_shipped_image_decoder_draws_what_it_is_asked():
     right = sum(checkers.check_image(img, want=o).ok for img, o in zip(images, objs))
     assert right >= 10, f"only {right}/12 images right"
     assert json.loads((SHIPPED / "sampling.json").read_text()) == settings
-
-
-def test_diffusion_loss_draws_the_asked_share_of_t_from_the_noisiest_30_percent():
-    from minignext.schedulers import DDPMScheduler
-
-    scheduler = DDPMScheduler.from_config(image_decoder.SCHEDULER)
-    seen = []
-
-    def unet_fn(x, t, cond):
-        seen.append(t)
-        return torch.zeros_like(x)
-
-    latents = torch.zeros(4000, 1)
-    for share in (0.0, 0.5, 1.0):
-        image_decoder.diffusion_loss(unet_fn, scheduler, latents, None, torch.Generator().manual_seed(0),
-                                     high_noise_share=share)
-        high = (seen[-1] >= 700).float().mean().item()
-        assert abs(high - (0.3 + 0.7 * share)) < 0.03, (share, high)
-
-
-def test_diffusion_loss_targets_v_under_a_v_prediction_schedule():
-    """With the UNet's answer set to v = sqrt(abar) eps - sqrt(1 - abar) x0 the loss is zero; eps is not."""
-    from minignext.schedulers import DDPMScheduler
-
-    scheduler = DDPMScheduler.from_config({**image_decoder.SCHEDULER, "prediction_type": "v_prediction",
-                                           "rescale_betas_zero_snr": True})
-    latents = torch.randn(64, 4, 2, 2, generator=torch.Generator().manual_seed(1))
-    abar = scheduler.alphas_cumprod
-
-    def v_of(x, t, cond):                 # recover the noise from x_t, then form v
-        a = abar[t].view(-1, 1, 1, 1)
-        eps = (x - a.sqrt() * latents) / (1 - a).sqrt()
-        return a.sqrt() * eps - (1 - a).sqrt() * latents
-
-    def eps_of(x, t, cond):
-        a = abar[t].view(-1, 1, 1, 1)
-        return (x - a.sqrt() * latents) / (1 - a).sqrt()
-
-    g = lambda: torch.Generator().manual_seed(0)           # noqa: E731
-    assert image_decoder.diffusion_loss(v_of, scheduler, latents, None, g()) < 1e-8
-    assert image_decoder.diffusion_loss(eps_of, scheduler, latents, None, g()) > 0.1

@@ -14,7 +14,7 @@ from minignext.imagebind import ImageBind
 from minignext.systems.nextgpt import encoder_input
 from minignext.toy import train_imagebind as tib
 from minignext.toy import world
-from minignext.toy.trainer import read_loss_log
+from minignext.toy.trainer import RunArgs, read_loss_log
 
 SHIPPED = tib.OUT_DIR
 
@@ -68,11 +68,11 @@ def test_info_nce_counts_same_class_pairs_as_positives():
 
 
 def test_tiny_training_run_saves_a_loadable_model(tmp_path):
-    summary = tib.train(seed=0, resume=False, progress=False, scale=0.003, out_dir=tmp_path / "ib",
-                        runs_dir=tmp_path / "runs")
-    assert summary["steps"] == 5
+    args = RunArgs(scale=0.003, resume=False, progress=False, runs_dir=tmp_path / "runs")
+    summary = tib.train(args, out_dir=tmp_path / "ib")
+    assert summary["model"]["steps"] == args.steps(tib.SCHEDULE["steps"]) == 4
     log = read_loss_log("imagebind-seed0-scale0.003", runs_dir=tmp_path / "runs")
-    assert len(log) == 5 and all(np.isfinite(row["loss"]) for row in log)
+    assert len(log) == 4 and all(np.isfinite(row["loss"]) for row in log)
     config = json.loads((tmp_path / "ib" / "config.json").read_text())
     assert (config["image_size"], config["audio_num_mel_bins"], config["audio_target_len"]) == (32, 128, 100)
     model = ImageBind.from_pretrained(tmp_path / "ib", dtype=torch.float32)

@@ -10,15 +10,15 @@ from minignext.llama import Llama
 from minignext.systems.nextgpt import added_tokens
 from minignext.tokenizer import VICUNA_V0, Tokenizer
 from minignext.toy import train_llm, world
-from minignext.toy.trainer import read_loss_log
+from minignext.toy.trainer import RunArgs, read_loss_log
 
 SHIPPED = train_llm.OUT_DIR
 
 
 def test_tiny_training_run_saves_a_loadable_model(tmp_path):
-    summary = train_llm.train(seed=0, resume=False, progress=False, scale=0.01, out_dir=tmp_path / "llm",
-                              runs_dir=tmp_path / "runs")
-    assert summary["steps"] == 6
+    summary = train_llm.train(RunArgs(scale=0.01, resume=False, progress=False, runs_dir=tmp_path / "runs"),
+                              out_dir=tmp_path / "llm")
+    assert summary["model"]["steps"] == 6
     log = read_loss_log("llm-seed0-scale0.01", runs_dir=tmp_path / "runs")
     assert len(log) == 6 and log[-1]["loss"] < log[0]["loss"]
     model = Llama.from_pretrained(tmp_path / "llm", dtype=torch.float32)
@@ -41,12 +41,6 @@ def test_tokenizer_leaves_nextgpt_tokens_out_and_round_trips():
     assert min(new_ids) == train_llm.VOCAB_SIZE
 
 
-def test_batches_ignore_padding():
-    ids, targets = train_llm.pad_batch([[1, 5, 6, 2], [1, 7, 2]])
-    assert ids.tolist() == [[1, 5, 6, 2], [1, 7, 2, 0]]
-    assert targets.tolist() == [[5, 6, 2, -100], [7, 2, -100, -100]]
-
-
 def test_markers_fold_into_one_position_that_is_never_predicted():
     texts = ["### Human: <Img>magenta circle left</Img> describe this video.\n### Assistant: a magenta disc.\n",
              "a red circle"]
@@ -59,11 +53,12 @@ def test_markers_fold_into_one_position_that_is_never_predicted():
     embed = torch.nn.Embedding(tok.vocab_size, 8)
     x, y = train_llm.fold_markers(embed, data, spans, np.random.default_rng(0), p=1.0)
     n = len(data[0]) - (b - a) + 1
-    assert x.shape == (2, n, 8)
+    assert x.shape == (2, n, 8) and y.shape == (2, n)
     torch.testing.assert_close(x[0, a], embed(torch.tensor(data[0][a:b])).sum(0) / (b - a) ** 0.5)
     torch.testing.assert_close(x[0, a + 1:n], embed(torch.tensor(data[0][b:])))
-    assert y[0, a - 1] == -100 and y[0, a] == data[0][b]             # nothing predicts the fold; it predicts </
-    assert y[0, :a - 1].tolist() == data[0][1:a] and y[0, n - 1] == -100
+    assert y[0, a] == -100 and y[0, a + 1] == data[0][b]             # nothing predicts the fold; it predicts </
+    assert y[0, :a].tolist() == data[0][:a] and y[0, a + 1:].tolist() == data[0][b:]
+    assert y[1, len(data[1]):].tolist() == [-100] * (n - len(data[1]))         # the padding
     kept, _ = train_llm.fold_markers(embed, data, spans, np.random.default_rng(0), p=0.0)
     torch.testing.assert_close(kept[0], embed(torch.tensor(data[0])))
 

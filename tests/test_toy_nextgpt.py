@@ -12,7 +12,7 @@ from minignext.systems.nextgpt import Conversation, NextGPT, signal_token_names
 from minignext.systems.nextgpt_checkpoint import load_folder
 from minignext.toy import checkers, decoder_text, eval_nextgpt, train_nextgpt, world
 from minignext.toy.train_audio_decoder import EMBED_DIM
-from minignext.toy.trainer import read_loss_log
+from minignext.toy.trainer import RunArgs, read_loss_log
 
 SHIPPED = train_nextgpt.OUT_DIR / "nextgpt.json"
 
@@ -21,8 +21,8 @@ SHIPPED = train_nextgpt.OUT_DIR / "nextgpt.json"
 def trained(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("nextgpt")
     root = train_nextgpt.random_foundations(tmp / "foundations")
-    summary = train_nextgpt.train(seed=0, resume=False, progress=False, scale=0.004, out_dir=tmp / "out",
-                                  runs_dir=tmp / "runs", root=root, bank_per_key=1)
+    summary = train_nextgpt.train(RunArgs(scale=0.004, resume=False, progress=False, runs_dir=tmp / "runs"),
+                                  out_dir=tmp / "out", root=root, bank_per_key=1)
     return tmp, root, summary
 
 
@@ -70,8 +70,8 @@ def test_training_tokens_match_the_inference_prompt(trained):
     _, root, _ = trained
     model, texts = train_nextgpt.build(root)
     rng = np.random.default_rng(0)
-    first = world._turn("describe_image", rng, "train", "train")
-    second = world._turn("make_audio", rng, "train", "train")
+    first = world.turn("describe_image", rng, "train", "train")
+    second = world.turn("make_audio", rng, "train", "train")
     bank = {("image", first.user_media.obj, None): torch.randn(1, model.llama_proj.in_features)}
     ex = train_nextgpt.encode_dialogue(model, [first, second], bank, train_nextgpt.caption_targets(texts), rng)
     conv = Conversation().user(first.user, image=np.zeros((32, 32, 3), np.uint8))
@@ -105,13 +105,13 @@ def test_shipped_toy_nextgpt_answers_and_asks_for_media():
     rng = np.random.default_rng(7)
     right = 0
     for _ in range(4):
-        t = world._turn("describe_image", rng, "test", "train")
+        t = world.turn("describe_image", rng, "test", "train")
         reply = eval_nextgpt.respond(model, [t], rng)
         right += checkers.check_text(reply.text, want=t.user_media).ok and eval_nextgpt.signals_ok(model, reply, None)
     assert right >= 3
     made = 0
     for kind, shape in (("make_image", (1, 16, 64)), ("make_video", (1, 16, 64)), ("make_audio", (1, EMBED_DIM))):
-        t = world._turn(kind, rng, "test", "train")      # held-out instructions
+        t = world.turn(kind, rng, "test", "train")      # held-out instructions
         reply = eval_nextgpt.respond(model, [t], rng)
         made += eval_nextgpt.signals_ok(model, reply, t.assistant_media.modality) and \
             reply.conditioning[0][1].shape == shape

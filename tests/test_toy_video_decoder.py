@@ -9,6 +9,7 @@ from torch.testing import assert_close
 from minignext.toy import checkers, decoder_text
 from minignext.toy import train_image_decoder as image_decoder
 from minignext.toy import train_video_decoder as video_decoder
+from minignext.toy.trainer import RunArgs
 from minignext.unet import UNet2DCondition
 from conftest import perturb
 
@@ -33,9 +34,10 @@ def tiny_run(tmp_path_factory):
     image_dir = image_decoder.OUT_DIR
     if not (image_dir / "model_index.json").is_file():
         image_dir = root / "image"
-        image_decoder.train(scale=0.002, progress=False, resume=False, out_dir=image_dir, runs_dir=root / "runs")
-    summary = video_decoder.train(scale=0.002, progress=False, resume=False, out_dir=root / "out",
-                                  runs_dir=root / "runs", image_dir=image_dir)
+        image_decoder.train(RunArgs(scale=0.002, progress=False, resume=False, runs_dir=root / "runs"),
+                            out_dir=image_dir)
+    summary = video_decoder.train(RunArgs(scale=0.002, progress=False, resume=False, runs_dir=root / "runs"),
+                                  out_dir=root / "out", image_dir=image_dir)
     return root / "out", summary
 
 
@@ -44,7 +46,7 @@ def test_tiny_training_writes_a_text_to_video_folder(tiny_run):
     for name in ("model_index.json", "sampling.json", "unet/config.json", "vae/config.json",
                  "text_encoder/config.json", "tokenizer/tokenizer.json", "scheduler/scheduler_config.json"):
         assert (folder / name).is_file(), name
-    assert np.isfinite(summary["unet_loss"])
+    assert np.isfinite(summary["unet"]["loss"])
     pipe, settings = video_decoder.load_pipeline(folder)
     assert settings == video_decoder.SAMPLING
     clips = pipe(prompt=["a red circle moving left"], num_frames=settings["num_frames"], num_inference_steps=2,
@@ -85,8 +87,8 @@ def test_text_encoder_learns_the_direction_words_and_keeps_the_image_states(tmp_
     tok = decoder_text.build_tokenizer()
     image_text = decoder_text.new_text_encoder(tok, seed=3).requires_grad_(False)
     perturb(image_text)
-    video_text, run = video_decoder.train_text_encoder(image_text, tok, steps=120, progress=False, resume=False,
-                                                       runs_dir=tmp_path)
+    args = RunArgs(scale=0.4, progress=False, resume=False, runs_dir=tmp_path)         # 120 steps
+    video_text, run = video_decoder.train_text_encoder(image_text, tok, args)
     assert run.history[-1]["loss"] < 0.5 * run.history[0]["loss"]
     assert not video_text.training and not any(p.requires_grad for p in video_text.parameters())
     caps = [f"a red circle moving {w}" for w in ("left", "right", "up", "down")]
@@ -111,7 +113,8 @@ def test_tiny_training_text_encoder_is_the_image_decoders_taught_the_directions(
 
 def test_train_needs_an_image_decoder(tmp_path):
     with pytest.raises(FileNotFoundError, match="train image_decoder first"):
-        video_decoder.train(scale=0.002, progress=False, out_dir=tmp_path / "out", image_dir=tmp_path / "nothing")
+        video_decoder.train(RunArgs(scale=0.002, progress=False, runs_dir=tmp_path / "runs"), out_dir=tmp_path / "out",
+                            image_dir=tmp_path / "nothing")
 
 
 SHIPPED = video_decoder.OUT_DIR

@@ -87,13 +87,14 @@ def test_temporal_layers_only_mix_frames():
 
 def test_config_and_bad_input(tmp_path):
     with pytest.raises(ValueError, match="one int"):
-        UNet3DConditionConfig(attention_head_dim=(4, 8))
+        UNet3DConditionConfig.tiny(attention_head_dim=(4, 8))
     with pytest.raises(ValueError, match="num_attention_heads"):
         UNet3DConditionConfig.from_hf({"num_attention_heads": 8})
-    d = {"block_out_channels": [8, 16], "cross_attention_dim": 1024, "_class_name": "UNet3DConditionModel"}
+    d = {"block_out_channels": [8, 16], "down_block_types": ["CrossAttnDownBlock3D", "DownBlock3D"],
+         "up_block_types": ["UpBlock3D", "CrossAttnUpBlock3D"], "_class_name": "UNet3DConditionModel"}
     c = UNet3DConditionConfig.from_hf(d)
     assert c.block_out_channels == (8, 16) and c.time_embed_dim == 32 and d["block_out_channels"] == [8, 16]
-    model = UNet3DCondition(UNet3DConditionConfig())
+    model = UNet3DCondition(UNet3DConditionConfig.tiny())
     with pytest.raises(ValueError, match="frames, height, width"):
         model(torch.randn(1, 4, 8, 8), 1, torch.randn(1, 5, 32))
     for ctx in (None, torch.randn(2, 5, 32), torch.randn(1, 5, 16)):
@@ -152,7 +153,7 @@ def test_temporal_positions_reach_every_temporal_attention():
         assert block.pos_embed.pe.shape == (1, 8, block.norm1.normalized_shape[0])
     x, context = torch.randn(1, 4, 3, 8, 8), torch.randn(1, 5, 12)
     assert model(x, 10, context).shape == x.shape
-    assert UNet3DCondition(UNet3DConditionConfig(**BASE)).transformer_in.transformer_blocks[0].pos_embed is None
+    assert UNet3DCondition(UNet3DConditionConfig.tiny(**BASE)).transformer_in.transformer_blocks[0].pos_embed is None
 
 
 def test_temporal_cross_attention_matches_diffusers_temporal_transformer_with_text():
@@ -176,7 +177,7 @@ def test_temporal_cross_attention_matches_diffusers_temporal_transformer_with_te
 
 
 def test_unet3d_with_both_extensions_runs_and_reads_the_text_in_time():
-    model = perturb(UNet3DCondition(UNet3DConditionConfig(**BASE, temporal_positions=8,
+    model = perturb(UNet3DCondition(UNet3DConditionConfig.tiny(**BASE, temporal_positions=8,
                                                           temporal_cross_attention=True))).eval()
     assert model.down_blocks[0].temp_attentions[0].transformer_blocks[0].attn2.to_k.in_features == 12
     assert not model.transformer_in.cross

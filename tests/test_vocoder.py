@@ -62,7 +62,8 @@ def test_mrf_block_matches_reference():
 
 def test_config_keeps_known_fields_and_is_not_mutated():
     d = {"model_in_dim": 64, "upsample_rates": [5, 4], "upsample_kernel_sizes": [10, 8],
-         "resblock_dilation_sizes": [[1, 3], [1, 3]], "model_type": "speecht5_hifigan", "foo": 1}
+         "resblock_kernel_sizes": [3, 5], "resblock_dilation_sizes": [[1, 3], [1, 3]],
+         "model_type": "speecht5_hifigan", "foo": 1}
     copy = {k: v for k, v in d.items()}
     c = HifiGanConfig.from_hf(d)
     assert (c.model_in_dim, c.hop_length, c.upsample_rates) == (64, 20, (5, 4))
@@ -70,11 +71,11 @@ def test_config_keeps_known_fields_and_is_not_mutated():
 
 
 def test_bad_input_and_bad_checkpoint(tmp_path):
-    model = HifiGan(HifiGanConfig())
+    model = HifiGan(HifiGanConfig.tiny())
     with pytest.raises(ValueError, match="mel spectrogram"):
         model(torch.randn(2, 9, 5))
     with pytest.raises(ValueError, match="same length"):
-        HifiGanConfig(upsample_rates=(4, 4), upsample_kernel_sizes=(8,))
+        HifiGanConfig.tiny(upsample_rates=(4, 4), upsample_kernel_sizes=(8,))
     reference(tmp_path, CONFIGS["two_ups"])
     sd = weights.load_safetensors(tmp_path)
     sd.pop("conv_post.bias")

@@ -11,7 +11,7 @@ from minignext import weights
 from minignext.llama import Llama, LlamaConfig
 from minignext.weights import WeightsError
 
-CONFIG = LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_attention_heads=2,
+CONFIG = LlamaConfig.tiny(vocab_size=40, hidden_size=16, intermediate_size=32, num_attention_heads=2,
                      max_position_embeddings=32)
 
 

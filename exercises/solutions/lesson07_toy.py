@@ -1,5 +1,5 @@
 """Lesson 7 solutions, written out. The trainers' versions: `info_nce` in
-minignext/toy/train_imagebind.py and `diffusion_loss` in minignext/toy/train_image_decoder.py
+minignext/toy/train_imagebind.py and `diffusion_loss` in minignext/toy/latent_diffusion.py
 (which can also draw half of each batch from the noisiest steps)."""
 
 import torch

@@ -1,7 +1,8 @@
-"""Lesson 8 solutions, written out. The library's versions: `signal_distance` and `answer_ce` in
-minignext/toy/train_nextgpt.py, `freeze_old_rows` in minignext/systems/nextgpt.py, `merge_lora` in
-minignext/weights.py, and `apply_delta` in minignext/systems/nextgpt_checkpoint.py (which also
-takes the delta's resized embeddings and returns the projections)."""
+"""Lesson 8 solutions, written out. The library's versions: `signal_distance` in
+minignext/toy/train_nextgpt.py, `answer_ce` in minignext/toy/mllm.py, `freeze_old_rows` in
+minignext/systems/nextgpt.py, `merge_lora` in minignext/weights.py, and `apply_delta` in
+minignext/systems/nextgpt_checkpoint.py (which also takes the delta's resized embeddings and returns
+the projections)."""
 
 import torch
 import torch.nn.functional as F

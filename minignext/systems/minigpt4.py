@@ -149,7 +149,7 @@ class MiniGPT4Config:
     @classmethod
     def tiny(cls, has_qformer=True, text_config=None):
         return cls(vision_config=b2.Blip2VisionConfig.tiny(), qformer_config=b2.Blip2QFormerConfig.tiny(),
-                   text_config=text_config or LlamaConfig(vocab_size=512, max_position_embeddings=256),
+                   text_config=text_config or LlamaConfig.tiny(vocab_size=512, max_position_embeddings=256),
                    has_qformer=has_qformer, num_query_token=4)
 
 

@@ -206,8 +206,8 @@ def folder_decoder(modality, path, dtype=None, device=None, unconditional=None, 
     toy decoder, from its own CLIP-style text_encoder/ (the normalised embedding of "")."""
     from minignext import diffusion
 
-    path = weights.resolve(path)
     cls = getattr(diffusion, PIPELINES[modality])
+    path = weights.resolve(path, folders=cls.FOLDERS)
     kwargs = {**sampling_defaults(path), **call_kwargs}
     if modality != "audio":
         return MediaDecoder(modality, cls.from_pretrained(path, dtype=dtype, device=device), **kwargs)

@@ -16,6 +16,7 @@ On disk it is the Stable Diffusion layout that `CLIPText.from_pretrained` and
 
     tok = build_tokenizer();  enc = new_text_encoder(tok)
     states = encode(enc, tok, ["a red circle"])          # (1, 16, 64)
+    pooled = embed(enc, tok, ["a red circle"])           # (1, projection_dim), with_projection=True only
     save(folder, enc, tok)                                # folder/text_encoder, folder/tokenizer
 """
 
@@ -25,6 +26,7 @@ import re
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from tokenizers import Regex, Tokenizer, models, pre_tokenizers
 
 from minignext import weights
@@ -82,6 +84,13 @@ def encode(text_encoder: CLIPText, tokenizer: CLIPTokenizer, captions) -> torch.
     return text_encoder(ids.to(text_encoder.text_model.embeddings.token_embedding.weight.device)).last_hidden_state
 
 
+def embed(text_encoder: CLIPText, tokenizer: CLIPTokenizer, captions) -> torch.Tensor:
+    """Captions -> the pooled conditioning AudioLDM's UNet takes as class_labels: the projected end-token
+    state, L2-normalised, (B, projection_dim)."""
+    ids = tokenizer(list(captions), max_length=tokenizer.model_max_length)
+    return F.normalize(text_encoder(ids.to(text_encoder.text_projection.weight.device)).embeds, dim=-1)
+
+
 def drop_captions(captions, p, rng) -> list[str]:
     """Classifier-free guidance training (Ho & Salimans 2022, sec. 3.2): each caption becomes "" with
     probability p. `rng` is a numpy Generator."""
@@ -110,8 +119,8 @@ def save(folder, text_encoder: CLIPText, tokenizer: CLIPTokenizer, dtype=torch.f
     return enc_dir, tok_dir
 
 
-def load(folder, dtype=torch.float32, device=None) -> tuple[CLIPText, CLIPTokenizer]:
-    """The frozen text encoder and tokenizer of a saved decoder folder (upcast to fp32 by default)."""
+def load(folder) -> tuple[CLIPText, CLIPTokenizer]:
+    """The frozen text encoder and tokenizer of a saved decoder folder, upcast to fp32."""
     folder = Path(folder)
-    return (CLIPText.from_pretrained(folder / "text_encoder", dtype=dtype, device=device).requires_grad_(False),
+    return (CLIPText.from_pretrained(folder / "text_encoder", dtype=torch.float32).requires_grad_(False),
             CLIPTokenizer.from_pretrained(folder / "tokenizer"))

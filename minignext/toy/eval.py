@@ -22,7 +22,7 @@ import torch
 from minignext.toy.train import FOUNDATIONS
 
 EVALUATORS = {"nextgpt": "minignext.toy.eval_nextgpt",      # part -> module; default minignext.toy.train_<part>
-              "users": "minignext.toy.eval_users"}
+              "users": "minignext.toy.eval_users", "family": "minignext.toy.family"}
 
 
 @dataclass

@@ -83,7 +83,7 @@ def evaluate(quick=False, seed=1234, folder=None) -> list:
     metrics, sig_media, sig_text = [], [], []
 
     def turns_of(kind, count, split="train"):
-        return [[world._turn(kind, rng, "test", split)] for _ in range(count)]
+        return [[world.turn(kind, rng, "test", split)] for _ in range(count)]
 
     def describe(modality, count, split="train", threshold=None, name=None):
         right = 0
@@ -117,7 +117,7 @@ def evaluate(quick=False, seed=1234, folder=None) -> list:
     make("make_video", n["make_video"], threshold=0.85)
     make("image_to_audio", n["cross"], threshold=0.85)
     make("audio_to_image", n["held"])
-    for turns in [[world._turn("chat", rng, "test", "train")] for _ in range(n["chat"])]:
+    for turns in [[world.turn("chat", rng, "test", "train")] for _ in range(n["chat"])]:
         sig_text.append(signals_ok(model, respond(model, turns, rng), None))
     metrics.append(Metric("signal tokens emitted correctly when media are requested", float(np.mean(sig_media)),
                           0.98, len(sig_media), "one complete, in-order run of the right modality"))
@@ -127,9 +127,43 @@ def evaluate(quick=False, seed=1234, folder=None) -> list:
     make("image_to_audio", n["held"], "heldout", name="image -> audio, held-out pairs")
     right = 0
     for _ in range(n["held"]):
-        first = world._turn("describe_image", rng, "test", "train")
-        follow = world._turn("ask_first_colour", rng, "test", "train", first=first.user_media, last=first.user_media)
+        first = world.turn("describe_image", rng, "test", "train")
+        follow = world.turn("ask_first_colour", rng, "test", "train", first=first.user_media, last=first.user_media)
         right += checkers.check_text(respond(model, [first, follow], rng).text,
                                      want={"colour": first.user_media.obj.colour}).ok
     metrics.append(Metric("follow-up: colour of the first image", right / n["held"], None, n["held"]))
     return metrics
+
+
+def family_row(cases):
+    """NExT-GPT's row of the family table (minignext.toy.family), through chat like every user."""
+    from PIL import Image
+
+    from minignext import weights
+    from minignext.toy import family
+
+    folder = TOY_DIR / "nextgpt"
+    model = load(folder)
+    accuracy = {}
+    for direction, turns in cases.items():
+        replies = []
+        for t, x in zip(turns, family.inputs(direction, turns)):
+            attach = {} if x is None else {t.user_media.modality: [
+                Image.fromarray(x) if t.user_media.modality == "image" else
+                (torch.from_numpy(x), world.SAMPLE_RATE) if t.user_media.modality == "audio" else x]}
+            replies.append(model.chat(Conversation().user(t.user, **attach), decode=False, progress=False))
+        if direction.endswith("->text"):
+            right = [family.text_ok(t, r.text) for t, r in zip(turns, replies)]
+        else:
+            want = turns[0].assistant_media.modality
+            made = [r.conditioning[0][1] if signals_ok(model, r, want) else None for r in replies]
+            samples = iter(decode(model, want, [c for c in made if c is not None], seed=0))
+            right = [family.media_ok(t, next(samples) if c is not None else None) for t, c in zip(turns, made)]
+        accuracy[direction] = (float(np.mean(right)), len(turns))
+    delta = weights.load_safetensors(folder / "delta.safetensors")
+    new_rows = model.llama_model.config.vocab_size - model.tokenizer.token_to_id("<Img>")   # the first added token
+    grown = ("embed_tokens.weight", "lm_head.weight")
+    trainable = sum(t[-new_rows:].numel() if k.endswith(grown) else t.numel() for k, t in delta.items())
+    record = family.training_record(folder)
+    return family.Row("NExT-GPT", "ImageBind vector -> Linear (signal tokens -> transformer -> decoder)", "1",
+                      trainable, record.get("minutes"), record.get("examples"), accuracy)

@@ -1,18 +1,20 @@
 """Train the toy world's models from scratch on CPU.
 
-    python -m minignext.toy.train foundations [--only imagebind,llm,...] [--seed 0] [--fresh] [--lanes 2]
-    python -m minignext.toy.train nextgpt [--fresh]
+    python -m minignext.toy.train foundations [--only imagebind,llm,...] [--seed 0] [--scale 1] [--fresh] [--lanes 2]
+    python -m minignext.toy.train nextgpt [--seed 0] [--scale 1] [--fresh]
 
-Each part lives in its own module, `minignext.toy.train_<part>`, with
-`train(seed=0, resume=True, progress=True, scale=1.0) -> dict` (scale < 1 shortens the schedule, for the
-notebooks) that saves the part's finished weights under weights/toy/ and returns a summary.
+Each part lives in its own module, `minignext.toy.train_<part>`, with `train(args: RunArgs) -> dict`
+that saves the part's finished weights under weights/toy/ and returns a summary. The arguments
+become one RunArgs (minignext.toy.trainer): a run resumes only the run of the same part, seed and
+scale (--fresh starts it over).
 
 The foundations are small models, and two processes of one thread each keep two CPU cores busier
 than one process of two threads. So with --lanes 2 (the default) they train in two phases: first
 two lanes side by side, the image decoder in one and ImageBind, the LLM and the audio decoder in
 the other; then the video decoder, which starts from the image decoder, alone with both threads.
 Each lane is `python -m minignext.toy.train foundations --only ... --lanes 1 --threads N`, logging
-to weights/toy/.runs/lane-PART.log (PART its first part), and this process shows one status line for all of them.
+to lane-PART.log in the runs folder (PART its first part), and this process shows one status line for
+all of them.
 """
 
 import argparse
@@ -21,22 +23,22 @@ import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 
-from minignext.toy.trainer import RUNS_DIR, TOY_DIR
+from minignext.toy.trainer import RUNS_DIR, TOY_DIR, RunArgs
 
 FOUNDATIONS = ("imagebind", "llm", "image_decoder", "audio_decoder", "video_decoder")
 PHASES = ((("image_decoder",), ("imagebind", "llm", "audio_decoder")),      # two lanes side by side
           (("video_decoder",),))                                             # then one, with both threads
 
 
-def run_parts(parts, seed, resume, scale):
+def run_parts(parts, args: RunArgs):
     summary = {}
     for part in parts:
         t0 = time.perf_counter()
-        result = importlib.import_module(f"minignext.toy.train_{part}").train(
-            seed=seed, resume=resume, scale=scale)
+        result = importlib.import_module(f"minignext.toy.train_{part}").train(args)
         result["seconds"] = round(time.perf_counter() - t0, 1)
         summary[part] = result
         print(f"{part}: {json.dumps(result)}", flush=True)
@@ -53,27 +55,33 @@ def last_status(log_path) -> str:
     return pieces[-1][:70] if pieces else "starting"
 
 
-def run_phases(parts, seed, fresh, scale, threads=2):
+def run_phases(parts, args: RunArgs, threads=2):
     """Train `parts` phase by phase, the lanes of a phase in parallel (see the module docstring)."""
     summary = {}
     for phase in PHASES:
         lanes = [[p for p in lane if p in parts] for lane in phase]
         lanes = [lane for lane in lanes if lane]
         if lanes:
-            summary.update(run_lanes(lanes, seed, fresh, scale, max(1, threads // len(lanes))))
+            summary.update(run_lanes(lanes, args, max(1, threads // len(lanes))))
     return summary
 
 
-def run_lanes(lanes, seed, fresh, scale, threads):
-    """Train each lane (a list of parts) in its own process; returns the parts' summaries."""
-    RUNS_DIR.mkdir(parents=True, exist_ok=True)
+def lane_command(lane, args: RunArgs, threads) -> list[str]:
+    """The command that trains one lane (a list of parts) in a process of its own, with the same RunArgs."""
+    return [sys.executable, "-m", "minignext.toy.train", "foundations", "--only", ",".join(lane), "--lanes", "1",
+            "--threads", str(threads), "--seed", str(args.seed), "--scale", repr(args.scale),
+            "--runs-dir", str(args.runs_dir)] + ([] if args.resume else ["--fresh"])
+
+
+def run_lanes(lanes, args: RunArgs, threads):
+    """Train each lane in its own process (progress bars go to its log); returns the parts' summaries."""
+    args.runs_dir.mkdir(parents=True, exist_ok=True)
     procs = []
     for lane in lanes:
-        cmd = [sys.executable, "-m", "minignext.toy.train", "foundations", "--only", ",".join(lane),
-               "--lanes", "1", "--threads", str(threads), "--seed", str(seed), "--scale", str(scale)] + (["--fresh"] if fresh else [])
-        log = RUNS_DIR / f"lane-{lane[0]}.log"
+        log = args.runs_dir / f"lane-{lane[0]}.log"
         with open(log, "w") as out:             # the child keeps its own copy of the handle
-            procs.append((lane, log, subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)))
+            procs.append((lane, log, subprocess.Popen(lane_command(lane, args, threads), stdout=out,
+                                                      stderr=subprocess.STDOUT)))
     t0 = time.perf_counter()
     while any(p.poll() is None for _, _, p in procs):
         status = " | ".join(last_status(log) if p.poll() is None else f"{lane[-1]} done" for lane, log, p in procs)
@@ -95,30 +103,44 @@ def run_lanes(lanes, seed, fresh, scale, threads):
     return summary
 
 
-def main(argv=None):
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m minignext.toy.train", description=__doc__.splitlines()[0])
     p.add_argument("what", choices=("foundations", "nextgpt"))
     p.add_argument("--only", help="comma-separated parts of the foundations: " + ",".join(FOUNDATIONS))
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--fresh", action="store_true", help="ignore saved run state and start over")
     p.add_argument("--scale", type=float, default=1.0, help="fraction of the full schedule")
+    p.add_argument("--fresh", action="store_true", help="ignore saved run state and start over")
+    p.add_argument("--runs-dir", type=Path, default=RUNS_DIR, help="run state and loss logs")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--lanes", type=int, default=2, choices=(1, 2),
                    help="foundations: train in this many parallel processes of one thread each")
-    args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    if args.what == "foundations":
-        parts = args.only.split(",") if args.only else FOUNDATIONS
+    return p
+
+
+def run_args(ns: argparse.Namespace) -> RunArgs:
+    return RunArgs(seed=ns.seed, scale=ns.scale, resume=not ns.fresh, runs_dir=ns.runs_dir)
+
+
+def main(argv=None):
+    p = parser()
+    ns = p.parse_args(argv)
+    try:
+        args = run_args(ns)
+    except ValueError as e:
+        p.error(str(e))
+    torch.set_num_threads(ns.threads)
+    if ns.what == "foundations":
+        parts = ns.only.split(",") if ns.only else FOUNDATIONS
         unknown = set(parts) - set(FOUNDATIONS)
         if unknown:
             p.error(f"unknown parts {sorted(unknown)}; choose from {FOUNDATIONS}")
     else:
         parts = ["nextgpt"]
     t0 = time.perf_counter()
-    if args.what == "foundations" and args.lanes > 1 and len(parts) > 1:
-        summary = run_phases(parts, args.seed, args.fresh, args.scale, args.threads)
+    if ns.what == "foundations" and ns.lanes > 1 and len(parts) > 1:
+        summary = run_phases(parts, args, ns.threads)
     else:
-        summary = run_parts(parts, args.seed, not args.fresh, args.scale)
+        summary = run_parts(parts, args)
     total = time.perf_counter() - t0
     print(f"trained {', '.join(parts)} in {total / 60:.1f} min; weights in {TOY_DIR}")
     return summary

@@ -17,7 +17,7 @@ Diffusion Models", arXiv 2301.12503) trained from scratch on the toy world's ton
              then frozen as CLAP is (see train_text_encoder); 10% of the captions are dropped to "" for
              classifier-free guidance (AudioLDM's unconditional branch is the embedding of the empty
              text too). EMA weights of the UNet ship.
-    vocoder  Griffin-Lim (minignext.diffusion.GriffinLim, 16 rounds), not a trained HiFi-GAN. The reason,
+    vocoder  Griffin-Lim (minignext.vocoder.GriffinLim, 16 rounds), not a trained HiFi-GAN. The reason,
              measured: a HiFi-GAN generator in the SpeechT5HifiGan layout (0.37M parameters, 250 samples
              per frame) trained here with the generator losses only, an L1 log-mel loss (Kong et al.
              2020, eq. 2) plus a multi-resolution STFT loss (Yamamoto et al. 2020, arXiv 1910.11480),
@@ -25,14 +25,16 @@ Diffusion Models", arXiv 2301.12503) trained from scratch on the toy world's ton
              after 600 steps (~15 min of a shared CPU): only 8% of the world's own mels came back as one
              clean tone by the checker. Griffin-Lim on the same mels: 100%, with no training at all.
 
+The VAE and UNet loops are minignext.toy.latent_diffusion's, shared with the image and video decoders;
+the UNet's class-label conditioning is an argument of its denoiser loop.
+
 The result is a diffusers AudioLDMPipeline folder (model_index.json, unet/, vae/, vocoder/, scheduler/,
 text_encoder/, tokenizer/) plus `sampling.json` (guidance scale and steps of the presets), loaded by
 `minignext.diffusion.AudioPipeline.from_pretrained` (vocoder/config.json names "GriffinLim" and holds
-the mel settings; it has no weights). `text_embeds` gives the (B, 32) conditioning that NExT-GPT's audio
-output projection learns to imitate. Weights are stored in fp16.
+the mel settings; it has no weights). `text_embeds` (decoder_text.embed) gives the (B, 32) conditioning
+that NExT-GPT's audio output projection learns to imitate. Weights are stored in fp16.
 """
 
-import dataclasses
 import json
 from pathlib import Path
 
@@ -40,14 +42,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from minignext.diffusion import GriffinLimConfig
 from minignext.media import mel_filterbank
-from minignext.schedulers import DDPMScheduler
-from minignext.toy import checkers, decoder_text, world
-from minignext.toy.train_image_decoder import EMA, diffusion_loss, folder_megabytes, hf_config, save_model
-from minignext.toy.trainer import TOY_DIR, Run, optimizer_step
+from minignext.toy import checkers, decoder_text, latent_diffusion, world
+from minignext.toy.decoder_text import embed as text_embeds
+from minignext.toy.trainer import TOY_DIR, RunArgs, Run, optimizer_step, summary
 from minignext.unet import UNet2DCondition, UNet2DConditionConfig
 from minignext.vae import AutoencoderKL, AutoencoderKLConfig
+from minignext.vocoder import GriffinLimConfig
 
 OUT_DIR = TOY_DIR / "audio_decoder"
 SR, N_FFT, HOP, N_MELS, F_MAX = world.SAMPLE_RATE, 1024, 250, 32, 2000.0
@@ -58,8 +59,10 @@ SCHEDULER = {"_class_name": "DDIMScheduler", "num_train_timesteps": 1000, "beta_
              "beta_start": 0.0015, "beta_end": 0.0195, "steps_offset": 1, "set_alpha_to_one": False,
              "clip_sample": False, "prediction_type": "epsilon"}      # AudioLDM's schedule
 SAMPLING = {"guidance_scale": 4.0, "num_inference_steps": 25}
-CAPTION_DROPOUT = 0.1
-STORE_DTYPE = torch.float16
+SCHEDULE = {"vae": dict(steps=300, lr=2e-3), "text": dict(steps=300, lr=3e-3),
+            "unet": dict(steps=2500, batch=32, lr=2e-3, ema_decay=0.99, warmup=50)}
+VAE_BATCH, TEXT_BATCH = 16, 256
+SOUNDS = {"vae": 2048, "unet": 4096}    # rendered once for each run, which draws its batches from them
 
 
 def vae_config() -> AutoencoderKLConfig:
@@ -97,66 +100,54 @@ def log_mel(wave: torch.Tensor) -> torch.Tensor:
     return mel.clamp(min=MEL_FLOOR).log().transpose(1, 2)
 
 
-def render_sounds(n, rng, split="train"):
-    """(n, 16000) waveforms and their objects."""
-    objs = [world.sample_object(rng, split) for _ in range(n)]
-    return torch.from_numpy(np.stack([world.render_audio(o, rng) for o in objs])), objs
+def render_sounds(n, rng):
+    """(n, 16000) waveforms of training objects and their media."""
+    media = world.sample_media("audio", n, rng)
+    return torch.from_numpy(world.render_batch(media, rng)), media
 
 
-def text_embeds(text_encoder, tokenizer, captions) -> torch.Tensor:
-    """Captions -> the UNet's class_labels: the projected end-token state, L2-normalised, (B, EMBED_DIM)."""
-    ids = tokenizer(list(captions), max_length=tokenizer.model_max_length)
-    return F.normalize(text_encoder(ids.to(text_encoder.text_projection.weight.device)).embeds, dim=-1)
-
-
-def _run(name, seed, scale, modules, opt, steps, lr, resume, progress, runs_dir):
-    total = max(2, int(steps * scale))
-    return Run(f"audio_decoder_{name}-seed{seed}-scale{scale:g}", modules, opt, total, peak_lr=lr,
-               warmup=min(50, total // 10 + 1), resume=resume, progress_bar=progress, runs_dir=runs_dir)
+def sound_mels(args: RunArgs, run, least):
+    """The log-mels (N, 1, frames, bins) of SOUNDS[run] sounds (at least `least`) rendered for the run
+    audio_decoder_{run}, and their media."""
+    waves, media = render_sounds(args.count(SOUNDS[run], least), args.rng(f"audio_decoder_{run}/dataset"))
+    return log_mel(waves)[:, None], media
 
 
 # ---------------------------------------------------------------- 1. the VAE
 
-def train_vae(seed=0, resume=True, progress=True, scale=1.0, runs_dir=None, steps=300, batch=16, n_sounds=2048,
-              kl_weight=1e-6, lr=2e-3):
-    waves, _ = render_sounds(max(batch, int(n_sounds * min(1.0, 4 * scale))), np.random.default_rng([seed, 20]))
-    mels = log_mel(waves)[:, None]                                          # (N, 1, frames, bins)
-    torch.manual_seed(seed)
+def train_vae(args: RunArgs):
+    mels, _ = sound_mels(args, "vae", least=VAE_BATCH)
+    torch.manual_seed(args.seed_of("audio_decoder_vae/init"))
     vae = AutoencoderKL(vae_config())
-    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
-    run = _run("vae", seed, scale, {"vae": vae}, opt, steps, lr, resume, progress, runs_dir)
-    for step in run.steps():
-        g = torch.Generator().manual_seed(seed * 1_000_003 + step)
-        x = mels[torch.randint(0, len(mels), (batch,), generator=g)]
-        posterior = vae.encode(x)
-        recon = vae.decode(posterior.sample(g))
-        loss = F.l1_loss(recon, x) + F.mse_loss(recon, x) + kl_weight * posterior.kl().mean()
-        optimizer_step(opt, loss, vae.parameters())
-        run.log(loss.detach())
+    run = latent_diffusion.train_vae("audio_decoder_vae", vae, lambda rng: mels[rng.integers(len(mels), size=VAE_BATCH)],
+                                     args, **SCHEDULE["vae"])
     return vae.eval().requires_grad_(False), run
 
 
 # ---------------------------------------------------------------- 2. the text encoder, CLAP's stand-in
 
-def train_text_encoder(seed=0, resume=True, progress=True, scale=1.0, runs_dir=None, steps=300, batch=256, lr=3e-3):
+def train_text_encoder(args: RunArgs):
     """AudioLDM conditions on a frozen, pretrained CLAP text embedding. Trained jointly with the UNet
     from scratch, the toy text encoder's normalised embeddings stayed nearly parallel (cosine 0.98
     between different sounds) and the UNet learned to ignore them. So it is pretrained first: two
     linear heads read the pitch and the contour off the normalised embedding (cross-entropy); the
     empty caption has a class of its own in each, so the unconditional branch is distinct too."""
-    torch.manual_seed(seed)
+    s = SCHEDULE["text"]
     tokenizer = decoder_text.build_tokenizer()
-    text_encoder = decoder_text.new_text_encoder(tokenizer, seed=seed, with_projection=True, projection_dim=EMBED_DIM)
+    text_encoder = decoder_text.new_text_encoder(tokenizer, seed=args.seed_of("audio_decoder_text/init"),
+                                                 with_projection=True, projection_dim=EMBED_DIM)
+    torch.manual_seed(args.seed_of("audio_decoder_text/heads-init"))
     heads = torch.nn.ModuleDict({"pitch": torch.nn.Linear(EMBED_DIM, len(world.PITCHES) + 1),
                                  "contour": torch.nn.Linear(EMBED_DIM, len(world.CONTOURS) + 1)})
     params = list(text_encoder.parameters()) + list(heads.parameters())
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    run = _run("text", seed, scale, {"text_encoder": text_encoder, "heads": heads}, opt, steps, lr, resume,
-               progress, runs_dir)
+    opt = torch.optim.AdamW(params, lr=s["lr"], weight_decay=0.0)
+    run = Run.start("audio_decoder_text", args, {"text_encoder": text_encoder, "heads": heads}, opt, s["steps"],
+                    s["lr"], warmup=50)
     for step in run.steps():
-        rng = np.random.default_rng([seed, 40, step])
-        objs = [world.sample_object(rng, "train") for _ in range(batch)]
-        captions = decoder_text.drop_captions([world.caption(o, rng, "audio") for o in objs], CAPTION_DROPOUT, rng)
+        rng = args.rng("audio_decoder_text/batches", step)
+        objs = [world.sample_object(rng, "train") for _ in range(TEXT_BATCH)]
+        captions = decoder_text.drop_captions([world.caption(o, rng, "audio") for o in objs],
+                                              latent_diffusion.CAPTION_DROPOUT, rng)
         labels = {name: torch.tensor([values.index(getattr(o, name)) if c else len(values)
                                       for o, c in zip(objs, captions)])
                   for name, values in (("pitch", world.PITCHES), ("contour", world.CONTOURS))}
@@ -169,85 +160,43 @@ def train_text_encoder(seed=0, resume=True, progress=True, scale=1.0, runs_dir=N
 
 # ---------------------------------------------------------------- 3. the UNet
 
-def train_unet(vae, text_encoder, tokenizer, seed=0, resume=True, progress=True, scale=1.0, runs_dir=None,
-               steps=2500, batch=32, n_sounds=4096, lr=2e-3):
-    rng = np.random.default_rng([seed, 30])
-    waves, objs = render_sounds(max(batch, int(n_sounds * min(1.0, 4 * scale))), rng)
-    with torch.no_grad():
-        posts = [vae.encode(chunk[:, None]) for chunk in log_mel(waves).split(256)]
-    mean, std = torch.cat([p.mean for p in posts]), torch.cat([p.std for p in posts])
-    vae.config = dataclasses.replace(vae.config, scaling_factor=round(1.0 / mean.std().item(), 5))
-    torch.manual_seed(seed)
-    unet = UNet2DCondition(unet_config())
-    ema = EMA(unet, 0.99)
-    opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0)
-    scheduler = DDPMScheduler.from_config(SCHEDULER)
-    run = _run("unet", seed, scale, {"unet": unet, "ema": ema}, opt, steps, lr, resume, progress, runs_dir)
-    for step in run.steps():
-        g = torch.Generator().manual_seed(seed * 1_000_003 + step)
-        pick = torch.randint(0, len(objs), (batch,), generator=g)
-        latents = (mean[pick] + std[pick] * torch.randn(mean[pick].shape, generator=g)) * vae.scaling_factor
-        step_rng = np.random.default_rng([seed, 31, step])
-        captions = [world.caption(objs[i], step_rng, "audio") for i in pick.tolist()]
-        with torch.no_grad():
-            cond = text_embeds(text_encoder, tokenizer, decoder_text.drop_captions(captions, CAPTION_DROPOUT, step_rng))
-        loss = diffusion_loss(lambda x, t, c: unet(x, t, class_labels=c), scheduler, latents, cond, g)
-        optimizer_step(opt, loss, unet.parameters())
-        ema.update(unet)
-        run.log(loss.detach())
-    return ema.shadow, run
+def train_unet(vae, text_encoder, tokenizer, args: RunArgs):
+    """The UNet on the latents of rendered sounds, conditioned through class_labels on the frozen text
+    encoder's pooled embedding of their captions; returns its EMA copy and the run."""
+    mels, media = sound_mels(args, "unet", least=SCHEDULE["unet"]["batch"])
+    mean, std = latent_diffusion.encode_dataset(vae, mels)
+    latent_diffusion.fit_scaling_factor(vae, mean)
+    torch.manual_seed(args.seed_of("audio_decoder_unet/init"))
+    ema_unet, _, run = latent_diffusion.train_denoiser(
+        "audio_decoder_unet", UNet2DCondition(unet_config()), (text_encoder, tokenizer),
+        (mean, std, vae.scaling_factor), lambda i, rng: media[i].caption(rng), args, scheduler_config=SCHEDULER,
+        class_labels=True, **SCHEDULE["unet"])
+    return ema_unet, run
 
 
-# ---------------------------------------------------------------- saving
-
-def save_pipeline(folder, unet, vae, text_encoder, tokenizer, overwrite=False):
-    """A diffusers AudioLDM folder: model_index.json, unet/, vae/, vocoder/, text_encoder/, tokenizer/,
-    scheduler/, and sampling.json."""
-    folder = Path(folder)
-    if (folder / "model_index.json").exists() and not overwrite:
-        raise FileExistsError(f"{folder / 'model_index.json'} exists; pass overwrite=True to replace it")
-    save_model(folder / "unet", unet, "UNet2DConditionModel", overwrite=overwrite)
-    save_model(folder / "vae", vae, "AutoencoderKL", overwrite=overwrite)
-    (folder / "vocoder").mkdir(parents=True, exist_ok=True)
-    vocoder = hf_config(vocoder_config(), "GriffinLim")
-    (folder / "vocoder" / "config.json").write_text(json.dumps(vocoder, indent=2) + "\n")
-    decoder_text.save(folder, text_encoder, tokenizer, dtype=STORE_DTYPE, overwrite=overwrite)
-    (folder / "scheduler").mkdir(exist_ok=True)
-    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(SCHEDULER, indent=2) + "\n")
-    index = {"_class_name": "AudioLDMPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
-             "vae": ["diffusers", "AutoencoderKL"], "vocoder": ["minignext", "GriffinLim"],
-             "text_encoder": ["transformers", "CLIPTextModelWithProjection"],
-             "tokenizer": ["transformers", "CLIPTokenizer"], "scheduler": ["diffusers", SCHEDULER["_class_name"]]}
-    (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
-    (folder / "sampling.json").write_text(json.dumps(SAMPLING, indent=2) + "\n")
-    return folder
-
-
-def train(seed=0, resume=True, progress=True, scale=1.0, out_dir=None, runs_dir=None) -> dict:
+def train(args: RunArgs, out_dir=None) -> dict:
     out = Path(out_dir or OUT_DIR)
-    vae, vae_run = train_vae(seed, resume, progress, scale, runs_dir)
-    text_encoder, tokenizer, text_run = train_text_encoder(seed, resume, progress, scale, runs_dir)
-    unet, unet_run = train_unet(vae, text_encoder, tokenizer, seed, resume, progress, scale, runs_dir)
-    save_pipeline(out, unet, vae, text_encoder, tokenizer, overwrite=True)
-    last = lambda run: round(sum(r["loss"] for r in run.history[-50:]) / max(1, len(run.history[-50:])), 4)
-    return {"folder": str(out), "vae_loss": last(vae_run), "text_loss": last(text_run), "unet_loss": last(unet_run),
-            "vae_minutes": round(vae_run.seconds / 60, 2), "text_minutes": round(text_run.seconds / 60, 2),
-            "unet_minutes": round(unet_run.seconds / 60, 2), "megabytes": folder_megabytes(out)}
+    vae, vae_run = train_vae(args)
+    text_encoder, tokenizer, text_run = train_text_encoder(args)
+    unet, unet_run = train_unet(vae, text_encoder, tokenizer, args)
+    latent_diffusion.save_pipeline(out, "AudioLDMPipeline", unet, "UNet2DConditionModel", vae, text_encoder, tokenizer,
+                                   SAMPLING, SCHEDULER, vocoder=vocoder_config(), overwrite=True)
+    return summary(out, vae=vae_run, text=text_run, unet=unet_run)
 
 
 # ---------------------------------------------------------------- evaluation
 
-def load_pipeline(folder=None, device=None):
+def load_pipeline(folder=None):
     """The shipped decoder as `AudioPipeline` (fp32) with the embedding of "" as its unconditional branch,
     plus its text encoder, tokenizer and sampler settings."""
     from minignext.diffusion import AudioPipeline
 
     folder = Path(folder or OUT_DIR)
     settings = json.loads((folder / "sampling.json").read_text())
-    text_encoder, tokenizer = decoder_text.load(folder, device=device)
+    text_encoder, tokenizer = decoder_text.load(folder)
     with torch.no_grad():
         empty = text_embeds(text_encoder, tokenizer, [""])[0]
-    pipeline = AudioPipeline.from_pretrained(folder, dtype=torch.float32, device=device, unconditional_embeds=empty)
+    pipeline = AudioPipeline.from_pretrained(folder, dtype=torch.float32, unconditional_embeds=empty)
     return pipeline, text_encoder, tokenizer, settings
 
 
@@ -269,10 +218,10 @@ def accuracy(loaded, objs, captions, seed, batch=64):
     return right / len(objs)
 
 
-def evaluate(quick=False, seed=1234, folder=None) -> list:
+def evaluate(quick=False, seed=1234) -> list:
     from minignext.toy.eval import Metric
 
-    loaded = load_pipeline(folder)
+    loaded = load_pipeline()
     settings = loaded[3]
     n, n_held = (24, 12) if quick else (240, 60)
     objs, caps = prompts(n, seed, "train", "test")

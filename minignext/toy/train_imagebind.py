@@ -30,7 +30,6 @@ On disk, weights/toy/imagebind/: config.json (the official constructor names), m
 """
 
 import json
-import time
 from pathlib import Path
 
 import numpy as np
@@ -44,7 +43,7 @@ from minignext.clip import CLIP_SPLIT, CLIPTokenizer
 from minignext.imagebind import ImageBind, ImageBindConfig
 from minignext.toy import world
 from minignext.toy.decoder_text import vocabulary
-from minignext.toy.trainer import TOY_DIR, Run, optimizer_step, summary
+from minignext.toy.trainer import ADAM_BETAS, TOY_DIR, Run, RunArgs, optimizer_step, summary
 
 OUT_DIR = TOY_DIR / "imagebind"
 PAD, UNK, BOS, EOS = "<|pad|>", "<|unk|>", "<|startoftext|>", "<|endoftext|>"
@@ -100,19 +99,24 @@ def audio_input(sound) -> torch.Tensor:
                                              target_length=MODEL["audio_target_len"])
 
 
-def make_bank(modality, n, seed, split="train"):
-    """n rendered training items (model inputs) with their objects (and directions). Videos come in
-    groups of four: one object in all four directions, so that a batch of whole groups can only be
-    told apart by the motion."""
-    rng = world.make_rng(seed)
-    if modality == "video":
-        objs = [o for _ in range(n // 4) for o in [world.sample_object(rng, split)] * 4]
-        dirs = list(world.DIRECTIONS) * (n // 4)
-        return video_input(np.stack([world.render_video(o, d, rng) for o, d in zip(objs, dirs)])), objs, dirs
-    objs = [world.sample_object(rng, split) for _ in range(n)]
+def imagebind_input(modality, batch) -> torch.Tensor:
+    """A rendered batch (world.render_batch) -> ImageBind's input for `modality`."""
     if modality == "image":
-        return image_input(np.stack([world.render_image(o, rng) for o in objs])), objs, [None] * n
-    return torch.cat([audio_input(world.render_audio(o, rng)) for o in objs]), objs, [None] * n
+        return image_input(batch)
+    if modality == "video":
+        return video_input(batch)
+    return torch.cat([audio_input(wave) for wave in batch])
+
+
+def make_bank(modality, n, rng):
+    """n rendered training media as model inputs, and the media. Videos come in groups of four: one
+    object in all four directions, so that a batch of whole groups can only be told apart by the motion."""
+    if modality == "video":
+        items = [world.Media("video", o, d) for _ in range(n // 4)
+                 for o in [world.sample_object(rng, "train")] for d in world.DIRECTIONS]
+    else:
+        items = world.sample_media(modality, n, rng)
+    return imagebind_input(modality, world.render_batch(items, rng)), items
 
 
 ATTRIBUTE_WORDS = {w for group in (world.COLOURS, world.PITCHES, world.CONTOURS, world.CONTOUR_VERBS.values())
@@ -158,35 +162,32 @@ def logit_scale(model):
     return model.modality_postprocessors["text"][1].log_logit_scale.exp().clamp(max=100.0)
 
 
-def train(seed=0, resume=True, progress=True, scale=1.0, out_dir=None, runs_dir=None) -> dict:
-    t0 = time.perf_counter()
+def train(args: RunArgs, out_dir=None) -> dict:
     out_dir = Path(out_dir or OUT_DIR)
     s = SCHEDULE
-    steps = max(5, int(s["steps"] * scale))
     tokenizer = build_tokenizer()
-    torch.manual_seed(seed)
+    torch.manual_seed(args.seed_of("imagebind/init"))
     model = ImageBind(model_config(tokenizer))
     with torch.no_grad():
         model.modality_preprocessors["vision"].pos_embedding_helper.pos_embed.copy_(
             sincos_positions(model.config.vision_grid, model.config.vision_embed_dim))
-    banks = {m: make_bank(m, max(32, int(s[key] * scale)), [seed, i])
-             for i, (m, key) in enumerate((("image", "images"), ("audio", "sounds"), ("video", "videos")))}
+    banks = {m: make_bank(m, args.count(s[key], least=32), args.rng(f"imagebind/{m}-bank"))
+             for m, key in (("image", "images"), ("audio", "sounds"), ("video", "videos"))}
     sizes = {"image": s["image_batch"], "audio": s["audio_batch"], "video": s["video_batch"]}
     branch = {"image": "vision", "video": "vision", "audio": "audio"}
-    opt = torch.optim.AdamW(model.parameters(), lr=s["peak_lr"], betas=(0.9, 0.95), weight_decay=0.05)
-    run = Run(f"imagebind-seed{seed}-scale{scale:g}", {"model": model}, opt, steps, s["peak_lr"],
-              warmup=min(s["warmup"], steps // 5), resume=resume, progress_bar=progress, runs_dir=runs_dir)
+    opt = torch.optim.AdamW(model.parameters(), lr=s["peak_lr"], betas=ADAM_BETAS, weight_decay=0.05)
+    run = Run.start("imagebind", args, {"model": model}, opt, s["steps"], s["peak_lr"], s["warmup"])
     model.train()
     for step in run.steps():
-        rng = np.random.default_rng([seed, step])         # the batch depends on the step only: resumable
+        rng = args.rng("imagebind/batches", step)      # the batch depends on the step only: resumable
         losses = {}
-        for modality, (x, objs, dirs) in banks.items():
+        for modality, (x, items) in banks.items():
             if modality == "video":                       # whole groups of four directions
-                pick = (4 * rng.integers(len(objs) // 4, size=sizes[modality] // 4)[:, None] + np.arange(4)).ravel()
+                pick = (4 * rng.integers(len(items) // 4, size=sizes[modality] // 4)[:, None] + np.arange(4)).ravel()
             else:
-                pick = rng.integers(len(objs), size=sizes[modality])
-            captions = [add_fillers(world.caption(objs[i], rng, modality, dirs[i]), rng) for i in pick]
-            labels = torch.tensor([class_id(objs[i], dirs[i]) for i in pick])
+                pick = rng.integers(len(items), size=sizes[modality])
+            captions = [add_fillers(items[i].caption(rng), rng) for i in pick]
+            labels = torch.tensor([class_id(items[i].obj, items[i].direction) for i in pick])
             emb = model.embed(branch[modality], x[pick])
             text = model.embed("text", tokenizer(captions))
             losses[modality] = info_nce(emb, text, labels, logit_scale(model))
@@ -195,7 +196,7 @@ def train(seed=0, resume=True, progress=True, scale=1.0, out_dir=None, runs_dir=
         run.log(loss.item(), **{k: v.item() for k, v in losses.items()}, scale=logit_scale(model).item())
     model.eval()
     save(out_dir, model, tokenizer, overwrite=True)
-    return summary(steps, model, run, out_dir, time.perf_counter() - t0)
+    return summary(out_dir, model=run)
 
 
 def save(folder, model: ImageBind, tokenizer: CLIPTokenizer, dtype=torch.float16, overwrite=False):
@@ -214,9 +215,9 @@ def save(folder, model: ImageBind, tokenizer: CLIPTokenizer, dtype=torch.float16
     return folder
 
 
-def load(folder=None, dtype=torch.float32) -> tuple[ImageBind, CLIPTokenizer]:
+def load(folder=None) -> tuple[ImageBind, CLIPTokenizer]:
     folder = Path(folder or OUT_DIR)
-    return ImageBind.from_pretrained(folder, dtype=dtype), CLIPTokenizer.from_pretrained(folder)
+    return ImageBind.from_pretrained(folder, dtype=torch.float32), CLIPTokenizer.from_pretrained(folder)
 
 
 # ---------------------------------------------------------------- evaluation
@@ -230,12 +231,12 @@ def class_captions(modality, phrasing="test"):
 
 
 @torch.inference_mode()
-def retrieval_accuracy(model, tokenizer, modality, n, seed, split, phrasing="test"):
+def retrieval_accuracy(model, tokenizer, modality, n, seed, split):
     """Top-1 zero-shot classification of n media among every class caption, each medium prepared by
     NExT-GPT's own encoder_input."""
     from minignext.systems.nextgpt import encoder_input
 
-    captions, ids = class_captions(modality, phrasing)
+    captions, ids = class_captions(modality, "test")
     text = model.embed("text", tokenizer(captions))
     rng = world.make_rng(seed)
     right = []
@@ -251,10 +252,10 @@ def retrieval_accuracy(model, tokenizer, modality, n, seed, split, phrasing="tes
     return float(np.mean(right))
 
 
-def evaluate(quick=False, seed=1234, folder=None):
+def evaluate(quick=False, seed=1234):
     from minignext.toy.eval import Metric
 
-    model, tokenizer = load(folder)
+    model, tokenizer = load()
     n = 24 if quick else 240
     metrics = []
     for modality in ("image", "audio", "video"):

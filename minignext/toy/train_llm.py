@@ -30,12 +30,10 @@ tokenizer.json, tokenizer_config.json}. Load it in fp32 (`dtype=torch.float32`) 
 import json
 import math
 import re
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
@@ -43,7 +41,8 @@ from minignext import weights
 from minignext.llama import Llama, LlamaConfig
 from minignext.tokenizer import VICUNA_V0, Tokenizer
 from minignext.toy import world
-from minignext.toy.trainer import TOY_DIR, Run, optimizer_step, summary
+from minignext.toy.mllm import answer_ce, pad_batch
+from minignext.toy.trainer import ADAM_BETAS, TOY_DIR, Run, RunArgs, optimizer_step, summary
 
 OUT_DIR = TOY_DIR / "llm"
 SPECIAL = ("<unk>", "<s>", "</s>")        # ids 0, 1, 2 as in LLaMA; <unk> doubles as padding
@@ -70,7 +69,7 @@ def qa_text(obj: world.Obj, rng) -> str:
 def request_text(rng, split="train", phrasing="train") -> str:
     """A one-turn text-only request ("draw a red circle." -> "here is a red circle.")."""
     kind = ("make_image", "make_audio", "make_video")[rng.integers(3)]
-    return world.format_dialogue([world._turn(kind, rng, phrasing, split)], media_marker="describe")
+    return world.format_dialogue([world.turn(kind, rng, phrasing, split)], media_marker="describe")
 
 
 def corpus(n, seed=0, split="train", phrasing="train") -> list[str]:
@@ -84,12 +83,12 @@ def corpus(n, seed=0, split="train", phrasing="train") -> list[str]:
     return texts
 
 
-def build_tokenizer(texts, vocab_size=VOCAB_SIZE) -> Tokenizer:
+def build_tokenizer(texts) -> Tokenizer:
     """A GPT-2-style byte-level BPE (every byte is a base token, so any input encodes)."""
     tok = HFTokenizer(models.BPE(unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL), show_progress=False,
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB_SIZE, special_tokens=list(SPECIAL), show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(texts, trainer)
     return Tokenizer(tok, bos_token="<s>", eos_token="</s>")
@@ -121,10 +120,10 @@ def marker_spans(tokenizer: Tokenizer, texts) -> list[list[tuple[int, int]]]:
 
 
 def fold_markers(embed, seqs, spans, rng, p=FOLD_P):
-    """Right-padded input embeddings (B, T, D) and next-token targets (B, T), where each marker's span
-    is, with probability p, folded into one position: the sum of its token embeddings over sqrt(n).
-    Nothing is predicted at or into a folded position. `embed` maps ids (T,) -> (T, D)."""
-    rows, folded = [], []
+    """Right-padded input embeddings (B, T, D) and labels (B, T), where each marker's span is, with
+    probability p, folded into one position: the sum of its token embeddings over sqrt(n). A folded
+    position is nobody's label, so nothing learns to predict it. `embed` maps ids (T,) -> (T, D)."""
+    rows, labels = [], []
     for seq, marks in zip(seqs, spans):
         e = embed(torch.tensor(seq))
         pieces, ids, last = [], [], 0
@@ -132,56 +131,35 @@ def fold_markers(embed, seqs, spans, rng, p=FOLD_P):
             if rng.random() >= p:
                 continue
             pieces += [e[last:a], e[a:b].sum(0, keepdim=True) / (b - a) ** 0.5]
-            ids += seq[last:a] + [-100]         # the fold's place: pad_batch makes it no one's target
+            ids += seq[last:a] + [-100]
             last = b
         rows.append(torch.cat(pieces + [e[last:]]))
-        folded.append(ids + seq[last:])
-    _, targets = pad_batch(folded)
-    return torch.nn.utils.rnn.pad_sequence(rows, batch_first=True), targets
+        labels.append(ids + seq[last:])
+    _, labels = pad_batch(labels)
+    return torch.nn.utils.rnn.pad_sequence(rows, batch_first=True), labels
 
 
-def pad_batch(seqs, pad_id=0):
-    """Right-padded ids (B, T) and next-token targets with -100 on padding. Right padding needs no
-    attention mask: with a causal mask no real token ever sees the padding after it."""
-    t = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), t), pad_id, dtype=torch.long)
-    targets = torch.full((len(seqs), t), -100, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, :len(s)] = torch.tensor(s)
-        targets[i, :len(s) - 1] = torch.tensor(s[1:])
-    return ids, targets
-
-
-def lm_loss(model, ids, targets, inputs_embeds=None):
-    logits = model(ids) if inputs_embeds is None else model(inputs_embeds=inputs_embeds)
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
-
-
-def train(seed=0, resume=True, progress=True, scale=1.0, out_dir=None, runs_dir=None) -> dict:
-    t0 = time.perf_counter()
+def train(args: RunArgs, out_dir=None) -> dict:
     out_dir = Path(out_dir or OUT_DIR)
-    steps = max(5, int(SCHEDULE["steps"] * scale))
-    texts = corpus(max(1000, int(SCHEDULE["corpus"] * scale)), seed=seed)
+    texts = corpus(args.count(SCHEDULE["corpus"], least=1000), seed=args.rng("llm/corpus"))
     tokenizer = build_tokenizer(texts)
     data = encode_corpus(tokenizer, texts)
     spans = marker_spans(tokenizer, texts)
-    torch.manual_seed(seed)
+    torch.manual_seed(args.seed_of("llm/init"))
     model = Llama(model_config(tokenizer))
-    opt = torch.optim.AdamW(model.parameters(), lr=SCHEDULE["peak_lr"], betas=(0.9, 0.95), weight_decay=0.01)
-    run = Run(f"llm-seed{seed}-scale{scale:g}", {"model": model}, opt, steps, SCHEDULE["peak_lr"],
-              warmup=min(SCHEDULE["warmup"], steps // 5), resume=resume, progress_bar=progress,
-              runs_dir=runs_dir)
+    opt = torch.optim.AdamW(model.parameters(), lr=SCHEDULE["peak_lr"], betas=ADAM_BETAS, weight_decay=0.01)
+    run = Run.start("llm", args, {"model": model}, opt, SCHEDULE["steps"], SCHEDULE["peak_lr"], SCHEDULE["warmup"])
     model.train()
     for step in run.steps():
-        rng = np.random.default_rng([seed, step])        # the batch depends on the step only: resumable
+        rng = args.rng("llm/batches", step)               # the batch depends on the step only: resumable
         pick = rng.integers(len(data), size=SCHEDULE["batch_size"])
-        embeds, targets = fold_markers(model.model.embed_tokens, [data[i] for i in pick], [spans[i] for i in pick], rng)
-        loss = lm_loss(model, None, targets, inputs_embeds=embeds)
+        embeds, labels = fold_markers(model.model.embed_tokens, [data[i] for i in pick], [spans[i] for i in pick], rng)
+        loss = answer_ce(model(inputs_embeds=embeds), labels)
         optimizer_step(opt, loss, model.parameters())
         run.log(loss.item())
     model.eval()
     save(out_dir, model, tokenizer, overwrite=True)
-    return summary(steps, model, run, out_dir, time.perf_counter() - t0)
+    return summary(out_dir, model=run)
 
 
 def save(folder, model: Llama, tokenizer: Tokenizer, dtype=torch.float16, overwrite=False):
@@ -204,31 +182,31 @@ def save(folder, model: Llama, tokenizer: Tokenizer, dtype=torch.float16, overwr
     return folder
 
 
-def load(folder=None, dtype=torch.float32) -> tuple[Llama, Tokenizer]:
+def load(folder=None) -> tuple[Llama, Tokenizer]:
     folder = Path(folder or OUT_DIR)
-    return Llama.from_pretrained(folder, dtype=dtype), Tokenizer.from_pretrained(folder)
+    return Llama.from_pretrained(folder, dtype=torch.float32), Tokenizer.from_pretrained(folder)
 
 
 # ---------------------------------------------------------------- evaluation
 
 @torch.inference_mode()
-def perplexity(model, tokenizer, texts, batch_size=64) -> float:
+def perplexity(model, tokenizer, texts) -> float:
     """exp of the mean next-token cross-entropy over all tokens of `texts`."""
     data = encode_corpus(tokenizer, texts)
     total, count = 0.0, 0
-    for i in range(0, len(data), batch_size):
-        ids, targets = pad_batch(data[i:i + batch_size])
-        n = int((targets != -100).sum())
-        total += lm_loss(model, ids, targets).item() * n
+    for i in range(0, len(data), 64):
+        ids, labels = pad_batch(data[i:i + 64])
+        n = int((labels[:, 1:] != -100).sum())
+        total += answer_ce(model(ids), labels).item() * n
         count += n
     return math.exp(total / count)
 
 
-def answer(model, tokenizer, question, max_new_tokens=32) -> str:
+def answer(model, tokenizer, question) -> str:
     """Greedy answer to a text-only question asked in the Vicuna v0 template."""
     prompt = VICUNA_V0.render([{"role": "user", "content": question}])
     ids = torch.tensor([tokenizer.encode(prompt)])
-    out = model.generate(ids, max_new_tokens, stop_strings=list(VICUNA_V0.stop), tokenizer=tokenizer,
+    out = model.generate(ids, 32, stop_strings=list(VICUNA_V0.stop), tokenizer=tokenizer,
                          progress=False)
     return VICUNA_V0.cut(tokenizer.decode(out[0, ids.shape[1]:], skip_special=True))
 
@@ -264,10 +242,10 @@ def request_questions(n, seed, split="all"):
     return out
 
 
-def evaluate(quick=False, seed=1234, folder=None):
+def evaluate(quick=False, seed=1234):
     from minignext.toy.eval import Metric
 
-    model, tokenizer = load(folder)
+    model, tokenizer = load()
     n = 200 if quick else 1000
     metrics = []
     for split, phrasing, note in (("train", "train", "new texts, seen phrasings"),

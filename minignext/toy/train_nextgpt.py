@@ -29,9 +29,7 @@ import re
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 
 from minignext import weights
 from minignext.lora import add_lora, lora_parameters
@@ -40,9 +38,10 @@ from minignext.systems.nextgpt import (MODALITIES, PROJECTION_NAMES, SIGNALS, SP
 from minignext.projection import OutputProjectionConfig
 from minignext.systems.nextgpt_checkpoint import peft_name, projection_state, write_folder
 from minignext.tokenizer import VICUNA_V0
-from minignext.toy import decoder_text, world
+from minignext.toy import decoder_text, family, world
+from minignext.toy.mllm import answer_ce, media_bank, pad_batch, splice
 from minignext.toy.train_audio_decoder import EMBED_DIM
-from minignext.toy.trainer import TOY_DIR, Run, optimizer_step
+from minignext.toy.trainer import ADAM_BETAS, TOY_DIR, Run, RunArgs, optimizer_step
 
 OUT_DIR = TOY_DIR / "nextgpt"
 LORA = {"r": 32, "alpha": 32.0}            # NExT-GPT's; at r = 16 a few held-out requests got no signal tokens
@@ -99,8 +98,7 @@ def conditioning(texts, modality, captions) -> torch.Tensor:
     L2-normalised caption embedding that the toy AudioLDM takes as class_labels."""
     enc, tok = texts[modality]
     if modality == "audio":
-        ids = tok(list(captions), max_length=tok.model_max_length)
-        return F.normalize(enc(ids).embeds, dim=-1)[:, None]
+        return decoder_text.embed(enc, tok, captions)[:, None]
     return decoder_text.encode(enc, tok, captions)
 
 
@@ -128,42 +126,12 @@ def build(root=TOY_DIR, seed=0, decoders=True) -> tuple[NextGPT, dict]:
     return model, texts
 
 
-def media_input(modality, items) -> torch.Tensor:
-    """Rendered world media (uint8 images / videos, float waveforms) -> ImageBind's input batch."""
-    from minignext.toy import train_imagebind as ib
-
-    if modality == "image":
-        return ib.image_input(np.stack(items))
-    if modality == "video":
-        return ib.video_input(np.stack(items))
-    return torch.cat([ib.audio_input(w) for w in items])
-
-
-@torch.no_grad()
-def embed_media(model, modality, items) -> torch.Tensor:
-    """(N, enc_dim) ImageBind embeddings of rendered media, as NextGPT.encode computes them."""
-    return model.visual_encoder.embed("audio" if modality == "audio" else "vision", media_input(modality, items))
-
-
-def media_bank(model, split="train", seed=0, per_key=BANK_PER_KEY) -> dict:
-    """{(modality, obj, direction): (per_key, enc_dim)} ImageBind embeddings of freshly rendered media."""
-    rng = world.make_rng(seed)
-    bank = {}
-    for modality in MODALITIES:
-        for obj in world.SPLITS[split]():
-            for direction in (world.DIRECTIONS if modality == "video" else (None,)):
-                m = world.Media(modality, obj, direction)
-                bank[(modality, obj, direction)] = embed_media(model, modality, [m.render(rng) for _ in range(per_key)])
-    return bank
-
-
 # ---------------------------------------------------------------- examples
 
-def encode_dialogue(model, turns, bank, targets, rng, loss_on="all"):
+def encode_dialogue(model, turns, bank, targets, rng):
     """World turns -> token ids in the Vicuna-v0 template, exactly as NextGPT.build_prompt lays out a
     conversation, with labels on the assistant tokens (signal runs and the closing "###" included),
-    the soft-token slots (position, embedding) and the signal runs (modality, start, target caption).
-    loss_on="last" trains only the last answer."""
+    the soft-token slots (position, embedding) and the signal runs (modality, start, target caption)."""
     tok = model.tokenizer
     ids, labels, soft, runs = [tok.bos_id], [-100], [], []
 
@@ -172,9 +140,8 @@ def encode_dialogue(model, turns, bank, targets, rng, loss_on="all"):
         labels.extend(tokens if train else [-100] * len(tokens))
 
     for i, t in enumerate(turns):
-        train = loss_on == "all" or i == len(turns) - 1
         user = tok.encode(VICUNA_V0.user, add_bos=False)
-        add(user[:1], train and i > 0)                    # the "###" that ends the previous answer
+        add(user[:1], i > 0)                              # the "###" that ends the previous answer
         add(user[1:], False)
         if t.user_media is not None:
             m = t.user_media
@@ -185,13 +152,12 @@ def encode_dialogue(model, turns, bank, targets, rng, loss_on="all"):
             add([tok.token_to_id(SPLICE_CLOSE)], False)
         text = f" {t.user}" if t.user_media is not None else t.user
         add(tok.encode(text + VICUNA_V0.sep + VICUNA_V0.assistant.rstrip(), add_bos=False), False)
-        add(tok.encode(f" {t.assistant}", add_bos=False), train)
+        add(tok.encode(f" {t.assistant}", add_bos=False), True)
         if t.assistant_media is not None:
             m = t.assistant_media
-            if train:
-                runs.append((m.modality, len(ids), targets(m)))
-            add(model.signal_ids[m.modality], train)
-        add(tok.encode(VICUNA_V0.sep, add_bos=False), train)
+            runs.append((m.modality, len(ids), targets(m)))
+            add(model.signal_ids[m.modality], True)
+        add(tok.encode(VICUNA_V0.sep, add_bos=False), True)
     add(tok.encode(VICUNA_V0.user, add_bos=False)[:1], True)
     return {"ids": ids, "labels": labels, "soft": soft, "runs": runs}
 
@@ -213,33 +179,27 @@ def add_fillers(text, rng, p=0.3):
     return world.insert_fillers(text, rng, filler_words(), p, most=2)
 
 
-def stage_turn(stage, rng, split="train", phrasing="train"):
+def stage_turn(stage, rng):
     """One training dialogue of `stage`: 1 describes a medium with its bare caption, 2 makes a medium,
     3 is a mixed multi-turn dialogue whose user turns sometimes carry filler words (add_fillers)."""
     if stage == 3:
-        return [replace(t, user=add_fillers(t.user, rng)) for t in world.sample_dialogue(rng, split, phrasing)]
+        return [replace(t, user=add_fillers(t.user, rng)) for t in world.sample_dialogue(rng)]
     modality = MODALITIES[rng.integers(3)]
     kind = ("describe_" if stage == 1 else "make_") + modality
-    t = world._turn(kind, rng, phrasing, split)
+    t = world.turn(kind, rng, "train", "train")
     if stage == 1:      # encoder-side alignment: the answer is the caption itself
-        t = world.Turn(t.kind, t.user, t.user_media.caption(rng, phrasing) + ".", t.user_media)
+        t = world.Turn(t.kind, t.user, t.user_media.caption(rng) + ".", t.user_media)
     return [t]
 
 
 def collate(model, examples):
     """Right-padded batch: input embeddings with the projected soft tokens spliced in, labels, runs."""
-    llm = model.llama_model
-    width = max(len(e["ids"]) for e in examples)
-    ids = torch.zeros(len(examples), width, dtype=torch.long)
-    labels = torch.full((len(examples), width), -100)
-    for b, e in enumerate(examples):
-        ids[b, :len(e["ids"])] = torch.tensor(e["ids"])
-        labels[b, :len(e["labels"])] = torch.tensor(e["labels"])
-    embeds = llm.embed(ids)
-    slots = [(b, p, v) for b, e in enumerate(examples) for p, v in e["soft"]]
-    if slots:
-        b, p, v = zip(*slots)
-        embeds = embeds.index_put((torch.tensor(b), torch.tensor(p)), model.llama_proj(torch.stack(v))[:, 0])
+    ids, labels = pad_batch([e["ids"] for e in examples], [e["labels"] for e in examples])
+    embeds = model.llama_model.embed(ids)
+    soft = [(b, p, v) for b, e in enumerate(examples) for p, v in e["soft"]]
+    if soft:
+        b, p, v = zip(*soft)
+        embeds = splice(embeds, b, p, model.llama_proj(torch.stack(v))[:, 0])
     runs = [(b, m, s, t) for b, e in enumerate(examples) for m, s, t in e["runs"]]
     return embeds, labels, runs
 
@@ -247,11 +207,6 @@ def collate(model, examples):
 def signal_distance(pred, target):
     """Stage 2's alignment loss: the mean over tokens of the Euclidean (L2, not squared) distance."""
     return (pred - target).norm(dim=-1).mean()
-
-
-def answer_ce(logits, labels):
-    """Next-token cross-entropy where labels != -100: logits at t predict the label at t + 1."""
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
 
 
 def distance_loss(model, hidden, runs):
@@ -313,20 +268,19 @@ def count_trainable(model, stage) -> dict:
     return {"stage": stage, "trainable": n, "total": total, "percent": round(100 * n / total, 3)}
 
 
-def run_stage(model, stage, bank, targets, seed=0, resume=True, progress=True, scale=1.0, runs_dir=None, batch=None):
+def run_stage(model, stage, bank, targets, args: RunArgs, batch=None):
     cfg = {**STAGES[stage], **({"batch": batch} if batch else {})}
     params = trainable(model, stage)
     fast = {id(p) for m in ("llama_proj", *(PROJECTION_NAMES[m] for m in MODALITIES))
             for p in getattr(model, m).parameters()} if stage == 3 else set()
     groups = [{"params": [p for p in params if id(p) not in fast]},
               {"params": [p for p in params if id(p) in fast], "lr_scale": PROJECTION_LR_SCALE}]
-    opt = torch.optim.Adam([g for g in groups if g["params"]], lr=cfg["lr"], betas=(0.9, 0.95))
-    total = max(2, int(cfg["steps"] * scale))
-    run = Run(f"nextgpt_stage{stage}-seed{seed}-scale{scale:g}", {"model": model}, opt, total, cfg["lr"],
-              warmup=min(50, total // 10 + 1), resume=resume, progress_bar=progress, runs_dir=runs_dir)
+    opt = torch.optim.Adam([g for g in groups if g["params"]], lr=cfg["lr"], betas=ADAM_BETAS)
+    part = f"nextgpt_stage{stage}"
+    run = Run.start(part, args, {"model": model}, opt, cfg["steps"], cfg["lr"], warmup=50)
     model.train()
     for step in run.steps():
-        rng = np.random.default_rng([seed, stage, step])      # the batch depends on the step only: resumable
+        rng = args.rng(f"{part}/batches", step)           # the batch depends on the step only: resumable
         examples = [encode_dialogue(model, stage_turn(stage, rng), bank, targets, rng) for _ in range(cfg["batch"])]
         loss, ce, dist = loss_fn(model, examples)
         optimizer_step(opt, loss, params)
@@ -356,24 +310,25 @@ def caption_targets(texts):
     return target
 
 
-def train(seed=0, resume=True, progress=True, scale=1.0, out_dir=None, runs_dir=None, root=TOY_DIR,
-          bank_per_key=BANK_PER_KEY) -> dict:
+def train(args: RunArgs, out_dir=None, root=TOY_DIR, bank_per_key=BANK_PER_KEY) -> dict:
     t0 = time.perf_counter()
-    model, _ = build(root, seed, decoders=False)
-    bank = media_bank(model, "train", seed, bank_per_key)
+    model, _ = build(root, args.seed_of("nextgpt/init"), decoders=False)
+    bank = media_bank(model.visual_encoder, MODALITIES, args.rng("nextgpt/media-bank"), "train", bank_per_key)
     summary, targets = {"stages": {}}, None
     for stage in (1, 2, 3):
         if stage == 2:      # stage 1 needs no decoder: it can run while the decoders still train
             targets = caption_targets(load_texts(root))
             start_at_mean_target(model, targets)
         if stage == 3:
+            torch.manual_seed(args.seed_of("nextgpt_stage3/lora-init"))
             add_lora(model.llama_model, LORA["r"], LORA["alpha"])
-        run = run_stage(model, stage, bank, targets, seed, resume, progress, scale, runs_dir)
-        tail = run.history[-20:]
-        summary["stages"][stage] = {**count_trainable(model, stage), "steps": run.total,
-                                    "loss": round(sum(r["loss"] for r in tail) / max(1, len(tail)), 4),
+        run = run_stage(model, stage, bank, targets, args)
+        summary["stages"][stage] = {**count_trainable(model, stage), "steps": run.total, "loss": run.mean_loss(),
                                     "seconds": round(run.seconds, 1)}
     out = save(model, out_dir or OUT_DIR, root, overwrite=True)
+    examples = sum(s["steps"] * STAGES[k]["batch"] for k, s in summary["stages"].items())
+    family.write_training_record(out, minutes=round((time.perf_counter() - t0) / 60, 1), examples=examples,
+                                 stages=summary["stages"])
     summary.update(folder=str(out), lora=LORA, seconds=round(time.perf_counter() - t0, 1),
                    megabytes=round((out / "delta.safetensors").stat().st_size / 1e6, 2))
     return summary

@@ -40,10 +40,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from minignext.toy import checkers, decoder_text, world
+from minignext.toy import checkers, decoder_text, latent_diffusion, world
 from minignext.toy import train_image_decoder as image_decoder
-from minignext.toy.train_image_decoder import folder_megabytes, save_pipeline
-from minignext.toy.trainer import TOY_DIR, Run, optimizer_step
+from minignext.toy.trainer import TOY_DIR, Run, RunArgs, optimizer_step, summary
 from minignext.unet import UNet2DCondition
 from minignext.unet3d import UNet3DCondition, UNet3DConditionConfig
 from minignext.vae import AutoencoderKL
@@ -54,6 +53,10 @@ SAMPLING = {"guidance_scale": 3.0, "num_inference_steps": 25, "num_frames": worl
 # The image decoder's schedule rescaled to zero terminal SNR, v-prediction, trailing steps (Lin et al. 2024)
 SCHEDULER = {**image_decoder.SCHEDULER, "prediction_type": "v_prediction", "rescale_betas_zero_snr": True,
              "timestep_spacing": "trailing"}
+SCHEDULE = {"text": dict(steps=300, lr=2e-3),
+            "unet": dict(steps=700, batch=16, lr=1e-3, ema_decay=0.99, warmup=50, high_noise_share=0.5)}
+TEXT_BATCH = 128
+VIDEOS = 2048           # rendered and encoded once, frame by frame
 
 
 def unet_config() -> UNet3DConditionConfig:
@@ -102,10 +105,9 @@ def unet_from_image(image_unet: UNet2DCondition) -> UNet3DCondition:
 
 # ---------------------------------------------------------------- the text encoder
 
-def direction_codes(seed, norm) -> torch.Tensor:
+def direction_codes(generator, norm) -> torch.Tensor:
     """(4, WIDTH): one fixed, zero-mean vector of length `norm` per direction, nearly orthogonal."""
-    g = torch.Generator().manual_seed(seed * 7919 + 5)
-    codes = torch.randn(len(world.DIRECTIONS), decoder_text.WIDTH, generator=g)
+    codes = torch.randn(len(world.DIRECTIONS), decoder_text.WIDTH, generator=generator)
     codes = codes - codes.mean(1, keepdim=True)
     return norm * F.normalize(codes, dim=1)
 
@@ -117,28 +119,27 @@ def direction_positions(tokenizer, ids) -> torch.Tensor:
     return torch.where(torch.isin(ids, words), torch.arange(ids.shape[1]), ids.shape[1]).min(1).values
 
 
-def train_text_encoder(image_text, tokenizer, seed=0, resume=True, progress=True, scale=1.0, runs_dir=None,
-                       steps=300, batch=128, lr=2e-3):
+def train_text_encoder(image_text, tokenizer, args: RunArgs):
     """The image decoder's text encoder, taught the direction words (ZeroScope, too, has a text encoder
     of its own). Its image captions never had them, so "left" and "up" were untrained rows whose states
     barely differ, and a UNet learns nothing from them in minutes. The copy is distilled to keep the
     image encoder's states (its UNet's spatial layers read those) while every state from the direction
     word on also carries a fixed code of that direction, as long as the states themselves."""
+    s = SCHEDULE["text"]
     teacher = image_text.eval().requires_grad_(False)
     student = copy.deepcopy(teacher).requires_grad_(True).train()
     with torch.no_grad():
         sample = decoder_text.encode(teacher, tokenizer, ["a red circle moving left", "a blue box"])
-    codes = direction_codes(seed, sample.norm(dim=-1).mean().item())
+    codes = direction_codes(args.generator("video_decoder_text/codes"), sample.norm(dim=-1).mean().item())
     params = list(student.parameters())
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    run = Run("video_decoder_text", {"text_encoder": student}, opt, max(2, int(steps * scale)), peak_lr=lr,
-              warmup=20, resume=resume, progress_bar=progress, runs_dir=runs_dir)
+    opt = torch.optim.AdamW(params, lr=s["lr"], weight_decay=0.0)
+    run = Run.start("video_decoder_text", args, {"text_encoder": student}, opt, s["steps"], s["lr"], warmup=20)
     for step in run.steps():
-        rng = np.random.default_rng([seed, 5, step])
-        objs = [world.sample_object(rng, "train") for _ in range(batch)]
-        dirs = [int(rng.integers(len(world.DIRECTIONS))) for _ in objs]
-        captions = [world.caption(o, rng, "video", world.DIRECTIONS[d]) for o, d in zip(objs, dirs)]
-        captions += [world.caption(o, rng, "image") for o in objs[:batch // 4]] + [""] * (batch // 8)
+        rng = args.rng("video_decoder_text/batches", step)
+        media = world.sample_media("video", TEXT_BATCH, rng)
+        captions = [m.caption(rng) for m in media]
+        captions += [world.caption(m.obj, rng, "image") for m in media[:TEXT_BATCH // 4]] + [""] * (TEXT_BATCH // 8)
+        dirs = [world.DIRECTIONS.index(m.direction) for m in media]
         dirs += [0] * (len(captions) - len(dirs))          # no direction word: no code is added
         ids = tokenizer(captions, max_length=tokenizer.model_max_length)
         with torch.no_grad():
@@ -153,59 +154,45 @@ def train_text_encoder(image_text, tokenizer, seed=0, resume=True, progress=True
 
 # ---------------------------------------------------------------- training
 
-def render_videos(n, rng, split="train"):
-    """(n, 8, 3, 32, 32) clips in [-1, 1], their objects and directions."""
-    objs = [world.sample_object(rng, split) for _ in range(n)]
-    dirs = [world.DIRECTIONS[rng.integers(len(world.DIRECTIONS))] for _ in objs]
-    clips = np.stack([world.render_video(o, d, rng) for o, d in zip(objs, dirs)])
-    return torch.from_numpy(clips).permute(0, 1, 4, 2, 3).float() / 127.5 - 1, objs, dirs
-
-
-def train(seed=0, resume=True, progress=True, scale=1.0, out_dir=None, runs_dir=None, image_dir=None,
-          steps=700, batch=16, n_videos=2048, lr=1e-3, train_spatial=True, high_noise_share=0.5) -> dict:
+def train(args: RunArgs, out_dir=None, image_dir=None) -> dict:
     image_dir = Path(image_dir or image_decoder.OUT_DIR)
     if not (image_dir / "model_index.json").is_file():
         raise FileNotFoundError(f"{image_dir} holds no trained image decoder; the video decoder starts from "
                                 f"its VAE, UNet and text encoder: train image_decoder first")
     out = Path(out_dir or OUT_DIR)
+    s = SCHEDULE["unet"]
     vae = AutoencoderKL.from_pretrained(image_dir / "vae", dtype=torch.float32).requires_grad_(False)
     # The image decoder's text encoder, taught the direction words, then frozen (so NExT-GPT's video
     # output projection has a fixed target). The direction reaches the UNet through its temporal attention.
     image_text, tokenizer = decoder_text.load(image_dir)
-    text_encoder, _ = train_text_encoder(image_text, tokenizer, seed, resume, progress, scale, runs_dir)
-    torch.manual_seed(seed)
+    text_encoder, text_run = train_text_encoder(image_text, tokenizer, args)
+    torch.manual_seed(args.seed_of("video_decoder_unet/init"))
     unet = unet_from_image(UNet2DCondition.from_pretrained(image_dir / "unet", dtype=torch.float32))
-    if not train_spatial:
-        for name, p in unet.named_parameters():
-            p.requires_grad_(any(part in name for part in TEMPORAL))
 
-    rng = np.random.default_rng([seed, 3])
-    clips, objs, dirs = render_videos(max(batch, int(n_videos * min(1.0, 4 * scale))), rng)
-    mean, std = image_decoder.encode_dataset(vae, clips.flatten(0, 1))
-    shape = (len(objs), world.N_FRAMES) + mean.shape[1:]
+    rng = args.rng("video_decoder_unet/dataset")
+    media = world.sample_media("video", args.count(VIDEOS, least=s["batch"]), rng)
+    clips = latent_diffusion.to_pixels(world.render_batch(media, rng))            # (N, F, 3, H, W)
+    mean, std = latent_diffusion.encode_dataset(vae, clips.flatten(0, 1))
+    shape = (len(media), world.N_FRAMES) + mean.shape[1:]
     # (N, C, F, h, w), as the 3D UNet takes them
     mean, std = (x.reshape(shape).transpose(1, 2).contiguous() for x in (mean, std))
 
-    ema_unet, ema_text, run = image_decoder.fit_denoiser(
-        "video_decoder_unet", unet, text_encoder, tokenizer, mean, std, vae.scaling_factor,
-        lambda i, rng: world.caption(objs[i], rng, "video", dirs[i]), seed=seed, rng_tag=4, steps=steps,
-        batch=batch, lr=lr, ema_decay=0.99, warmup=50, scale=scale, resume=resume, progress=progress,
-        runs_dir=runs_dir, high_noise_share=high_noise_share, scheduler_config=SCHEDULER)
-    save_pipeline(out, "TextToVideoSDPipeline", ema_unet, "UNet3DConditionModel", vae, ema_text,
-                  tokenizer, SAMPLING, overwrite=True, scheduler_config=SCHEDULER)
-    tail = run.history[-50:]
-    return {"folder": str(out), "unet_loss": round(sum(r["loss"] for r in tail) / len(tail), 4),
-            "minutes": round(run.seconds / 60, 2), "megabytes": folder_megabytes(out)}
+    ema_unet, text_encoder, unet_run = latent_diffusion.train_denoiser(
+        "video_decoder_unet", unet, (text_encoder, tokenizer), (mean, std, vae.scaling_factor),
+        lambda i, rng: media[i].caption(rng), args, scheduler_config=SCHEDULER, **s)
+    latent_diffusion.save_pipeline(out, "TextToVideoSDPipeline", ema_unet, "UNet3DConditionModel", vae, text_encoder,
+                                   tokenizer, SAMPLING, SCHEDULER, overwrite=True)
+    return summary(out, text=text_run, unet=unet_run)
 
 
 # ---------------------------------------------------------------- evaluation
 
-def load_pipeline(folder=None, device=None):
+def load_pipeline(folder=None):
     from minignext.diffusion import VideoPipeline
 
     folder = Path(folder or OUT_DIR)
     settings = json.loads((folder / "sampling.json").read_text())
-    return VideoPipeline.from_pretrained(folder, dtype=torch.float32, device=device), settings
+    return VideoPipeline.from_pretrained(folder, dtype=torch.float32), settings
 
 
 def prompts(n, seed, split="train", phrasing="test"):
@@ -225,10 +212,10 @@ def accuracy(pipeline, settings, objs, dirs, captions, seed, batch=32):
     return right / len(objs)
 
 
-def evaluate(quick=False, seed=1234, folder=None) -> list:
+def evaluate(quick=False, seed=1234) -> list:
     from minignext.toy.eval import Metric
 
-    pipeline, settings = load_pipeline(folder)
+    pipeline, settings = load_pipeline()
     n, n_held = (16, 8) if quick else (48, 16)
     objs, dirs, caps = prompts(n, seed, "train", "test")
     h_objs, h_dirs, h_caps = prompts(n_held, seed + 1, "heldout", "test")

@@ -190,18 +190,18 @@ def render_image(obj: Obj, rng, res=IMAGE_SIZE, size=None, centre=None) -> np.nd
     return _compose(_background(rng, res), _colour_rgb(obj.colour, rng), coverage(obj.shape, centre, size, res))[0]
 
 
-def render_video(obj: Obj, direction: str, rng, res=IMAGE_SIZE, frames=N_FRAMES) -> np.ndarray:
-    """(frames, res, res, 3) uint8: the object, 9-13 px wide, moving 10-14 px in `direction`."""
+def render_video(obj: Obj, direction: str, rng) -> np.ndarray:
+    """(8, 32, 32, 3) uint8: the object, 9-13 px wide, moving 10-14 px in `direction`."""
     if direction not in DIRECTIONS:
         raise ValueError(f"unknown direction {direction!r}; expected one of {DIRECTIONS}")
     rng = make_rng(rng)
-    scale = res / IMAGE_SIZE
-    size, travel = rng.uniform(9, 13) * scale, rng.uniform(10, 14) * scale
+    res = IMAGE_SIZE
+    size, travel = rng.uniform(9, 13), rng.uniform(10, 14)
     vec = np.array(DIRECTION_VECTORS[direction], np.float32)
     lo, hi = size / 2 + 1, res - size / 2 - 1
     # start anywhere that keeps the whole path inside the frame
     start = np.array([rng.uniform(lo + travel * (v < 0), hi - travel * (v > 0)) for v in vec], np.float32)
-    centres = start + np.linspace(0, travel, frames, dtype=np.float32)[:, None] * vec
+    centres = start + np.linspace(0, travel, N_FRAMES, dtype=np.float32)[:, None] * vec
     return _compose(_background(rng, res), _colour_rgb(obj.colour, rng), coverage(obj.shape, centres, size, res))
 
 
@@ -218,9 +218,10 @@ def pitch_track(contour, progress, seconds=1.0, rate=3.5):
     return WOBBLE_SEMITONES * np.sin(2 * np.pi * rate * seconds * progress)
 
 
-def render_audio(obj: Obj, rng, seconds=AUDIO_SECONDS, sr=SAMPLE_RATE) -> np.ndarray:
-    """(seconds * sr,) float32: one sine tone of 70-90% of the clip, pitch = colour, contour = shape."""
+def render_audio(obj: Obj, rng) -> np.ndarray:
+    """(16000,) float32, 1 s: one sine tone of 70-90% of the clip, pitch = colour, contour = shape."""
     rng = make_rng(rng)
+    seconds, sr = AUDIO_SECONDS, SAMPLE_RATE
     n = int(round(seconds * sr))
     dur = np.float32(rng.uniform(0.7, 0.9) * seconds)
     start = np.float32(rng.uniform(0.02, seconds - dur - 0.02))
@@ -369,7 +370,7 @@ class Turn:
     assistant_media: Media | None = None
 
 
-def _turn(kind, rng, phrasing, split, first=None, last=None):
+def turn(kind, rng, phrasing, split, first=None, last=None):
     """One turn of `kind`; `first`/`last` are the first and latest media of the dialogue so far."""
     def say(key, **kw):
         return _pick(rng, INSTRUCTIONS[key], phrasing).format(**kw)
@@ -433,11 +434,11 @@ def sample_dialogue(rng, split="train", phrasing="train", max_turns=3) -> list[T
         pool = TURN_KINDS
         if last is not None and rng.random() < 0.6:  # questions about shape/colour need a visual first one
             pool = FOLLOW_UPS if first.modality != "audio" else FOLLOW_UPS[:3]
-        turn = _turn(pool[rng.integers(len(pool))], rng, phrasing, split, first, last)
-        media = turn.assistant_media or turn.user_media
+        t = turn(pool[rng.integers(len(pool))], rng, phrasing, split, first, last)
+        media = t.assistant_media or t.user_media
         if media is not None:
             first, last = first or media, media
-        turns.append(turn)
+        turns.append(t)
     return turns
 
 
@@ -468,37 +469,48 @@ def format_dialogue(turns, media_marker="<Img></Img>") -> str:
 
 # ---------------------------------------------------------------- datasets
 
-def _batches(render, modality, batch_size, seed, split, phrasing, with_direction=False):
+def sample_media(modality, n, rng, split="train") -> list[Media]:
+    """n media of one modality to render: n objects, then (videos) n directions."""
+    objs = [sample_object(rng, split) for _ in range(n)]
+    dirs = [DIRECTIONS[rng.integers(len(DIRECTIONS))] for _ in objs] if modality == "video" else [None] * n
+    return [Media(modality, o, d) for o, d in zip(objs, dirs)]
+
+
+def render_batch(media, rng) -> np.ndarray:
+    """Media of one modality rendered into one array: uint8 images (n, 32, 32, 3), uint8 videos
+    (n, 8, 32, 32, 3) or float32 waveforms (n, 16000)."""
+    return np.stack([m.render(rng) for m in media])
+
+
+def _batches(modality, batch_size, seed, split, phrasing):
     rng = make_rng(seed)
     while True:
-        objs = [sample_object(rng, split) for _ in range(batch_size)]
-        dirs = [DIRECTIONS[rng.integers(len(DIRECTIONS))] if with_direction else None for _ in objs]
-        media = [render(o, d, rng) for o, d in zip(objs, dirs)]
-        batch = {modality: torch.from_numpy(np.stack(media)),
-                 "caption": [caption(o, rng, modality, d, phrasing) for o, d in zip(objs, dirs)],
-                 "label": torch.tensor([o.index for o in objs]),
-                 "colour": torch.tensor([COLOURS.index(o.colour) for o in objs]),
-                 "shape": torch.tensor([SHAPES.index(o.shape) for o in objs])}
-        if with_direction:
-            batch["direction"] = torch.tensor([DIRECTIONS.index(d) for d in dirs])
+        media = sample_media(modality, batch_size, rng, split)
+        batch = {modality: torch.from_numpy(render_batch(media, rng)),
+                 "caption": [m.caption(rng, phrasing) for m in media],
+                 "label": torch.tensor([m.obj.index for m in media]),
+                 "colour": torch.tensor([COLOURS.index(m.obj.colour) for m in media]),
+                 "shape": torch.tensor([SHAPES.index(m.obj.shape) for m in media])}
+        if modality == "video":
+            batch["direction"] = torch.tensor([DIRECTIONS.index(m.direction) for m in media])
         yield batch
 
 
 def image_batches(batch_size=64, seed=0, split="train", phrasing="train"):
     """Endless batches: image (B, 3, 32, 32) float in [0, 1], caption, label/colour/shape ids."""
-    for b in _batches(lambda o, d, r: render_image(o, r), "image", batch_size, seed, split, phrasing):
+    for b in _batches("image", batch_size, seed, split, phrasing):
         b["image"] = b["image"].permute(0, 3, 1, 2).float() / 255
         yield b
 
 
 def audio_batches(batch_size=64, seed=0, split="train", phrasing="train"):
     """Endless batches: audio (B, 16000) float waveform, caption, label/colour/shape ids."""
-    yield from _batches(lambda o, d, r: render_audio(o, r), "audio", batch_size, seed, split, phrasing)
+    yield from _batches("audio", batch_size, seed, split, phrasing)
 
 
 def video_batches(batch_size=16, seed=0, split="train", phrasing="train"):
     """Endless batches: video (B, 8, 3, 32, 32) float in [0, 1], caption, ids incl. direction."""
-    for b in _batches(render_video, "video", batch_size, seed, split, phrasing, with_direction=True):
+    for b in _batches("video", batch_size, seed, split, phrasing):
         b["video"] = b["video"].permute(0, 1, 4, 2, 3).float() / 255
         yield b
 
