@@ -18,9 +18,10 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from minignext import media
-from minignext.chat import fresh_folder, save_reply, transcript_entry
+from minignext.chat import number, save_reply, transcript_entry
 from minignext.presets import default_preset
 from minignext.systems.nextgpt import Conversation, NextGPT, signal_token_names
+from minignext.utils import atomic_write, fresh_folder
 
 
 def script(inputs):
@@ -58,7 +59,7 @@ def toy_inputs(folder: Path, overwrite=False) -> dict:
 
     folder.mkdir(parents=True, exist_ok=True)
     rng = world.make_rng(0)
-    Image.fromarray(world.render_image(world.Obj("red", "circle"), rng)).save(folder / "input_image.png")
+    media.write_image(folder / "input_image.png", world.render_image(world.Obj("red", "circle"), rng), overwrite)
     media.write_wav(folder / "input_audio.wav", world.render_audio(world.Obj("blue", "square"), rng),
                     world.SAMPLE_RATE, overwrite=overwrite)
     media.write_gif(folder / "input_video.gif", world.render_video(world.Obj("green", "triangle"), "right", rng),
@@ -72,7 +73,7 @@ def make_inputs(folder: Path, overwrite=False) -> dict:
     folder.mkdir(parents=True, exist_ok=True)
     img = Image.new("RGB", (64, 64), (30, 60, 200))
     ImageDraw.Draw(img).ellipse((16, 16, 48, 48), fill=(220, 30, 30))
-    img.save(folder / "input_image.png")
+    media.write_image(folder / "input_image.png", img, overwrite)
     sr, seconds = 16000, 2.0
     t = np.arange(int(sr * seconds)) / sr
     tone = 0.3 * np.sin(2 * math.pi * (300 * t + 150 * t ** 2)).astype(np.float32)
@@ -113,11 +114,12 @@ def main(argv=None):
     p.add_argument("--out", type=Path, default=Path("out") / "demo",
                    help="output folder; if it holds an earlier run, a fresh numbered one is used")
     p.add_argument("--overwrite", action="store_true", help="write into --out even if it holds files")
-    p.add_argument("--steps", type=int, default=None, help="diffusion steps (default: the preset's)")
+    p.add_argument("--steps", type=number(int, 1), default=None, help="diffusion steps (default: the preset's)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     preset = args.preset or default_preset()
-    out = args.out if args.overwrite else fresh_folder(args.out)
+    out = args.out if args.overwrite else fresh_folder(args.out)      # claimed: parallel demos never share one
+    out.mkdir(parents=True, exist_ok=True)
     scripted = preset == "tiny-random"
     note = ("tiny-random: every weight is random, so the text, pictures, sounds and videos are noise, and the "
             "answers are scripted (teacher-forced) to show each route through the loop."
@@ -140,7 +142,9 @@ def main(argv=None):
             print(f"  wrote {path}")
         turns.append((text, list(attach.values()), reply, saved))
         transcript += transcript_entry(i, text, [(k, v.name) for k, v in attach.items()], reply, saved, out)
-    (out / "transcript.md").write_text(transcript)
-    (out / "index.html").write_text(html_page(f"minignext demo ({preset})", note, turns))
+    page = html_page(f"minignext demo ({preset})", note, turns)
+    for name, text in (("transcript.md", transcript), ("index.html", page)):
+        with atomic_write(out / name, overwrite=True) as tmp:
+            tmp.write_text(text)
     print(f"\nwrote {out / 'transcript.md'} and {out / 'index.html'} (open it in a browser)")
     return out

@@ -6,6 +6,7 @@ is learnt, and the loss shifts them by one (logits at t predict the label at t +
 
     pad_batch     right-padded ids and labels
     answer_ce     next-token cross-entropy on the labelled tokens only (NExT-GPT trains the answers)
+    answer_loss   the same from the last hidden states, the LM head run on the labelled positions only
     splice        soft tokens (projected media embeddings) written into the input embeddings
     media_bank    frozen ImageBind embeddings of rendered media, computed once before training
 """
@@ -34,6 +35,14 @@ def pad_batch(seqs, labels=None, pad_id=0):
 def answer_ce(logits, labels):
     """Next-token cross-entropy where labels != -100: logits at t predict the label at t + 1."""
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+
+
+def answer_loss(head, hidden, labels):
+    """answer_ce(head(hidden), labels), with the head run only where a label is: the same value,
+    without the (B, T, vocab) logits of every position."""
+    keep = labels[:, 1:] != -100
+    logits = head(hidden[:, :-1][keep])
+    return F.cross_entropy(logits.float(), labels[:, 1:][keep])
 
 
 def splice(embeds, rows, positions, vectors):
