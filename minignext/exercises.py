@@ -75,8 +75,7 @@ SWAPS = {
     },
     "lesson08_training": {
         "signal_distance": [("minignext.toy.train_nextgpt", "signal_distance")],
-        "answer_ce": [("minignext.toy.mllm", "answer_ce"), ("minignext.toy.train_llm", "answer_ce"),
-                      ("minignext.toy.train_nextgpt", "answer_ce")],
+        "answer_ce": [("minignext.toy.mllm", "answer_ce"), ("minignext.toy.train_llm", "answer_ce")],
         "freeze_old_rows": [("minignext.toy.train_nextgpt", "freeze_old_rows"),
                             ("minignext.systems.nextgpt", "freeze_old_rows")],
         "merge_lora": [("minignext.weights", "merge_lora"), ("minignext.lora", "merge_lora")],
