@@ -224,7 +224,7 @@ class Conversation:
             for k in range(len(turn.media)):
                 out += [SPLICE_OPEN, (t, k), SPLICE_CLOSE]
             text = f" {turn.text}" if turn.media else turn.text
-            out.append(UserText(text + template.sep + ask))
+            out += [UserText(text), template.sep + ask]     # the template's own tokens stay special
         return out
 
 

@@ -41,7 +41,7 @@ from minignext.projection import OutputProjectionConfig
 from minignext.systems.nextgpt_checkpoint import peft_name, projection_state, write_folder
 from minignext.tokenizer import CHATML, VICUNA_V0, ChatTemplate
 from minignext.toy import decoder_text, dialogues, family, world
-from minignext.toy.mllm import answer_loss, media_bank, pad_batch, splice
+from minignext.toy.mllm import answer_loss, by_length, media_bank, pad_batch, splice
 from minignext.toy.train_audio_decoder import EMBED_DIM
 from minignext.toy.trainer import ADAM_BETAS, TOY_DIR, Run, RunArgs, optimizer_step
 
@@ -66,6 +66,7 @@ class Recipe:
     mosit: float                # share of stage-3 conversations from dialogues.py (the rest: world.sample_dialogue)
     bf16: bool = False          # matmuls in bfloat16 (autocast): twice as fast on a CPU with AVX512-BF16
     compact_rows: bool = False  # ship only the new embedding rows (a 49k-token vocabulary dwarfs the rest)
+    max_tokens: int | None = None   # padded positions per micro-batch (long multi-turn batches waste less)
 
 
 RECIPES = {
@@ -73,7 +74,7 @@ RECIPES = {
     "smol": Recipe("smol", SMOL_BASE, CHATML, {1: dict(steps=300, batch=16, lr=3e-3),
                                               2: dict(steps=300, batch=16, lr=3e-3),
                                               3: dict(steps=400, batch=8, lr=5e-4)},
-                   mosit=0.85, bf16=True, compact_rows=True),
+                   mosit=0.85, bf16=True, compact_rows=True, max_tokens=1024),
 }
 PROJECTION_LR_SCALE = 4.0                   # stage 3: both projections learn faster than the LoRA factors
 BANK_PER_KEY = 8                            # rendered samples per (modality, object[, direction])
@@ -185,7 +186,7 @@ def encode_dialogue(model, turns, bank, targets, rng):
             add([0], False)
             add([tok.token_to_id(SPLICE_CLOSE)], False)
         text = f" {t.user}" if t.user_media is not None else t.user
-        add(tok.encode(text + template.sep + ask, add_bos=False), False)
+        add(tok.encode(text, add_bos=False, special=False) + tok.encode(template.sep + ask, add_bos=False), False)
         made = made_media(t)
         answer = tok.encode(lead + t.assistant + "".join("".join(signal_token_names(m.modality)) for m in made)
                             + template.sep, add_bos=False)
@@ -258,30 +259,36 @@ def signal_distance(pred, target):
     return (pred - target).norm(dim=-1).mean()
 
 
-def distance_loss(model, hidden, runs):
+def distance_loss(model, pairs):
     """Mean per-token Euclidean distance (not squared) between the projected signal states and the
-    decoder text encoder's output, averaged over the modalities present."""
+    decoder text encoder's output, averaged over the modalities present. pairs: [(modality, the
+    hidden states at its signal run (n, H), the target conditioning)]."""
     losses = []
     for modality in MODALITIES:
-        mine = [(b, s, t) for b, m, s, t in runs if m == modality]
+        mine = [(h, t) for m, h, t in pairs if m == modality]
         if not mine:
             continue
         ids = torch.tensor(model.signal_ids[modality])
-        states = torch.stack([hidden[b, s:s + len(ids)] for b, s, _ in mine])
         emb = model.llama_model.embed(ids)[None].expand(len(mine), -1, -1)
-        pred = model.output_projection(modality)(states, emb)
-        losses.append(signal_distance(pred, torch.stack([t for _, _, t in mine])))
-    return torch.stack(losses).mean() if losses else hidden.new_zeros(())
+        pred = model.output_projection(modality)(torch.stack([h for h, _ in mine]).float(), emb)
+        losses.append(signal_distance(pred, torch.stack([t for _, t in mine])))
+    return torch.stack(losses).mean() if losses else torch.zeros(())
 
 
-def loss_fn(model, examples, bf16=False):
-    """CE on the answers plus the signal-state distance. The LM head runs only where a label is
-    (with a 49k-token vocabulary it would otherwise cost a fifth of the step)."""
-    embeds, labels, runs = collate(model, examples)
+def loss_fn(model, examples, bf16=False, max_tokens=None):
+    """CE on the answers plus the signal-state distance, over the batch in length-sorted micro-batches
+    of at most `max_tokens` padded positions (None: one batch): the same loss, with little padding.
+    The LM head runs only where a label is (a 49k-token vocabulary would cost a fifth of the step)."""
+    ce_sum, labelled, pairs = 0.0, 0, []
     with torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else nullcontext():
-        hidden = model.llama_model.hidden_states(inputs_embeds=embeds)
-        ce = answer_loss(model.llama_model.lm_head, hidden, labels)
-        dist = distance_loss(model, hidden.float(), runs)
+        for group in by_length(examples, max_tokens):
+            embeds, labels, runs = collate(model, group)
+            hidden = model.llama_model.hidden_states(inputs_embeds=embeds)
+            ce_sum = ce_sum + answer_loss(model.llama_model.lm_head, hidden, labels, reduction="sum")
+            labelled += int((labels[:, 1:] != -100).sum())
+            pairs += [(m, hidden[b, s:s + len(model.signal_ids[m])], t) for b, m, s, t in runs]
+    ce = ce_sum / max(1, labelled)
+    dist = distance_loss(model, pairs)
     return ce + dist, ce, dist
 
 
@@ -335,7 +342,7 @@ def run_stage(model, stage, bank, targets, args: RunArgs, batch=None, recipe: Re
         rng = args.rng(f"{part}/batches", step)           # the batch depends on the step only: resumable
         examples = [encode_dialogue(model, stage_turn(stage, rng, recipe.mosit), bank, targets, rng)
                     for _ in range(cfg["batch"])]
-        loss, ce, dist = loss_fn(model, args.shard(examples), recipe.bf16)
+        loss, ce, dist = loss_fn(model, args.shard(examples), recipe.bf16, recipe.max_tokens)
         optimizer_step(opt, loss, params)
         run.log(loss.item(), ce=ce.item(), dist=dist.item())
     model.eval()
