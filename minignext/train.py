@@ -1,6 +1,6 @@
 """Train NExT-GPT at real size, on one process or many (minignext.training.nextgpt), and what goes with it.
 
-    python -m minignext.train nextgpt --preset nextgpt-7b --data DIR --out OUT [--stages 1,2,3] [--fsdp]
+    python -m minignext.train nextgpt --preset nextgpt-7b --data DIR --out OUT [--last-stage 3] [--fsdp]
     torchrun --nproc_per_node 8 -m minignext.train nextgpt --preset nextgpt-7b --data DIR --out OUT \\
         --device cuda --dtype bfloat16
     python -m minignext.train synthetic DIR        # a tiny data set in the reference's formats
@@ -26,7 +26,8 @@ def parser() -> argparse.ArgumentParser:
     n.add_argument("--preset", default="nextgpt-7b", choices=("nextgpt-7b", "tiny-random"))
     n.add_argument("--data", type=Path, required=True, help="T_X_pair_data/, IT_data/MosIT_data/, embed/")
     n.add_argument("--out", type=Path, required=True, help="where nextgpt.json, delta.safetensors and runs/ go")
-    n.add_argument("--stages", default="1,2,3", help="comma-separated, in order (default 1,2,3)")
+    n.add_argument("--last-stage", type=int, default=3, choices=(1, 2, 3),
+                   help="train stages 1 to this one (finished stages are skipped when the command runs again)")
     n.add_argument("--fsdp", action="store_true", help="shard the model (FSDP) instead of copying it (DDP)")
     n.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     n.add_argument("--dtype", default="float32", choices=tuple(DTYPES))
@@ -54,12 +55,6 @@ def run_nextgpt(p, ns):
     from minignext.toy.trainer import RunArgs, launched
     from minignext.training import nextgpt
 
-    try:
-        todo = tuple(int(x) for x in ns.stages.split(","))
-        if not todo or any(s not in (1, 2, 3) for s in todo) or list(todo) != sorted(set(todo)):
-            raise ValueError
-    except ValueError:
-        p.error(f"--stages takes stages among 1, 2, 3 in order, e.g. 1,2,3 or 3; got {ns.stages!r}")
     if ns.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: this machine has no CUDA device")
     try:
@@ -69,7 +64,7 @@ def run_nextgpt(p, ns):
         p.error(str(e))
     if ns.threads:
         torch.set_num_threads(ns.threads)
-    report = launched(args, nextgpt.train, args, ns.preset, ns.data, ns.out, todo, batch=ns.batch, lr=ns.lr,
+    report = launched(args, nextgpt.train, args, ns.preset, ns.data, ns.out, ns.last_stage, batch=ns.batch, lr=ns.lr,
                       epochs=ns.epochs, steps=ns.steps, dtype=DTYPES[ns.dtype], max_tokens=ns.max_tokens)
     if report is not None and args.main:
         print(json.dumps(report, indent=1))

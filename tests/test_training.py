@@ -171,3 +171,18 @@ def test_the_memory_tables_of_the_docs_are_computed():
     trained = {stage: n for way, stage, n, _ in t["rows"] if way == "DDP"}
     assert trained[1] == 1024 * 4096 + 4096 and trained[3] == trained[2] + trained[1] + lora
     assert 2e6 < t["activations"] < 2e7              # bytes a token: a 7B LLaMA keeps megabytes
+
+
+def test_the_training_command(tmp_path, capsys):
+    from minignext import train
+
+    train.main(["synthetic", str(tmp_path / "data"), "--n", "2"])
+    assert len(data.read_pairs(tmp_path / "data")) == 6 and len(data.read_mosit(tmp_path / "data")) == 2
+    ns = train.parser().parse_args(["nextgpt", "--data", "d", "--out", "o", "--fsdp", "--last-stage", "2"])
+    assert (ns.preset, ns.fsdp, ns.last_stage, ns.dtype) == ("nextgpt-7b", True, 2, "float32")
+    with pytest.raises(SystemExit):
+        train.parser().parse_args(["nextgpt", "--data", "d", "--out", "o", "--last-stage", "4"])
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit):
+            train.main(["nextgpt", "--data", "d", "--out", "o", "--device", "cuda"])
+        assert "no CUDA device" in capsys.readouterr().err

@@ -95,11 +95,12 @@ def stage_dialogues(data_dir, todo) -> dict:
     return {s: data.read_mosit(data_dir) if s == 3 else data.pair_dialogues(pairs, s) for s in todo}
 
 
-def train(args: RunArgs, preset, data_dir, out, todo=(1, 2, 3), batch=BATCH, lr=PEAK_LR, epochs=1.0, steps=None,
+def train(args: RunArgs, preset, data_dir, out, last_stage=3, batch=BATCH, lr=PEAK_LR, epochs=1.0, steps=None,
           dtype=torch.float32, max_tokens=MAX_TOKENS) -> dict:
-    """Stages `todo` on the data in data_dir; OUT/{nextgpt.json, delta.safetensors}. Each stage runs
-    `steps` steps of `batch` dialogues, or enough for `epochs` passes over its data."""
-    t0, out = time.perf_counter(), Path(out)
+    """Stages 1 to `last_stage` on the data in data_dir; OUT/{nextgpt.json, delta.safetensors}. Each
+    stage runs `steps` steps of `batch` dialogues, or enough for `epochs` passes over its data; a
+    stage whose run finished before (OUT/runs/) is loaded, not trained again."""
+    t0, out, todo = time.perf_counter(), Path(out), tuple(range(1, last_stage + 1))
     load_on = "cpu" if args.fsdp else args.device       # FSDP: the shards go to the devices, not the model
     model, dirs = build(preset, dtype, load_on, args.seed_of("nextgpt/init"))
     if dirs is None:        # tiny-random: its parts before training become the folders the result points at
