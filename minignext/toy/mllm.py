@@ -71,7 +71,7 @@ def splice(embeds, rows, positions, vectors):
     """`embeds` (B, T, D) with vectors[i] (D,) written at (rows[i], positions[i]); index_put keeps the
     graph, so gradients reach whatever made the vectors (the input projection)."""
     return embeds.index_put((torch.tensor(rows, device=embeds.device), torch.tensor(positions, device=embeds.device)),
-                            vectors)
+                            vectors.to(embeds.dtype))
 
 
 @torch.no_grad()
