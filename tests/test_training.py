@@ -1,7 +1,7 @@
 """The training kit's pieces in one process: torchrun's environment, shares and the stateless sampler,
 a run stopped and resumed, checkpoints without the frozen weights, the twin FSDP shards, the readers of
 the reference's data formats, NExT-GPT's examples with several media, and the memory table of the
-README and lesson 10 against its computation."""
+README and lesson 11 against its computation."""
 
 import json
 from pathlib import Path
@@ -160,7 +160,7 @@ def test_a_dialogue_with_several_media_is_laid_out_as_the_prompt():
 
 
 def test_the_memory_tables_of_the_docs_are_computed():
-    """README and lesson 10 print what python -m minignext.train memory computes on the meta device."""
+    """README and lesson 11 print what python -m minignext.train memory computes on the meta device."""
     text = memory.markdown_table()
     for doc in ("README.md", "LESSONS.md"):
         assert text in (ROOT / doc).read_text(), doc
