@@ -22,7 +22,9 @@ Every part also trains on several processes, under torchrun, the parts one after
     torchrun --nproc_per_node 2 -m minignext.toy.train foundations --threads 1 [--fsdp]
 
 Each step's global batch is split between the processes (DDP; with --fsdp the runs that hold an LLM
-are sharded), which take the same steps one process would (minignext.toy.trainer).
+are sharded), which take the same steps one process would (minignext.toy.trainer); only ImageBind's
+audio branch, whose stochastic depth each process draws for its own share, trains alike but not step
+for step.
 """
 
 import argparse
