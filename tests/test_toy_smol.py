@@ -16,6 +16,7 @@ pytestmark = pytest.mark.skipif(not presets.smol_base_available(),
 
 @pytest.fixture(scope="module")
 def smol(tmp_path_factory):
+    presets.smol_base()                     # converted once from the GGUF file into weights/base/
     root = train_nextgpt.random_foundations(tmp_path_factory.mktemp("foundations"))
     model, texts = train_nextgpt.build(root, recipe=train_nextgpt.RECIPES["smol"])
     return model, texts
