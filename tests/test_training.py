@@ -186,3 +186,31 @@ def test_the_training_command(tmp_path, capsys):
         with pytest.raises(SystemExit):
             train.main(["nextgpt", "--data", "d", "--out", "o", "--device", "cuda"])
         assert "no CUDA device" in capsys.readouterr().err
+
+
+def test_replay_updates_run_after_each_step_on_one_process_only(tmp_path):
+    """The smol recipe's Replay, through stages.run_stage: it keeps every step's signal states and moves
+    the output projections further than the step alone; on several processes it is refused."""
+    from minignext.toy.train_nextgpt import Replay
+
+    torch.manual_seed(0)
+    target = torch.randn(TINY["cond"]["image"])
+    turn = data.Turn("make a picture", "here it is", [], [data.Medium("image", None, "", None)])
+
+    def train(replay_updates):
+        model = tiny_random()
+        model.first_new_id = model.signal_ids["image"][0]
+        ex = stages.encode_dialogue(model, [turn], None, lambda m: target)
+        args = RunArgs(progress=False, runs_dir=tmp_path / str(replay_updates))
+        replay = Replay(model, replay_updates, args) if replay_updates else None
+        stages.run_stage(model, 2, args, lambda step: [ex, ex], steps=2, lr=1e-3, warmup=1, replay=replay)
+        return model, replay
+
+    plain, _ = train(0)
+    model, replay = train(3)
+    assert len(replay.steps) == 2 and [m for m, _, _ in replay.steps[0]] == ["image", "image"]
+    moved = [(a - b).abs().max() for a, b in zip(model.output_projection("image").parameters(),
+                                                 plain.output_projection("image").parameters())]
+    assert max(moved) > 1e-4
+    with pytest.raises(ValueError, match="trains on one process"):
+        Replay(model, 3, RunArgs(rank=0, world_size=2))

@@ -43,7 +43,7 @@ from minignext.tokenizer import CHATML, VICUNA_V0, ChatTemplate
 from minignext.toy import decoder_text, dialogues, family, world
 from minignext.toy.mllm import media_bank
 from minignext.toy.train_audio_decoder import EMBED_DIM
-from minignext.toy.trainer import TOY_DIR, RunArgs
+from minignext.toy.trainer import ADAM_BETAS, TOY_DIR, RunArgs, optimizer_step
 from minignext.training import stages
 from minignext.training.stages import (LORA, collate, count_trainable, distance_loss, loss_fn,  # noqa: F401
                                        made_media, signal_distance, trainable)
@@ -69,6 +69,7 @@ class Recipe:
     bf16: bool = False          # matmuls in bfloat16 (autocast): twice as fast on a CPU with AVX512-BF16
     compact_rows: bool = False  # ship only the new embedding rows (a 49k-token vocabulary dwarfs the rest)
     max_tokens: int | None = None   # padded positions per micro-batch (long multi-turn batches waste less)
+    replay: int = 0             # extra output-projection updates per step on recent signal states (see Replay)
 
 
 RECIPES = {
@@ -76,7 +77,7 @@ RECIPES = {
     "smol": Recipe("smol", SMOL_BASE, CHATML, {1: dict(steps=150, batch=16, lr=3e-3),
                                               2: dict(steps=300, batch=16, lr=3e-3),
                                               3: dict(steps=220, batch=8, lr=5e-4)},
-                   mosit=0.85, bf16=True, compact_rows=True, max_tokens=1024),
+                   mosit=0.85, bf16=True, compact_rows=True, max_tokens=1024, replay=8),
 }
 PROJECTION_LR_SCALE = 4.0                   # stage 3: both projections learn faster than the LoRA factors
 BANK_PER_KEY = 8                            # rendered samples per (modality, object[, direction])
@@ -206,8 +207,52 @@ def run_stage(model, stage, bank, targets, args: RunArgs, batch=None, recipe: Re
         return [encode_dialogue(model, stage_turn(stage, rng, recipe.mosit), bank, targets, rng)
                 for _ in range(cfg["batch"])]
 
+    replay = Replay(model, recipe.replay, args, seed=args.seed_of(f"{part}/replay")) if recipe.replay and stage >= 2 \
+        else None
     return stages.run_stage(model, stage, args, draw, steps=cfg["steps"], lr=cfg["lr"], name=recipe.name,
-                            projection_lr_scale=PROJECTION_LR_SCALE, bf16=recipe.bf16, max_tokens=recipe.max_tokens)
+                            projection_lr_scale=PROJECTION_LR_SCALE, bf16=recipe.bf16, max_tokens=recipe.max_tokens,
+                            replay=replay)
+
+
+class Replay:
+    """Extra updates of the output projections on the signal states of the last `window` steps.
+
+    On a 135M LLM the forward and backward through the LLM cost nearly all of a stage-2 step and the
+    output projections almost nothing, so two cores afford a few hundred steps: too few updates for
+    the projections (each modality gets a third of a batch per step). After each step, `updates`
+    more steps of the projections alone (their own Adam, the stage's current learning rate) run on
+    recent hidden states, detached: the loss is the same distance, on states a few steps old. The
+    LLM, its new rows and the LoRA factors learn only in the main step. Not part of the resumable
+    state: a resumed run starts with an empty window. One process only: these updates bypass DDP
+    and FSDP, and each process would replay its own share."""
+
+    def __init__(self, model, updates, args: RunArgs, window=16, batch=16, seed=0):
+        if args.world_size > 1:
+            raise ValueError(f"a recipe with replay updates (Recipe.replay = {updates}) trains on one process; "
+                             f"got {args.world_size} processes: run it without torchrun")
+        self.model, self.updates, self.batch = model, updates, batch
+        self.params = [p for m in MODALITIES for p in model.output_projection(m).parameters()]
+        self.opt = torch.optim.Adam(self.params, betas=ADAM_BETAS)
+        self.steps, self.window = [], window
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def keep(self, pairs):
+        self.steps = (self.steps + [[(m, h.detach().float(), t) for m, h, t in pairs]])[-self.window:]
+
+    def run(self, lr):
+        pool = [p for step in self.steps for p in step]
+        if not pool:
+            return
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        for _ in range(self.updates):
+            picked = []
+            for m in MODALITIES:
+                mine = [p for p in pool if p[0] == m]
+                if mine:
+                    idx = torch.randint(len(mine), (min(self.batch, len(mine)),), generator=self.gen)
+                    picked += [mine[i] for i in idx.tolist()]
+            optimizer_step(self.opt, distance_loss(self.model, picked, rows_learn=False), self.params)
 
 
 @torch.no_grad()

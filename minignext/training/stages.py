@@ -118,10 +118,11 @@ def signal_distance(pred, target):
     return (pred - target).norm(dim=-1).mean()
 
 
-def distance_loss(model, pairs, args: RunArgs | None = None):
+def distance_loss(model, pairs, args: RunArgs | None = None, rows_learn=True):
     """Mean per-token Euclidean distance (not squared) between the projected signal states and the
     decoder text encoder's output, averaged over the modalities present (in the global batch). pairs:
-    [(modality, the hidden states at its signal run (n, H), the target conditioning)]."""
+    [(modality, the hidden states at its signal run (n, H), the target conditioning)]. rows_learn=False:
+    no gradient reaches the signal tokens' embedding rows."""
     shared = args is not None and args.world_size > 1
     totals, counts = [], []
     for modality in MODALITIES:
@@ -131,7 +132,8 @@ def distance_loss(model, pairs, args: RunArgs | None = None):
             counts.append(0)
             continue
         ids = torch.tensor(model.signal_ids[modality], device=mine[0][0].device)
-        emb = model.llama_model.embed(ids)[None].expand(len(mine), -1, -1)
+        with nullcontext() if rows_learn else torch.no_grad():
+            emb = model.llama_model.embed(ids)[None].expand(len(mine), -1, -1)
         pred = model.output_projection(modality)(torch.stack([h for h, _ in mine]).float(), emb)
         target = torch.stack([t for _, t in mine]).to(pred)
         distances = (pred - target).norm(dim=-1)
@@ -145,12 +147,13 @@ def distance_loss(model, pairs, args: RunArgs | None = None):
     return torch.stack(present).mean() if present else zero
 
 
-def loss_fn(model, examples, bf16=False, max_tokens=None, args: RunArgs | None = None):
+def loss_fn(model, examples, bf16=False, max_tokens=None, args: RunArgs | None = None, keep=None):
     """(CE + distance, CE, distance) on the answers, over the batch in length-sorted micro-batches of
     at most `max_tokens` padded positions (None: one batch): the same loss, with little padding. The
     LM head runs only where a label is (a 49k-token vocabulary would cost a fifth of the step).
     bf16: the matmuls in bfloat16 (autocast). With the RunArgs of one of several processes, this
-    share's part of the global batch's loss, weighted by its labelled tokens and signal states."""
+    share's part of the global batch's loss, weighted by its labelled tokens and signal states.
+    keep(pairs), if given, receives the signal states with their targets."""
     device = model.llama_proj.weight.device
     ce_sum, labelled, pairs = torch.zeros((), device=device), 0, []
     with torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext():
@@ -162,6 +165,8 @@ def loss_fn(model, examples, bf16=False, max_tokens=None, args: RunArgs | None =
             pairs += [(m, hidden[b, s:s + len(model.signal_ids[m])], t) for b, m, s, t in runs]
     ce = ce_sum / max(1, labelled) if args is None or args.world_size == 1 else args.mean(ce_sum, labelled)
     dist = distance_loss(model, pairs, args)
+    if keep is not None:
+        keep(pairs)
     return ce + dist, ce, dist
 
 
@@ -216,11 +221,13 @@ def count_trainable(model, stage) -> dict:
 
 
 def run_stage(model, stage, args: RunArgs, draw, *, steps, lr, warmup=50, projection_lr_scale=1.0, bf16=False,
-              max_tokens=None, save_frozen=True, name="nextgpt") -> Run:
+              max_tokens=None, save_frozen=True, name="nextgpt", replay=None) -> Run:
     """Train `stage` for args.steps(steps) steps as the run `{name}_stage{stage}`: `draw(step)` gives
     the step's global batch of examples (the same on every process), each process trains on its share.
     In stage 3 the projections' learning rate is lr * projection_lr_scale. bf16: the forward under
-    autocast, and what trains kept in fp32 (the optimiser's master copy). max_tokens: see loss_fn."""
+    autocast, and what trains kept in fp32 (the optimiser's master copy). max_tokens: see loss_fn.
+    replay: keeps each step's signal states (replay.keep) and runs its own updates after the step
+    (replay.run(lr), at the projections' learning rate), as the toy smol recipe does."""
     params = trainable(model, stage)
     if bf16:
         for p in params:
@@ -237,8 +244,11 @@ def run_stage(model, stage, args: RunArgs, draw, *, steps, lr, warmup=50, projec
         batch = draw(step)
         if len(batch) < args.world_size:
             raise ValueError(f"a batch of {len(batch)} cannot be shared by {args.world_size} processes")
-        loss, ce, dist = run.forward(loss_fn, model, args.shard(batch), bf16, max_tokens, args)
+        loss, ce, dist = run.forward(loss_fn, model, args.shard(batch), bf16, max_tokens, args,
+                                     None if replay is None else replay.keep)
         optimizer_step(opt, loss, params)
+        if replay is not None:
+            replay.run(opt.param_groups[-1]["lr"])
         run.log(loss.item(), ce=ce.item(), dist=dist.item())
     model.eval()
     return run
