@@ -2,6 +2,8 @@
 
     python -m minignext.toy.train foundations [--only imagebind,llm,...] [--seed 0] [--scale 1] [--fresh] [--lanes 2]
     python -m minignext.toy.train nextgpt [--seed 0] [--scale 1] [--fresh]
+    python -m minignext.toy.train minigpt4 [--seed 0] [--scale 1] [--fresh]
+    python -m minignext.toy.train minigpt4-queries      (the lesson's ablation: 1 and 4 queries)
 
 Each part lives in its own module, `minignext.toy.train_<part>`, with `train(args: RunArgs) -> dict`
 that saves the part's finished weights under weights/toy/ and returns a summary. The arguments
@@ -30,6 +32,8 @@ import torch
 from minignext.toy.trainer import RUNS_DIR, TOY_DIR, RunArgs
 
 FOUNDATIONS = ("imagebind", "llm", "image_decoder", "audio_decoder", "video_decoder")
+SYSTEMS = ("nextgpt", "minigpt4", "minigpt4-queries")
+ENTRY_POINTS = {"minigpt4-queries": ("minigpt4", "train_ablation")}    # what -> (part, function); else (what, train)
 PHASES = ((("image_decoder",), ("imagebind", "llm", "audio_decoder")),      # two lanes side by side
           (("video_decoder",),))                                             # then one, with both threads
 
@@ -38,7 +42,8 @@ def run_parts(parts, args: RunArgs):
     summary = {}
     for part in parts:
         t0 = time.perf_counter()
-        result = importlib.import_module(f"minignext.toy.train_{part}").train(args)
+        module, function = ENTRY_POINTS.get(part, (part, "train"))
+        result = getattr(importlib.import_module(f"minignext.toy.train_{module}"), function)(args)
         result["seconds"] = round(time.perf_counter() - t0, 1)
         summary[part] = result
         print(f"{part}: {json.dumps(result)}", flush=True)
@@ -105,7 +110,7 @@ def run_lanes(lanes, args: RunArgs, threads):
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m minignext.toy.train", description=__doc__.splitlines()[0])
-    p.add_argument("what", choices=("foundations", "nextgpt"))
+    p.add_argument("what", choices=("foundations", *SYSTEMS))
     p.add_argument("--only", help="comma-separated parts of the foundations: " + ",".join(FOUNDATIONS))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--scale", type=float, default=1.0, help="fraction of the full schedule")
@@ -135,7 +140,7 @@ def main(argv=None):
         if unknown:
             p.error(f"unknown parts {sorted(unknown)}; choose from {FOUNDATIONS}")
     else:
-        parts = ["nextgpt"]
+        parts = [ns.what]
     t0 = time.perf_counter()
     if ns.what == "foundations" and ns.lanes > 1 and len(parts) > 1:
         summary = run_phases(parts, args, ns.threads)
