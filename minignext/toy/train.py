@@ -2,8 +2,9 @@
 
     python -m minignext.toy.train foundations [--only imagebind,llm,...] [--seed 0] [--scale 1] [--fresh] [--lanes 2]
     python -m minignext.toy.train nextgpt [--seed 0] [--scale 1] [--fresh]
+    python -m minignext.toy.train smol [...]    (NExT-GPT's stages on SmolLM2-135M-Instruct)
     python -m minignext.toy.train minigpt4 [--seed 0] [--scale 1] [--fresh]
-    python -m minignext.toy.train minigpt4-queries      (the lesson's ablation: 1 and 4 queries)
+    python -m minignext.toy.train minigpt4-1q | minigpt4-4q     (lesson 9's ablation: 1 and 4 queries)
 
 Each part lives in its own module, `minignext.toy.train_<part>`, with `train(args: RunArgs) -> dict`
 that saves the part's finished weights under weights/toy/ and returns a summary. The arguments
@@ -32,18 +33,24 @@ import torch
 from minignext.toy.trainer import RUNS_DIR, TOY_DIR, RunArgs
 
 FOUNDATIONS = ("imagebind", "llm", "image_decoder", "audio_decoder", "video_decoder")
-SYSTEMS = ("nextgpt", "minigpt4", "minigpt4-queries")
-ENTRY_POINTS = {"minigpt4-queries": ("minigpt4", "train_ablation")}    # what -> (part, function); else (what, train)
 PHASES = ((("image_decoder",), ("imagebind", "llm", "audio_decoder")),      # two lanes side by side
           (("video_decoder",),))                                             # then one, with both threads
+
+
+# what trains on top of the foundations: name -> (module, keyword arguments of its train(args, ...))
+SYSTEMS = {"nextgpt": ("minignext.toy.train_nextgpt", {}),
+           "smol": ("minignext.toy.train_nextgpt", {"recipe": "smol"}),
+           "minigpt4": ("minignext.toy.train_minigpt4", {}),
+           "minigpt4-1q": ("minignext.toy.train_minigpt4", {"queries": 1}),
+           "minigpt4-4q": ("minignext.toy.train_minigpt4", {"queries": 4})}
 
 
 def run_parts(parts, args: RunArgs):
     summary = {}
     for part in parts:
         t0 = time.perf_counter()
-        module, function = ENTRY_POINTS.get(part, (part, "train"))
-        result = getattr(importlib.import_module(f"minignext.toy.train_{module}"), function)(args)
+        module, kwargs = SYSTEMS.get(part, (f"minignext.toy.train_{part}", {}))
+        result = importlib.import_module(module).train(args, **kwargs)
         result["seconds"] = round(time.perf_counter() - t0, 1)
         summary[part] = result
         print(f"{part}: {json.dumps(result)}", flush=True)
