@@ -24,7 +24,7 @@ names: ln_vision, Qformer.bert.*, query_tokens, the ITC/ITM heads, temp) and
 `load` assembles the model with `MiniGPT4.from_official`.
 
     python -m minignext.toy.train minigpt4              the 8-query model
-    python -m minignext.toy.train minigpt4-queries      the same recipe with 1 and 4 queries
+    python -m minignext.toy.train minigpt4-1q           the same recipe with 1 query (minigpt4-4q: 4)
     python -m minignext.toy.eval family
 """
 
@@ -332,11 +332,6 @@ def train(args: RunArgs, queries=QUERIES, out_dir=None, root=TOY_DIR) -> dict:
                                  queries=queries, stages=stages)
     return {"folder": str(out), "queries": queries, "examples": examples, "stages": stages,
             "megabytes": round(sum(f.stat().st_size for f in out.glob("*.safetensors")) / 1e6, 2)}
-
-
-def train_ablation(args: RunArgs) -> dict:
-    """The lesson's ablation: the same recipe with 1 and 4 queries (the 8-query model is `train`'s)."""
-    return {f"{n} queries": train(args, queries=n) for n in ABLATION}
 
 
 def save(folder, model, blip2: dict, meta: dict, root=TOY_DIR) -> Path:
