@@ -91,9 +91,14 @@ def test_each_stage_trains_what_blip2_and_minigpt4_train(parts, tmp_path):
         x = T.pixels(images(2))
         torch.testing.assert_close(model.encode_image(x), proj(b2.query_features(blip2.vision_model, blip2.query_tokens,
                                                                                  blip2.qformer, x)[1]), **TOL)
-    from minignext.tokenizer import Tokenizer
-
-    tok = Tokenizer.from_pretrained(llm_dir)
+    folder = T.save(tmp_path / "minigpt4", model, saved, meta, root=llm_dir.parent)       # and back, as shipped
+    shipped, tok = T.load(folder)
+    retrieval, temp_back, _ = T.load_retrieval(folder)
+    with torch.no_grad():
+        torch.testing.assert_close(shipped.encode_image(x), model.encode_image(x), atol=0.02, rtol=0.02)    # float16 files
+        image = retrieval.vision_model(x).last_hidden_state
+        torch.testing.assert_close(retrieval.image_features(image), blip2.image_features(image), atol=0.02, rtol=0.02)
+    torch.testing.assert_close(temp_back, temp.reshape(()), atol=1e-3, rtol=0)
     for stage in (1, 2):
         before = snapshot(model)
         T.train_projection(model, tok, stage, args, f"stage{stage}", T.curated_set(args))
@@ -105,8 +110,7 @@ def test_supervised_tokens_are_each_answers_tokens(parts):
 
     tok = Tokenizer.from_pretrained(parts[2])
     args = RunArgs(scale=0.002)
-    config = mg.MiniGPT4Config.tiny()
-    for stage, (template, end) in ((1, ("{}", "\n")), (2, (config.prompt_template, config.end_sym))):
+    for stage, (template, end) in ((1, ("{}", "\n")), (2, (T.PROMPT_TEMPLATE, "###"))):
         batch = T.stage_batch(args, stage, 0, 6, T.curated_set(args))
         for _, human, answer in batch:
             ex = mg.build_example(tok, [(human, answer)], 4, template, end)
@@ -114,8 +118,11 @@ def test_supervised_tokens_are_each_answers_tokens(parts):
             assert supervised.sum() == len(tok.encode(answer + end, add_bos=False))
             assert tok.decode(ex.input_ids[supervised]) == answer + end
             assert supervised.nonzero().min() > ex.image_mask.nonzero().max()      # only after the image
-        if stage == 2:
+        if stage == 2:          # the tokens before the answer are those MiniGPT4.chat builds for the question
             assert human.startswith("<Img><ImageHere></Img> ") and answer.endswith(".")
+            before, after = mg.chat_prompt(human.split("</Img> ", 1)[1], style=T.CHAT_STYLE).split(mg.IMAGE_PLACEHOLDER)
+            prompt = tok.encode(before, add_bos=True) + [0] * 4 + tok.encode(after, add_bos=False)
+            assert ex.input_ids[:supervised.nonzero().min()].tolist() == prompt
 
 
 def test_a_qformer_batch_holds_distinct_objects():

@@ -11,8 +11,8 @@ reads through (Li et al. 2023, arXiv 2301.12597) pretrained first. Reference cod
               the heads train. Then all of it is frozen.
     stage 1   llama_proj alone, on captions: "<s>[queries]a picture of a red circle\n"
     stage 2   llama_proj alone, on a small curated set of described images (MiniGPT-4's 3,500, its 400
-              steps of 12) in the template "###Human: <Img><ImageHere></Img> {question} ###Assistant: "
-              with "###" ending the answer.
+              steps of 12) in the template "###Human: <Img><ImageHere></Img> {question}###Assistant: "
+              with "###" ending the answer: the demo's conversation without its system sentence.
 
 Every batch holds distinct objects of the world (there are 21 to train on): with two red circles in a
 batch, ITC would call one the other's negative, and ITM's "hard negative" would be a match.
@@ -59,6 +59,11 @@ STAGES = {                      # steps, batch (distinct objects for the Q-Forme
 CURATED = 3500                  # stage 2's fixed set of described images
 ADAMW = dict(betas=(0.9, 0.999), weight_decay=0.05)    # LAVIS's and MiniGPT-4's optimiser
 TEMP_INIT, TEMP_RANGE = 0.07, (0.001, 0.5)            # ITC's learned temperature, clamped as LAVIS does
+# The toy LLM knows only the world's words: the demo's system sentence ("Give the following image: ...")
+# would be 80 tokens of noise to it, so the toy chats without one, and stage 2 trains in exactly the
+# layout that chat builds: "###Human: <Img>[queries]</Img> {question}###Assistant: ".
+CHAT_STYLE = dataclasses.replace(mg.VICUNA0, system="")
+PROMPT_TEMPLATE = CHAT_STYLE.sep + CHAT_STYLE.roles[0] + "{}" + CHAT_STYLE.sep + CHAT_STYLE.roles[1]
 STORE_DTYPE = torch.float16
 BLIP2_FILE, CHECKPOINT_FILE, META_FILE = "blip2_pretrained.safetensors", "pretrained_minigpt4.safetensors", "minigpt4.json"
 
@@ -133,6 +138,12 @@ def blip2_config(vision: b2.Blip2VisionConfig, text_vocab: int, context: int, qu
     return b2.Blip2Config(vision_config=vision, qformer_config=q, num_query_tokens=queries, image_text_hidden_size=ITC_WIDTH)
 
 
+def lavis_vit(vit: dict, vision: b2.Blip2VisionConfig) -> dict:
+    """The converted ViT (`eva_vit_state`) under BLIP-2's names, up to the block it is read after."""
+    return {k: t for k, t in b2.from_lavis({"visual_encoder." + k: t for k, t in vit.items()}).items()
+            if not (k.startswith("vision_model.encoder.layers.") and int(k.split(".")[3]) >= vision.num_hidden_layers)}
+
+
 def build_qformer(config: b2.Blip2Config, vit: dict, generator) -> b2.Blip2ForImageTextRetrieval:
     """BLIP-2's retrieval model over the frozen ViT, its Q-Former initialised as BERT (normal, std 0.02;
     BLIP-2 starts from BERT-base's weights, which the toy world has no counterpart of) and its query
@@ -145,10 +156,7 @@ def build_qformer(config: b2.Blip2Config, vit: dict, generator) -> b2.Blip2ForIm
             if isinstance(m, nn.Linear):
                 m.bias.zero_()
         model.query_tokens.normal_(0.0, 0.02, generator=generator)
-    frozen = {k: t for k, t in b2.from_lavis({"visual_encoder." + k: t for k, t in vit.items()}).items()
-              if not (k.startswith("vision_model.encoder.layers.")
-                      and int(k.split(".")[3]) >= config.vision_config.num_hidden_layers)}
-    missing, unexpected = model.load_state_dict(frozen, strict=False)
+    missing, unexpected = model.load_state_dict(lavis_vit(vit, config.vision_config), strict=False)
     if unexpected or any(k.startswith("vision_model.") and "post_layernorm" not in k for k in missing):
         raise weights.WeightsError(f"the converted ViT does not fit BLIP-2's vision model: unexpected {unexpected}, "
                                    f"missing {[k for k in missing if k.startswith('vision_model.')]}")
@@ -239,7 +247,8 @@ def minigpt4_config(meta: dict, text_config) -> mg.MiniGPT4Config:
     """The toy MiniGPT-4's config from minigpt4.json: the Q-Former without its text side (MiniGPT-4 drops it)."""
     q = b2.Blip2QFormerConfig(**{**meta["qformer_config"], "use_qformer_text_input": False})
     return mg.MiniGPT4Config(vision_config=b2.Blip2VisionConfig(**meta["vision_config"]), qformer_config=q,
-                             text_config=text_config, num_query_token=meta["num_query_token"])
+                             text_config=text_config, num_query_token=meta["num_query_token"],
+                             prompt_template=PROMPT_TEMPLATE, chat_style=CHAT_STYLE)
 
 
 def assemble(meta, vit, blip2_file, llama_proj, llm_dir, dtype=torch.float32) -> mg.MiniGPT4:
@@ -346,6 +355,22 @@ def save(folder, model, blip2: dict, meta: dict, root=TOY_DIR) -> Path:
             "checkpoint": CHECKPOINT_FILE}
     (folder / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     return folder
+
+
+def load_retrieval(folder=OUT_DIR):
+    """BLIP-2's retrieval model as the Q-Former's pretraining left it (with its text side and the ITC
+    and ITM heads, which MiniGPT-4 drops), its ITC temperature and its text tokenizer."""
+    from minignext.clip import CLIPTokenizer
+
+    folder = Path(folder)
+    meta = weights.read_config(folder, META_FILE)
+    vision = b2.Blip2VisionConfig(**meta["vision_config"])
+    config = b2.Blip2Config(vision_config=vision, qformer_config=b2.Blip2QFormerConfig(**meta["qformer_config"]),
+                            num_query_tokens=meta["num_query_token"], image_text_hidden_size=ITC_WIDTH)
+    saved = weights.load_safetensors(folder / meta["blip2"])
+    vit = lavis_vit(eva_vit_state(weights.load_safetensors(folder / meta["imagebind"])), vision)
+    model = weights.load_into(weights.build_on_meta(b2.Blip2ForImageTextRetrieval, config), {**vit, **b2.from_lavis(saved)}, dtype=torch.float32)
+    return model.eval(), saved["temp"].float(), CLIPTokenizer.from_pretrained(folder / meta["imagebind"])
 
 
 def load(folder=OUT_DIR, dtype=torch.float32):
