@@ -145,5 +145,6 @@ def test_the_shipped_toy_minigpt4_describes_held_out_cases():
     assert sum(f.stat().st_size for f in T.OUT_DIR.glob("*.safetensors")) < 5 * 2**20
     assert family.training_record(T.OUT_DIR)["examples"] <= family.DATA_BUDGET
     cases = family.shared_cases("image->text", quick=True)[:6]
-    said = [model.chat(tok, x, t.user, max_new_tokens=24, progress=False) for t, x in zip(cases, family.inputs("image->text", cases))]
+    said = [model.chat(tok, x, t.user, max_new_tokens=24, progress=False)
+            for t, x in zip(cases, family.inputs("image->text", cases))]
     assert sum(family.text_ok(t, a) for t, a in zip(cases, said)) >= 5, said

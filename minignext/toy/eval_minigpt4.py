@@ -17,7 +17,8 @@ MAX_NEW_TOKENS = 24
 
 
 def answers(model, tokenizer, turns, images) -> list[str]:
-    return [model.chat(tokenizer, image, t.user, max_new_tokens=MAX_NEW_TOKENS, progress=False) for t, image in zip(turns, images)]
+    return [model.chat(tokenizer, image, t.user, max_new_tokens=MAX_NEW_TOKENS, progress=False)
+            for t, image in zip(turns, images)]
 
 
 def trainable(folder) -> int:

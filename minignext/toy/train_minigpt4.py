@@ -369,7 +369,8 @@ def load_retrieval(folder=OUT_DIR):
                             num_query_tokens=meta["num_query_token"], image_text_hidden_size=ITC_WIDTH)
     saved = weights.load_safetensors(folder / meta["blip2"])
     vit = lavis_vit(eva_vit_state(weights.load_safetensors(folder / meta["imagebind"])), vision)
-    model = weights.load_into(weights.build_on_meta(b2.Blip2ForImageTextRetrieval, config), {**vit, **b2.from_lavis(saved)}, dtype=torch.float32)
+    model = weights.load_into(weights.build_on_meta(b2.Blip2ForImageTextRetrieval, config),
+                              {**vit, **b2.from_lavis(saved)}, dtype=torch.float32)
     return model.eval(), saved["temp"].float(), CLIPTokenizer.from_pretrained(folder / meta["imagebind"])
 
 
