@@ -1,8 +1,10 @@
 """The toy MiniGPT-4's rows of the family table (minignext.toy.family): the shipped model answers the
 shared held-out image cases through `MiniGPT4.chat`, the public chat of the official demo (its
-Vicuna-v0 conversation, "###" as the stop string), and the analytic checker judges the answers.
+Vicuna-v0 conversation, without its system sentence for the toy; "###" as the stop string), and the
+analytic checker judges the answers.
 
-One row per query count: the 8-query model, and the 1- and 4-query models of the lesson's ablation.
+`family_row` is the shipped 8-query model's row; `row(cases, queries, name)` gives the row of any query
+count trained (the lesson's ablation: `python -m minignext.toy.train minigpt4-1q`, `minigpt4-4q`).
 
     python -m minignext.toy.eval family
 """
@@ -45,11 +47,3 @@ def row(cases, queries, name) -> family.Row:
 
 def family_row(cases):
     return row(cases, QUERIES, "MiniGPT-4")
-
-
-def family_row_1query(cases):
-    return row(cases, 1, "MiniGPT-4 (1 query)")
-
-
-def family_row_4queries(cases):
-    return row(cases, 4, "MiniGPT-4 (4 queries)")

@@ -8,10 +8,9 @@ no training text contains) about the world's training objects.
     python -m minignext.toy.eval family [--quick]
 
 A system joins the table with an entry in SYSTEMS naming a module that has
-`family_row(cases) -> Row` (or "module:function" for another function of that signature, one per row
-when a system has several, as an ablation does): it loads the shipped toy system, answers the cases
-of the directions it supports through its public chat, with the inputs `inputs(direction, cases)`
-renders, judges them with `text_ok` / `media_ok`, and reports its connector and what its training cost.
+`family_row(cases) -> Row`: it loads the shipped toy system, answers the cases of the directions it
+supports through its public chat, with the inputs `inputs(direction, cases)` renders, judges them with
+`text_ok` / `media_ok`, and reports its connector and what its training cost.
 """
 
 import importlib
@@ -32,10 +31,8 @@ CASES_PER_DIRECTION = 48
 # Every system trains on at most this many world examples (captions, dialogues, documents) in all
 # of its stages: NExT-GPT's three stages see 2000 x 32 + 1500 x 16 + 1500 x 16 = 112,000.
 DATA_BUDGET = 112_000
-SYSTEMS = {"NExT-GPT": "minignext.toy.eval_nextgpt",    # name -> module with family_row(cases), or "module:function"
-           "MiniGPT-4": "minignext.toy.eval_minigpt4",
-           "MiniGPT-4 (1 query)": "minignext.toy.eval_minigpt4:family_row_1query",
-           "MiniGPT-4 (4 queries)": "minignext.toy.eval_minigpt4:family_row_4queries"}
+SYSTEMS = {"NExT-GPT": "minignext.toy.eval_nextgpt",    # name -> module with family_row(cases)
+           "MiniGPT-4": "minignext.toy.eval_minigpt4"}
 TRAINING_RECORD = "training.json"           # what a system's training writes next to its weights
 
 
@@ -99,9 +96,9 @@ def write_training_record(folder, **record):
 def rows(systems=None, quick=False) -> list[Row]:
     out = []
     for name in systems or SYSTEMS:
-        module, _, function = SYSTEMS[name].partition(":")
+        module = importlib.import_module(SYSTEMS[name])
         cases = {d: shared_cases(d, quick) for d in DIRECTIONS}
-        out.append(getattr(importlib.import_module(module), function or "family_row")(cases))
+        out.append(module.family_row(cases))
     return out
 
 
