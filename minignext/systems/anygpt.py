@@ -34,6 +34,7 @@ from minignext import weights
 from minignext.encodec import Encodec, EncodecConfig
 from minignext.generation import decode_one_token, prefill, sample
 from minignext.llama import Llama, LlamaConfig
+from minignext.melcodec import load_audio_tokenizer
 from minignext.tokenizer import Tokenizer
 from minignext.vq import VQModel, VQModelConfig
 
@@ -460,13 +461,14 @@ class AnyGPT(nn.Module):
     def from_pretrained(cls, llm, image_tokenizer=None, speech_tokenizer=None, music_tokenizer=None,
                         dtype=None, device=None) -> "AnyGPT":
         """`llm`: an HF LLaMA folder (config.json, model.safetensors, tokenizer.json holding the
-        media tokens); the tokenizers: a diffusers VQModel folder and transformers Encodec folders."""
+        media tokens); the tokenizers: a diffusers VQModel folder and transformers Encodec folders
+        (a MelCodec, minignext.melcodec, where the config.json has mel settings)."""
         folder = weights.resolve(llm)
         model = Llama.from_pretrained(folder, dtype=dtype, device=device)
         tokenizer = Tokenizer.from_pretrained(folder)
         image = VQModel.from_pretrained(image_tokenizer, dtype, device) if image_tokenizer else None
-        speech = Encodec.from_pretrained(speech_tokenizer, dtype, device) if speech_tokenizer else None
-        music = Encodec.from_pretrained(music_tokenizer, dtype, device) if music_tokenizer else None
+        speech = load_audio_tokenizer(speech_tokenizer, dtype, device) if speech_tokenizer else None
+        music = load_audio_tokenizer(music_tokenizer, dtype, device) if music_tokenizer else None
         num = 4
         if music is not None:
             music_tokens = MediaVocab.from_tokenizer(tokenizer, 1).config.music_codebook_size
