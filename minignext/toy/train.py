@@ -3,6 +3,7 @@
     python -m minignext.toy.train foundations [--only imagebind,llm,...] [--seed 0] [--scale 1] [--fresh] [--lanes 2]
     python -m minignext.toy.train nextgpt [--seed 0] [--scale 1] [--fresh]
     python -m minignext.toy.train smol [...]    (NExT-GPT's stages on SmolLM2-135M-Instruct)
+    python -m minignext.toy.train anygpt [...]  (toy AnyGPT: two media tokenizers, then the LLM on their codes)
 
 Each part lives in its own module, `minignext.toy.train_<part>`, with `train(args: RunArgs) -> dict`
 that saves the part's finished weights under weights/toy/ and returns a summary. The arguments
@@ -37,7 +38,8 @@ PHASES = ((("image_decoder",), ("imagebind", "llm", "audio_decoder")),      # tw
 
 # what trains on top of the foundations: name -> (module, keyword arguments of its train(args, ...))
 SYSTEMS = {"nextgpt": ("minignext.toy.train_nextgpt", {}),
-           "smol": ("minignext.toy.train_nextgpt", {"recipe": "smol"})}
+           "smol": ("minignext.toy.train_nextgpt", {"recipe": "smol"}),
+           "anygpt": ("minignext.toy.train_anygpt", {})}
 
 
 def run_parts(parts, args: RunArgs):
