@@ -398,7 +398,13 @@ class AnyGPT(nn.Module):
 
         End a prompt with a start token (e.g. <soim>) to ask for that modality. Sampling is
         constrained so that media spans come out well formed (see _logit_mask); a span still open
-        after max_new_tokens is left out of the segments and reported in `unfinished`."""
+        after max_new_tokens is left out of the segments and reported in `unfinished`.
+        `temperature` is one value, or one per modality being written ({"text": 0.0, "image": 1.0},
+        as AnyGPT's per-modality generation configs; a modality left out samples at 1.0)."""
+        temperatures = temperature if isinstance(temperature, dict) else None
+        if temperatures is not None and set(temperatures) - {"text", *self.vocab.modalities}:
+            raise ValueError(f"temperatures are per modality, one of {['text', *self.vocab.modalities]}; "
+                             f"got {sorted(temperatures)}")
         ids = torch.as_tensor(input_ids, dtype=torch.long).view(-1).tolist()
         if stop_token_ids is None:
             eos = self.llm.config.eos_token_id
@@ -412,6 +418,8 @@ class AnyGPT(nn.Module):
             logits = prefill(self.llm, torch.tensor([ids], device=self._device))
             for step in range(max_new_tokens):
                 mask = self._logit_mask(span).to(logits.device)
+                if temperatures is not None:
+                    temperature = temperatures.get("text" if span is None else span[0], 1.0)
                 token = int(sample(logits + mask, temperature, top_p, top_k, generator)[0])
                 new.append(token)
                 if span is None and token in stop_token_ids:
