@@ -54,7 +54,7 @@ def test_supervised_tokens_per_turn_are_the_answer_only(trained):
     _, root, _ = trained
     model = train_anygpt.build(root)
     tok, rng = model.tokenizer, np.random.default_rng(0)
-    spans = {"image": model.vocab.to_ids("image", torch.zeros(64, dtype=torch.long)),
+    spans = {"image": model.vocab.to_ids("image", torch.zeros(16, dtype=torch.long)),
              "audio": model.vocab.to_ids("music", torch.zeros(2, 16, dtype=torch.long))}
     for kind in train_anygpt.KINDS:
         t = world.turn(kind, rng, "train", "train")

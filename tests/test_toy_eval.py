@@ -52,3 +52,10 @@ def test_toy_foundations_meet_their_thresholds(capsys):
 def test_toy_nextgpt_meets_its_thresholds(capsys):
     metrics = evaluated("nextgpt", capsys)
     check(metrics)
+
+
+@pytest.mark.skipif(not (TOY_DIR / "anygpt" / "training.json").is_file(), reason="the toy AnyGPT is not trained yet")
+def test_toy_anygpt_meets_its_thresholds(capsys):
+    metrics = evaluated("anygpt", capsys)
+    assert {m.name for m in metrics} >= {"AnyGPT text->image", "AnyGPT image->text"}
+    check(metrics)

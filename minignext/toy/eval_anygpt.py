@@ -15,7 +15,7 @@ from minignext.systems.anygpt import AnyGPT, AnyGPTReply
 from minignext.toy import family, world
 from minignext.toy.train_anygpt import MODALITY, OUT_DIR, load, media_tensor, prompt_ids, stop_id
 
-MAX_NEW_TOKENS = 160          # words, a 66-token image span and the closing "###"
+MAX_NEW_TOKENS = 160          # words, a media span and the closing "###"
 
 
 def ask(model: AnyGPT, generation: dict, text: str, media=None, modality=None, seed=0) -> AnyGPTReply:
@@ -37,14 +37,17 @@ def reply_text(model: AnyGPT, reply: AnyGPTReply) -> str:
     return text.removesuffix(model.tokenizer.decode([stop_id(model.tokenizer)])).strip()
 
 
+def picture(image: torch.Tensor) -> np.ndarray:
+    """A decoded image (3, H, W) in [-1, 1] -> (H, W, 3) in [0, 1], as the checkers and imshow take it."""
+    return ((image.float() + 1) / 2).clamp(0, 1).permute(1, 2, 0).numpy()
+
+
 def reply_media(reply: AnyGPTReply, modality: str):
     """The first medium of a world modality in a reply, as the checkers take it (an image (H, W, 3) in
     [0, 1], a waveform at world.SAMPLE_RATE), or None."""
     for s in reply.segments:
         if s.modality == MODALITY[modality] and s.media is not None:
-            if modality == "image":
-                return ((s.media.float() + 1) / 2).clamp(0, 1).permute(1, 2, 0).numpy()
-            return s.media[0].float().numpy()
+            return picture(s.media) if modality == "image" else s.media[0].float().numpy()
     return None
 
 
