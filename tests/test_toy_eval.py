@@ -18,9 +18,9 @@ SHORTFALLS = {    # metric name -> why the shipped weights are known to miss its
 }
 
 
-def evaluated(what, capsys):
+def evaluated(what, capsys, quick=False):
     t0 = time.perf_counter()
-    metrics = toy_eval.evaluate(toy_eval.parts_of(what))
+    metrics = toy_eval.evaluate(toy_eval.parts_of(what), quick=quick)
     with capsys.disabled():
         print(f"\n{what}: evaluated in {time.perf_counter() - t0:.0f} s\n{toy_eval.format_table(metrics)}")
     return metrics
@@ -59,6 +59,8 @@ def test_toy_nextgpt_meets_its_thresholds(capsys):
 
 @pytest.mark.skipif(not (TOY_DIR / "anygpt" / "training.json").is_file(), reason="the toy AnyGPT is not trained yet")
 def test_toy_anygpt_meets_its_thresholds(capsys):
-    metrics = evaluated("anygpt", capsys)
+    # on the quick sample (8 cases a direction): the shipped weights are far below both gates (the
+    # full row, 48 cases a direction, is in LESSONS.md), and the full run costs minutes of CI
+    metrics = evaluated("anygpt", capsys, quick=True)
     assert {m.name for m in metrics} >= {"AnyGPT text->image", "AnyGPT image->text"}
     check(metrics)
