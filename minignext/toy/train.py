@@ -5,6 +5,7 @@
     python -m minignext.toy.train smol [...]    (NExT-GPT's stages on SmolLM2-135M-Instruct)
     python -m minignext.toy.train minigpt4 [--seed 0] [--scale 1] [--fresh]
     python -m minignext.toy.train minigpt4-1q | minigpt4-4q     (lesson 9's ablation: 1 and 4 queries)
+    python -m minignext.toy.train anygpt [...]  (toy AnyGPT: two media tokenizers, then the LLM on their codes)
 
 Each part lives in its own module, `minignext.toy.train_<part>`, with `train(args: RunArgs) -> dict`
 that saves the part's finished weights under weights/toy/ and returns a summary. The arguments
@@ -51,7 +52,8 @@ SYSTEMS = {"nextgpt": ("minignext.toy.train_nextgpt", {}),
            "smol": ("minignext.toy.train_nextgpt", {"recipe": "smol"}),
            "minigpt4": ("minignext.toy.train_minigpt4", {}),
            "minigpt4-1q": ("minignext.toy.train_minigpt4", {"queries": 1}),
-           "minigpt4-4q": ("minignext.toy.train_minigpt4", {"queries": 4})}
+           "minigpt4-4q": ("minignext.toy.train_minigpt4", {"queries": 4}),
+           "anygpt": ("minignext.toy.train_anygpt", {})}
 
 
 def run_parts(parts, args: RunArgs):
