@@ -8,6 +8,8 @@ is learnt, and the loss shifts them by one (logits at t predict the label at t +
     answer_ce     next-token cross-entropy on the labelled tokens only (NExT-GPT trains the answers)
     splice        soft tokens (projected media embeddings) written into the input embeddings
     media_bank    frozen ImageBind embeddings of rendered media, computed once before training
+    image_dialogue  a dialogue about one image (LLaVA's and PandaGPT's instruction data)
+    tokens_with_labels  one tokenization of a text, labels on the characters of its answers
 """
 
 import torch
@@ -59,3 +61,24 @@ def media_bank(encoder, modalities, rng, split="train", per_key=8) -> dict:
                 m = world.Media(modality, obj, direction)
                 bank[(modality, obj, direction)] = embed_media(encoder, modality, world.render_batch([m] * per_key, rng))
     return bank
+
+
+def image_dialogue(rng, split="train", phrasing="train", max_turns=3) -> list[world.Turn]:
+    """A dialogue about one image, like the instruction data of LLaVA and PandaGPT: the image comes
+    with a request to describe it, then up to max_turns - 1 follow-ups ask for its colour or its
+    shape again, or make small talk."""
+    first = world.turn("describe_image", rng, phrasing, split)
+    turns = [first]
+    for _ in range(int(rng.integers(max_turns))):
+        kind = ("ask_first_colour", "ask_first_shape", "chat")[rng.integers(3)]
+        turns.append(world.turn(kind, rng, phrasing, split, first=first.user_media, last=first.user_media))
+    return turns
+
+
+def tokens_with_labels(tokenizer, text, spans) -> tuple[list, list]:
+    """`text` tokenized whole, as a prompt is, and its labels: a token's id where the token overlaps
+    one of the character `spans` [a, b), -100 elsewhere. Counting on the one tokenization leaves no
+    room for a mismatch between the ids and the labels."""
+    enc = tokenizer.tok.encode(text, add_special_tokens=False)
+    labels = [i if any(s < b and e > a for a, b in spans) else -100 for i, (s, e) in zip(enc.ids, enc.offsets)]
+    return enc.ids, labels
