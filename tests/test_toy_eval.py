@@ -10,6 +10,7 @@ import time
 import pytest
 
 from minignext.toy import eval as toy_eval
+from minignext.toy import family
 from minignext.toy.trainer import TOY_DIR
 
 SHORTFALLS = {}   # metric name -> why the shipped weights are known to miss its threshold (none now)
@@ -51,4 +52,20 @@ def test_toy_foundations_meet_their_thresholds(capsys):
 @pytest.mark.skipif(not (TOY_DIR / "nextgpt" / "nextgpt.json").is_file(), reason="the toy NExT-GPT is not trained yet")
 def test_toy_nextgpt_meets_its_thresholds(capsys):
     metrics = evaluated("nextgpt", capsys)
+    check(metrics)
+
+
+def test_family_table_meets_its_thresholds(capsys):
+    """Every system of the family on the shared held-out cases (48 per direction), through its own
+    chat; the acceptance numbers of family.THRESHOLDS must hold on the shipped weights."""
+    t0 = time.perf_counter()
+    table = family.rows()
+    with capsys.disabled():
+        print(f"\nfamily: {len(table)} rows in {time.perf_counter() - t0:.0f} s\n{family.format_table(table)}")
+    metrics = family.metrics(table)
+    names = {m.name for m in metrics}
+    assert [r.system for r in table] == list(family.SYSTEMS)
+    assert {f"{s} {d}" for s, d in family.THRESHOLDS if s in family.SYSTEMS} <= names
+    assert {"PandaGPT audio->text", "PandaGPT video->text"} <= names       # its zero-shot directions
+    assert all(m.n == family.CASES_PER_DIRECTION for m in metrics)
     check(metrics)
