@@ -3,7 +3,8 @@ and the family of systems around it, written from scratch in PyTorch for teachin
 
 A map of the package. The parts are flat modules, in data-flow order:
 
-    encode   media.py (reading and preprocessing files), clip.py, imagebind.py,
+    encode   media.py (reading and preprocessing files; mediafile.py opens them within
+             limits), clip.py, imagebind.py,
              blip2.py (BLIP-2's vision model and Q-Former), vq.py and encodec.py (discrete
              image and audio tokenizers)
     project  projection.py (input Linear, output transformer), perceiver.py (perceiver
