@@ -17,6 +17,7 @@ import importlib
 import itertools
 import json
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -107,7 +108,9 @@ def write_training_record(folder, **record):
     last 1, 5 and 15 minutes, since the wall time of a run on shared cores depends on them."""
     record.setdefault("load_average", [round(x, 1) for x in os.getloadavg()])
     path = Path(folder) / TRAINING_RECORD
-    path.write_text(json.dumps(record, indent=2) + "\n")
+    text = json.dumps(record, indent=2)             # then every list of numbers on one line
+    text = re.sub(r"\[\s+([-\d.e,\s]+?)\s+\]", lambda m: "[" + " ".join(m.group(1).split()) + "]", text)
+    path.write_text(text + "\n")
     return path
 
 

@@ -8,6 +8,7 @@ is learnt, and the loss shifts them by one (logits at t predict the label at t +
     answer_ce     next-token cross-entropy on the labelled tokens only (NExT-GPT trains the answers)
     answer_loss   the same from the last hidden states, the LM head run on the labelled positions only
     by_length     micro-batches of similar length, so long multi-turn batches carry little padding
+    batch_answer_loss  answer_loss over a batch's micro-batches, one mean over all its answers
     splice        soft tokens (projected media embeddings) written into the input embeddings
     media_bank    frozen ImageBind embeddings of rendered media, computed once before training
     image_dialogue  a dialogue about one image (LLaVA's and PandaGPT's instruction data)
@@ -106,3 +107,15 @@ def tokens_with_labels(tokenizer, text, spans) -> tuple[list, list]:
     enc = tokenizer.tok.encode(text, add_special_tokens=False)
     labels = [i if any(s < b and e > a for a, b in spans) else -100 for i, (s, e) in zip(enc.ids, enc.offsets)]
     return enc.ids, labels
+
+
+def batch_answer_loss(examples, states, head, max_tokens=None):
+    """The cross-entropy on the answers of a whole batch, over its length-sorted micro-batches
+    (by_length): `states(group)` gives a micro-batch's (last hidden states, labels), and the LM head
+    `head` runs on the labelled positions only. The mean is over every labelled token of the batch."""
+    total, labelled = 0.0, 0
+    for group in by_length(examples, max_tokens):
+        hidden, labels = states(group)
+        total = total + answer_loss(head, hidden, labels, reduction="sum")
+        labelled += int((labels[:, 1:] != -100).sum())
+    return total / max(1, labelled)

@@ -45,16 +45,17 @@ from minignext.systems.llava import Llava, LlavaConfig, encode_caption, encode_c
 from minignext.systems.nextgpt import Conversation
 from minignext.tokenizer import Tokenizer
 from minignext.toy import family, world
-from minignext.toy.mllm import answer_ce, image_dialogue, pad_batch
+from minignext.toy.mllm import batch_answer_loss, image_dialogue, pad_batch
 from minignext.toy.train_imagebind import image_input
 from minignext.toy.trainer import ADAM_BETAS, TOY_DIR, Run, RunArgs, optimizer_step
 
 OUT_DIR = TOY_DIR / "llava"
 STAGES = {                                  # steps, global batch, peak lr
-    1: dict(steps=250, batch=32, lr=2e-3),
-    2: dict(steps=500, batch=16, lr=1e-3),
+    1: dict(steps=400, batch=32, lr=2e-3),
+    2: dict(steps=1000, batch=16, lr=1e-3),
 }
 LLM_LR_SCALE = 0.5                          # stage 2: the LLM's rate, relative to the projector's
+MAX_TOKENS = 1200                           # padded positions per micro-batch
 # vicuna_v1 without its system sentence, as the hub's llava-1.5 chat template writes the prompt
 # ("USER: <image>\n... ASSISTANT:"): the sentence is 93 tokens of words the toy LLM never saw, more
 # than the image's 64, on every example.
@@ -171,11 +172,14 @@ def dialogue_example(model: Llava, turns, image) -> dict:
     return {"ids": ids, "labels": labels, "image": image}
 
 
-def loss_fn(model: Llava, examples) -> torch.Tensor:
-    ids, labels = pad_batch([e["ids"] for e in examples], [e["labels"] for e in examples],
-                            pad_id=model.config.text_config.pad_token_id)
-    pixels = image_input(np.stack([e["image"] for e in examples]))
-    return answer_ce(model(ids, pixels), labels)
+def loss_fn(model: Llava, examples, max_tokens=MAX_TOKENS) -> torch.Tensor:
+    """Cross-entropy on the answers, over length-sorted micro-batches (mllm.batch_answer_loss)."""
+    def states(group):
+        ids, labels = pad_batch([e["ids"] for e in group], [e["labels"] for e in group],
+                                pad_id=model.config.text_config.pad_token_id)
+        embeds = model.embed_inputs(ids, image_input(np.stack([e["image"] for e in group])))
+        return model.language_model.hidden_states(inputs_embeds=embeds), labels
+    return batch_answer_loss(examples, states, model.language_model.lm_head, max_tokens)
 
 
 def run_stage(model: Llava, stage, args: RunArgs) -> Run:

@@ -30,14 +30,15 @@ from minignext.systems.nextgpt import SPLICE_CLOSE, SPLICE_OPEN, Conversation
 from minignext.systems.pandagpt import LORA_ALPHA, LORA_R, PandaGPT
 from minignext.tokenizer import VICUNA_V0
 from minignext.toy import checkers, family, world
-from minignext.toy.mllm import answer_ce, image_dialogue, media_bank, tokens_with_labels
+from minignext.toy.mllm import batch_answer_loss, image_dialogue, media_bank, tokens_with_labels
 from minignext.toy.train_nextgpt import collate
 from minignext.toy.trainer import ADAM_BETAS, TOY_DIR, Run, RunArgs, optimizer_step
 
 OUT_DIR = TOY_DIR / "pandagpt"
-STAGE = dict(steps=1000, batch=32, lr=1e-3)        # steps, global batch, peak lr (of the LoRA factors)
+STAGE = dict(steps=600, batch=32, lr=1e-3)         # steps, global batch, peak lr (of the LoRA factors)
 PROJECTION_LR_SCALE = 5.0                          # llama_proj starts from nothing: it learns faster
 BANK_PER_KEY = 32                                  # rendered images per object
+MAX_TOKENS = 1024                                  # padded positions per micro-batch
 
 
 def build(root=TOY_DIR, seed=0) -> PandaGPT:
@@ -103,6 +104,14 @@ def encode_dialogue(tokenizer, turns, bank, rng) -> dict:
     return {"ids": ids, "labels": labels, "soft": soft, "runs": []}
 
 
+def loss_fn(model: PandaGPT, examples, max_tokens=MAX_TOKENS) -> torch.Tensor:
+    """Cross-entropy on the answers, over length-sorted micro-batches (mllm.batch_answer_loss)."""
+    def states(group):
+        embeds, labels, _ = collate(model, group)
+        return model.llama_model.hidden_states(inputs_embeds=embeds), labels
+    return batch_answer_loss(examples, states, model.llama_model.lm_head, max_tokens)
+
+
 def train(args: RunArgs, out_dir=None, root=TOY_DIR, bank_per_key=BANK_PER_KEY) -> dict:
     t0, cpu0 = time.perf_counter(), time.process_time()
     model = build(root, args.seed_of("pandagpt/init"))
@@ -118,8 +127,7 @@ def train(args: RunArgs, out_dir=None, root=TOY_DIR, bank_per_key=BANK_PER_KEY) 
         rng = args.rng("pandagpt/batches", step)           # the global batch depends on the step only
         batch = args.shard([encode_dialogue(model.tokenizer, image_dialogue(rng), bank, rng)
                             for _ in range(STAGE["batch"])])
-        embeds, labels, _ = collate(model, batch)
-        loss = answer_ce(model.llama_model(inputs_embeds=embeds), labels)
+        loss = loss_fn(model, batch)
         optimizer_step(opt, loss, params)
         run.log(loss.item())
     model.eval().requires_grad_(False)
