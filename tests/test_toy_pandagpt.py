@@ -90,5 +90,5 @@ def test_shipped_toy_pandagpt_describes_images_and_hears_zero_shot():
     heard = train_pandagpt.answers(model, "audio->text", [world.turn("describe_audio", rng, "test", "train")])
     assert heard[0]                                  # an answer, right or not: it never heard a sound
     record = family.training_record(train_pandagpt.OUT_DIR)
-    assert record["examples"] <= family.DATA_BUDGET and record["minutes"] < 15
+    assert record["examples"] <= family.DATA_BUDGET
     assert SHIPPED.stat().st_size < 5 * 2**20

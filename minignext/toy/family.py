@@ -9,7 +9,7 @@ no training text contains) about the world's training objects.
 
 A system joins the table with an entry in SYSTEMS naming a module that has
 `family_row(cases) -> Row`: it loads the shipped toy system, answers the cases of the directions it
-supports through its public chat, with the inputs `inputs(direction, cases)` renders, judges them with
+supports (those of `cases`, {direction: turns}, that it has) through its public chat, with the inputs `inputs(direction, cases)` renders, judges them with
 `text_ok` / `media_ok`, and reports its connector and what its training cost.
 """
 
@@ -114,13 +114,14 @@ def write_training_record(folder, **record):
     return path
 
 
-def rows(systems=None, quick=False) -> list[Row]:
-    """One Row per system (all of SYSTEMS by default); each row's evaluation time goes to stderr."""
+def rows(systems=None, quick=False, directions=DIRECTIONS) -> list[Row]:
+    """One Row per system (all of SYSTEMS by default) on the cases of `directions`; each row's
+    evaluation time goes to stderr."""
     out = []
     for name in systems or SYSTEMS:
         t0 = time.perf_counter()
         module = importlib.import_module(SYSTEMS[name])
-        cases = {d: shared_cases(d, quick) for d in DIRECTIONS}
+        cases = {d: shared_cases(d, quick) for d in directions}
         out.append(module.family_row(cases))
         print(f"family: {name} evaluated in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
     return out
