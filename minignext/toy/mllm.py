@@ -9,6 +9,7 @@ is learnt, and the loss shifts them by one (logits at t predict the label at t +
     answer_loss   the same from the last hidden states, the LM head run on the labelled positions only
     by_length     micro-batches of similar length, so long multi-turn batches carry little padding
     batch_answer_loss  answer_loss over a batch's micro-batches, one mean over all its answers
+    scaled_adam   Adam with some parameters at a multiple of the rate (a connector next to LoRA or an LLM)
     splice        soft tokens (projected media embeddings) written into the input embeddings
     media_bank    frozen ImageBind embeddings of rendered media, computed once before training
     image_dialogue  a dialogue about one image (LLaVA's and PandaGPT's instruction data)
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 
 from minignext.toy import world
 from minignext.toy.train_imagebind import imagebind_input
+from minignext.toy.trainer import ADAM_BETAS
 
 
 def pad_batch(seqs, labels=None, pad_id=0):
@@ -119,3 +121,12 @@ def batch_answer_loss(examples, states, head, max_tokens=None):
         total = total + answer_loss(head, hidden, labels, reduction="sum")
         labelled += int((labels[:, 1:] != -100).sum())
     return total / max(1, labelled)
+
+
+def scaled_adam(params, scaled, lr, lr_scale):
+    """Adam with the kit's betas over `params`; those in `scaled` (parameters) learn at lr_scale times
+    the rate, through the group's "lr_scale" that trainer.Run applies at every step."""
+    ids = {id(p) for p in scaled}
+    groups = [{"params": [p for p in params if id(p) not in ids]},
+              {"params": [p for p in params if id(p) in ids], "lr_scale": lr_scale}]
+    return torch.optim.Adam([g for g in groups if g["params"]], lr=lr, betas=ADAM_BETAS)

@@ -46,9 +46,9 @@ from minignext.systems.llava import Llava, LlavaConfig, encode_caption, encode_c
 from minignext.systems.nextgpt import Conversation
 from minignext.tokenizer import Tokenizer
 from minignext.toy import family, world
-from minignext.toy.mllm import batch_answer_loss, image_dialogue, pad_batch
+from minignext.toy.mllm import batch_answer_loss, image_dialogue, pad_batch, scaled_adam
 from minignext.toy.train_imagebind import image_input
-from minignext.toy.trainer import ADAM_BETAS, TOY_DIR, Run, RunArgs, optimizer_step
+from minignext.toy.trainer import TOY_DIR, Run, RunArgs, optimizer_step
 
 OUT_DIR = TOY_DIR / "llava"
 STAGES = {                                  # steps, global batch, peak lr
@@ -186,10 +186,7 @@ def loss_fn(model: Llava, examples, max_tokens=MAX_TOKENS) -> torch.Tensor:
 def run_stage(model: Llava, stage, args: RunArgs) -> Run:
     cfg = STAGES[stage]
     params = trainable(model, stage)
-    llm = {id(p) for p in model.language_model.parameters()}
-    groups = [{"params": [p for p in params if id(p) not in llm]},
-              {"params": [p for p in params if id(p) in llm], "lr_scale": LLM_LR_SCALE}]
-    opt = torch.optim.Adam([g for g in groups if g["params"]], lr=cfg["lr"], betas=ADAM_BETAS)
+    opt = scaled_adam(params, list(model.language_model.parameters()), cfg["lr"], LLM_LR_SCALE)
     part = f"llava_stage{stage}"
     run = Run.start(part, args, {"model": model}, opt, cfg["steps"], cfg["lr"], warmup=50)
     model.train()

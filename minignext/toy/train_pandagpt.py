@@ -30,9 +30,9 @@ from minignext.systems.nextgpt import SPLICE_CLOSE, SPLICE_OPEN, Conversation
 from minignext.systems.pandagpt import LORA_ALPHA, LORA_R, PandaGPT
 from minignext.tokenizer import VICUNA_V0
 from minignext.toy import checkers, family, world
-from minignext.toy.mllm import batch_answer_loss, image_dialogue, media_bank, tokens_with_labels
+from minignext.toy.mllm import batch_answer_loss, image_dialogue, media_bank, scaled_adam, tokens_with_labels
 from minignext.toy.train_nextgpt import collate
-from minignext.toy.trainer import ADAM_BETAS, TOY_DIR, Run, RunArgs, optimizer_step
+from minignext.toy.trainer import TOY_DIR, Run, RunArgs, optimizer_step
 
 OUT_DIR = TOY_DIR / "pandagpt"
 STAGE = dict(steps=600, batch=32, lr=1e-3)         # steps, global batch, peak lr (of the LoRA factors)
@@ -117,10 +117,7 @@ def train(args: RunArgs, out_dir=None, root=TOY_DIR, bank_per_key=BANK_PER_KEY) 
     model = build(root, args.seed_of("pandagpt/init"))
     bank = media_bank(model.visual_encoder, ["image"], args.rng("pandagpt/media-bank"), "train", bank_per_key)
     params = trainable(model)
-    proj = {id(p) for p in model.llama_proj.parameters()}
-    groups = [{"params": [p for p in params if id(p) not in proj]},
-              {"params": [p for p in params if id(p) in proj], "lr_scale": PROJECTION_LR_SCALE}]
-    opt = torch.optim.Adam(groups, lr=STAGE["lr"], betas=ADAM_BETAS)
+    opt = scaled_adam(params, list(model.llama_proj.parameters()), STAGE["lr"], PROJECTION_LR_SCALE)
     run = Run.start("pandagpt", args, {"model": model}, opt, STAGE["steps"], STAGE["lr"], warmup=50)
     model.train()
     for step in run.steps():
