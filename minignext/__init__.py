@@ -30,7 +30,8 @@ and tiny.py (tiny random builds of every part, for tests and lessons).
 
 Around them: cli.py, chat.py and demo.py (the `minignext` command), serve.py and web/ (the live
 chat page of `minignext serve`), bench/ (speed against the reference libraries), toy/ (the toy
-world, its analytic checkers, and the training and evaluation of every toy model).
+world, its analytic checkers, and the training and evaluation of every toy model), exercises.py (the
+library run with a student's exercise solutions swapped in).
 """
 
 __version__ = "0.1.0"

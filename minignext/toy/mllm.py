@@ -68,7 +68,7 @@ def by_length(examples, max_tokens=None) -> list[list]:
 def splice(embeds, rows, positions, vectors):
     """`embeds` (B, T, D) with vectors[i] (D,) written at (rows[i], positions[i]); index_put keeps the
     graph, so gradients reach whatever made the vectors (the input projection)."""
-    return embeds.index_put((torch.tensor(rows), torch.tensor(positions)), vectors)
+    return embeds.index_put((torch.tensor(rows), torch.tensor(positions)), vectors.to(embeds.dtype))
 
 
 @torch.no_grad()
