@@ -71,9 +71,9 @@ class Recipe:
 
 RECIPES = {
     "nextgpt": Recipe("nextgpt", None, VICUNA_V0, STAGES, mosit=0.5),
-    "smol": Recipe("smol", SMOL_BASE, CHATML, {1: dict(steps=300, batch=16, lr=3e-3),
+    "smol": Recipe("smol", SMOL_BASE, CHATML, {1: dict(steps=150, batch=16, lr=3e-3),
                                               2: dict(steps=300, batch=16, lr=3e-3),
-                                              3: dict(steps=400, batch=8, lr=5e-4)},
+                                              3: dict(steps=220, batch=8, lr=5e-4)},
                    mosit=0.85, bf16=True, compact_rows=True, max_tokens=1024),
 }
 PROJECTION_LR_SCALE = 4.0                   # stage 3: both projections learn faster than the LoRA factors
