@@ -37,7 +37,8 @@ CASES_PER_DIRECTION = 48
 # of its stages: NExT-GPT's three stages see 2000 x 32 + 1500 x 16 + 1500 x 16 = 112,000.
 DATA_BUDGET = 112_000
 SYSTEMS = {"NExT-GPT": "minignext.toy.eval_nextgpt",    # name -> module with family_row(cases)
-           "LLaVA": "minignext.toy.train_llava", "PandaGPT": "minignext.toy.train_pandagpt"}
+           "LLaVA": "minignext.toy.train_llava", "PandaGPT": "minignext.toy.train_pandagpt",
+           "MiniGPT-4": "minignext.toy.eval_minigpt4"}
 TRAINING_RECORD = "training.json"           # what a system's training writes next to its weights
 
 
