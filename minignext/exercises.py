@@ -94,6 +94,11 @@ SWAPS = {
                             ("minignext.systems.nextgpt", "freeze_old_rows")],
         "merge_lora": [("minignext.weights", "merge_lora"), ("minignext.lora", "merge_lora")],
     },
+    "lesson09_family": {
+        **{name: [("minignext.systems.llava", name)] for name in ("select_features", "splice_image_features")},
+        "tokens_with_labels": [("minignext.toy.mllm", "tokens_with_labels"),
+                               ("minignext.toy.train_pandagpt", "tokens_with_labels")],
+    },
 }
 
 

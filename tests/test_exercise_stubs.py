@@ -202,6 +202,15 @@ def freeze_old_rows(param, first_new_id):
         grad[:first_new_id] = 0
     param.requires_grad_(True)
     return param.register_hook(hook)
+"""),    ("lesson09_family", "test_select_features_takes_layer_minus_2_without_cls", {}, "the CLS token was kept", """
+def select_features(hidden_states, layers, strategy="default"):
+    return torch.cat([hidden_states[i] for i in layers], dim=-1)
+"""),
+    ("lesson09_family", "test_splice_fills_the_placeholders_in_reading_order_and_keeps_the_graph", {},
+     "written into the given embeddings in place", """
+def splice_image_features(embeds, slots, features):
+    embeds[slots] = features.reshape(-1, embeds.shape[-1])
+    return embeds
 """),
 ]
 

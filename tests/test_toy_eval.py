@@ -10,6 +10,7 @@ import time
 import pytest
 
 from minignext.toy import eval as toy_eval
+from minignext.toy import family
 from minignext.toy.trainer import TOY_DIR
 
 SHORTFALLS = {    # metric name -> why the shipped weights are known to miss its threshold
@@ -18,9 +19,9 @@ SHORTFALLS = {    # metric name -> why the shipped weights are known to miss its
 }
 
 
-def evaluated(what, capsys, quick=False):
+def evaluated(what, capsys):
     t0 = time.perf_counter()
-    metrics = toy_eval.evaluate(toy_eval.parts_of(what), quick=quick)
+    metrics = toy_eval.evaluate(toy_eval.parts_of(what))
     with capsys.disabled():
         print(f"\n{what}: evaluated in {time.perf_counter() - t0:.0f} s\n{toy_eval.format_table(metrics)}")
     return metrics
@@ -57,10 +58,30 @@ def test_toy_nextgpt_meets_its_thresholds(capsys):
     check(metrics)
 
 
-@pytest.mark.skipif(not (TOY_DIR / "anygpt" / "training.json").is_file(), reason="the toy AnyGPT is not trained yet")
-def test_toy_anygpt_meets_its_thresholds(capsys):
-    # on the quick sample (8 cases a direction): the shipped weights are far below both gates (the
-    # full row, 48 cases a direction, is in LESSONS.md), and the full run costs minutes of CI
-    metrics = evaluated("anygpt", capsys, quick=True)
-    assert {m.name for m in metrics} >= {"AnyGPT text->image", "AnyGPT image->text"}
+def test_family_table_marks_zero_shot_and_missing_directions():
+    rows = [family.Row("A", "one token", "1", 1234, 2.5, 1000, {"image->text": (0.5, 8), "audio->text": (0.25, 8)},
+                       zero_shot=("audio->text",), notes="never heard a sound"),
+            family.Row("B", "patches", "64", 10, None, None, {"image->text": (1.0, 8)})]
+    lines = family.format_table(rows).splitlines()
+    assert lines[2].startswith("| A | one token | 1 | 1,234 | 2.5 | 1,000 | 50.0% (8) | 25.0% (8)* | - |")
+    assert lines[3].startswith("| B | patches | 64 | 10 | ? | ? | 100.0% (8) | - |")
+    assert lines[5].startswith("\\* zero-shot") and lines[6] == "- A: never heard a sound"
+    metrics = family.metrics(rows)
+    assert [(m.name, m.note.endswith("zero-shot")) for m in metrics] == \
+        [("A image->text", False), ("A audio->text", True), ("B image->text", False)]
+
+
+def test_family_table_meets_its_thresholds(capsys):
+    """Every system of the family on the shared held-out cases (48 per direction), through its own
+    chat; the acceptance numbers of family.THRESHOLDS must hold on the shipped weights."""
+    t0 = time.perf_counter()
+    table = family.rows()
+    with capsys.disabled():
+        print(f"\nfamily: {len(table)} rows in {time.perf_counter() - t0:.0f} s\n{family.format_table(table)}")
+    metrics = family.metrics(table)
+    names = {m.name for m in metrics}
+    assert [r.system for r in table] == list(family.SYSTEMS)
+    assert {f"{s} {d}" for s, d in family.THRESHOLDS if s in family.SYSTEMS} <= names
+    assert {"PandaGPT audio->text", "PandaGPT video->text"} <= names       # its zero-shot directions
+    assert all(m.n == family.CASES_PER_DIRECTION for m in metrics)
     check(metrics)

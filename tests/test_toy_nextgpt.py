@@ -88,6 +88,30 @@ def test_training_tokens_match_the_inference_prompt(trained):
     assert target.shape == (1, EMBED_DIM)
 
 
+def test_supervised_tokens_per_turn_are_each_answer_its_signals_and_its_stop(trained):
+    """Counted per turn on stage 3's dialogues (the world's grammar and MosIT-style ones): each
+    answer's run of labels is its text, the signal runs of what it makes, and the "\\n###" that ends
+    it, and nothing else is supervised."""
+    _, root, _ = trained
+    model, texts = train_nextgpt.build(root)
+    tok, targets, rng = model.tokenizer, train_nextgpt.caption_targets(texts), np.random.default_rng(2)
+
+    class AnyMedium(dict):                   # an ImageBind vector for every medium, no encoder pass
+        def __missing__(self, key):
+            return torch.zeros(1, model.llama_proj.in_features)
+
+    for _ in range(16):
+        turns = train_nextgpt.stage_turn(3, rng, mosit=0.5)
+        ex = train_nextgpt.encode_dialogue(model, turns, AnyMedium(), targets, rng)
+        supervised = np.flatnonzero(np.diff(np.r_[0, np.array(ex["labels"]) != -100, 0]))
+        runs = list(zip(supervised[::2], supervised[1::2]))
+        want = [f" {t.assistant}" + "".join("".join(signal_token_names(m.modality)) for m in
+                                          train_nextgpt.made_media(t)) + "\n###" for t in turns]
+        assert [tok.decode(ex["ids"][a:b]) for a, b in runs] == want
+        assert [b - a for a, b in runs] == [len(tok.encode(w, add_bos=False)) for w in want]
+        assert all(ex["labels"][i] == ex["ids"][i] for a, b in runs for i in range(a, b))
+
+
 def test_distance_loss_is_mean_euclidean_not_squared(trained):
     _, root, _ = trained
     model, _ = train_nextgpt.build(root)

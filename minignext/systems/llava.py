@@ -15,6 +15,7 @@ Module names are the keys of the Hugging Face hub layout (llava-hf/llava-1.5-7b-
 `model.mm_projector.{0,2}.*`, or stage 1's `mm_projector.bin` alone) into that layout. The prompt
 is LLaVA's "vicuna_v1" conversation (llava/conversation.py) and the training labels follow its
 `preprocess_v1` (llava/train/train.py): only the answers and their end tokens are supervised.
+Stage 1's captions use its "plain" template instead (`encode_caption`, after `preprocess_plain`).
 """
 
 import dataclasses
@@ -153,6 +154,7 @@ class Llava(nn.Module):
         self.multi_modal_projector = LlavaMultiModalProjector(config)
         self.language_model = Llama(config.text_config)
         self.tokenizer = tokenizer
+        self.system = SYSTEM        # what prompt() and chat() put first unless given a system sentence
 
     @classmethod
     def from_pretrained(cls, path, dtype=None, device=None) -> "Llava":
@@ -169,9 +171,8 @@ class Llava(nn.Module):
     def image_features(self, pixel_values) -> torch.Tensor:
         """(N, 3, H, W) CLIP-normalised images -> (N, config.image_tokens, LLM width)."""
         states = self.vision_tower(pixel_values, output_hidden_states=True).hidden_states
-        picked = [states[i][:, 1:] if self.config.vision_feature_select_strategy == "default" else states[i]
-                  for i in self.config.feature_layers]
-        return self.multi_modal_projector(torch.cat(picked, dim=-1))
+        c = self.config
+        return self.multi_modal_projector(select_features(states, c.feature_layers, c.vision_feature_select_strategy))
 
     def embed_inputs(self, input_ids, pixel_values=None) -> torch.Tensor:
         """The LLM's input embeddings (B, T, H), image features spliced at the placeholders."""
@@ -190,8 +191,7 @@ class Llava(nn.Module):
                              f"needs exactly {c.image_tokens} placeholders, one per patch feature")
         embeds = self.language_model.embed(input_ids)
         if n_images:
-            features = self.image_features(pixel_values).to(embeds.dtype)
-            embeds = embeds.masked_scatter(slots[..., None], features.reshape(-1, embeds.shape[-1]))
+            embeds = splice_image_features(embeds, slots, self.image_features(pixel_values))
         return embeds
 
     def forward(self, input_ids, pixel_values=None, attention_mask=None):
@@ -211,7 +211,7 @@ class Llava(nn.Module):
         if self.tokenizer is None:
             raise ValueError("this Llava has no tokenizer; load a folder with tokenizer.json or set model.tokenizer")
         ids, _, images = encode_conversation(self.tokenizer, conversation, self.config.image_token_index,
-                                             self.config.image_tokens, system=system)
+                                             self.config.image_tokens, system=self.system if system is None else system)
         size = self.config.vision_config.image_size
         pixels = torch.stack([preprocess_image(img, size) for img in images]) if images else None
         return torch.tensor([ids], device=self.language_model.lm_head.weight.device), pixels
@@ -219,7 +219,8 @@ class Llava(nn.Module):
     def chat(self, messages, *, max_new_tokens=128, temperature=0.0, top_p=1.0, seed=0, system=None,
              progress=True) -> Reply:
         """Answer the last user turn of `messages` (a string, message dicts with "image", or a
-        Conversation, which gets the answer appended)."""
+        Conversation, which gets the answer appended). `system`: the sentence before the first turn,
+        model.system (LLaVA-1.5's) when None, none when ""."""
         conv = messages if isinstance(messages, Conversation) else Conversation.from_messages(messages)
         ids, pixels = self.prompt(conv, system)
         if pixels is not None:
@@ -230,6 +231,19 @@ class Llava(nn.Module):
         if isinstance(messages, Conversation):
             messages.assistant(text)
         return Reply(text=text, raw_text=text, generated_ids=new, token_ids=new)
+
+
+def select_features(hidden_states, layers, strategy="default") -> torch.Tensor:
+    """LLaVA's vision features: the tower's hidden states at `layers` (indices into hidden_states,
+    which begins with the input of the first layer; -2 is the output of the second-to-last layer),
+    CLS dropped with strategy "default", concatenated along the width: (N, patches, D * len(layers))."""
+    return torch.cat([hidden_states[i][:, 1:] if strategy == "default" else hidden_states[i] for i in layers], dim=-1)
+
+
+def splice_image_features(embeds, slots, features) -> torch.Tensor:
+    """`embeds` (B, T, H) with the features (N, P, H) written where the bool mask `slots` (B, T) is
+    True: row after row, image after image, patch after patch. The graph is kept."""
+    return embeds.masked_scatter(slots[..., None], features.reshape(-1, embeds.shape[-1]).to(embeds.dtype))
 
 
 # ---------------------------------------------------------------- image and prompt
@@ -302,6 +316,15 @@ def encode_conversation(tokenizer, conversation: Conversation, image_token_id: i
         ids += [i] * repeat
         labels += [i if answer and i != image_token_id else IGNORE_INDEX] * repeat
     return ids, labels, images
+
+
+def encode_caption(tokenizer, caption: str, image_token_id: int, image_tokens: int):
+    """(input_ids, labels) of a stage-1 example in LLaVA's "plain" template (`preprocess_plain`):
+    <s>, the image's placeholders, then the caption and the separator "\\n", tokenized on their own;
+    only the caption and its separator are supervised."""
+    prompt = ([tokenizer.bos_id] if tokenizer.bos_id is not None else []) + [image_token_id] * image_tokens
+    answer = tokenizer.encode(caption + "\n", add_bos=False)
+    return prompt + answer, [IGNORE_INDEX] * len(prompt) + answer
 
 
 # ---------------------------------------------------------------- the original LLaVA release

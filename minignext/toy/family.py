@@ -9,12 +9,17 @@ no training text contains) about the world's training objects.
 
 A system joins the table with an entry in SYSTEMS naming a module that has
 `family_row(cases) -> Row`: it loads the shipped toy system, answers the cases of the directions it
-supports through its public chat, with the inputs `inputs(direction, cases)` renders, judges them with
+supports (those of `cases`, {direction: turns}, that it has) through its public chat, with the inputs `inputs(direction, cases)` renders, judges them with
 `text_ok` / `media_ok`, and reports its connector and what its training cost.
 """
 
 import importlib
+import itertools
 import json
+import os
+import re
+import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,8 +37,8 @@ CASES_PER_DIRECTION = 48
 # of its stages: NExT-GPT's three stages see 2000 x 32 + 1500 x 16 + 1500 x 16 = 112,000.
 DATA_BUDGET = 112_000
 SYSTEMS = {"NExT-GPT": "minignext.toy.eval_nextgpt",    # name -> module with family_row(cases)
-           "MiniGPT-4": "minignext.toy.eval_minigpt4",
-           "AnyGPT": "minignext.toy.eval_anygpt"}
+           "LLaVA": "minignext.toy.train_llava", "PandaGPT": "minignext.toy.train_pandagpt",
+           "MiniGPT-4": "minignext.toy.eval_minigpt4", "AnyGPT": "minignext.toy.eval_anygpt"}
 TRAINING_RECORD = "training.json"           # what a system's training writes next to its weights
 
 
@@ -79,6 +84,7 @@ class Row:
     minutes: float | None           # its training's wall time on this machine's 2 cores
     examples: int | None            # world examples its training saw (DATA_BUDGET at most)
     accuracy: dict = field(default_factory=dict)   # direction -> (fraction right, cases)
+    zero_shot: tuple = ()           # directions measured although training never showed their input
     notes: str = ""
 
 
@@ -88,42 +94,71 @@ def training_record(folder) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
+def stage_record(run, batch, trainable, points=40) -> dict:
+    """What training.json keeps of one stage (a trainer.Run): steps, global batch, examples, trainable
+    parameters, seconds, the final loss and the loss curve as `points` means over equal stretches."""
+    losses = [r["loss"] for r in run.history]
+    edges = np.linspace(0, len(losses), min(points, len(losses)) + 1).astype(int)
+    curve = [[int(b), round(float(np.mean(losses[a:b])), 4)] for a, b in itertools.pairwise(edges)]
+    return {"steps": run.total, "batch": batch, "examples": run.total * batch, "trainable": trainable,
+            "seconds": round(run.seconds, 1), "loss": run.mean_loss(), "curve": curve}
+
+
 def write_training_record(folder, **record):
+    """training.json: `record` (minutes, examples, stages...) and the machine's load averages over the
+    last 1, 5 and 15 minutes, since the wall time of a run on shared cores depends on them."""
+    record.setdefault("load_average", [round(x, 1) for x in os.getloadavg()])
     path = Path(folder) / TRAINING_RECORD
-    path.write_text(json.dumps(record, indent=2) + "\n")
+    text = json.dumps(record, indent=2)             # then every list of numbers on one line
+    text = re.sub(r"\[\s+([-\d.e,\s]+?)\s+\]", lambda m: "[" + " ".join(m.group(1).split()) + "]", text)
+    path.write_text(text + "\n")
     return path
 
 
-def rows(systems=None, quick=False) -> list[Row]:
+def rows(systems=None, quick=False, directions=DIRECTIONS) -> list[Row]:
+    """One Row per system (all of SYSTEMS by default) on the cases of `directions`; each row's
+    evaluation time goes to stderr."""
     out = []
     for name in systems or SYSTEMS:
+        t0 = time.perf_counter()
         module = importlib.import_module(SYSTEMS[name])
-        cases = {d: shared_cases(d, quick) for d in DIRECTIONS}
+        cases = {d: shared_cases(d, quick) for d in directions}
         out.append(module.family_row(cases))
+        print(f"family: {name} evaluated in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
     return out
 
 
 def format_table(table: list[Row]) -> str:
+    """The table in Markdown: accuracy per direction ("-" where a system has no such input or output;
+    "*" where it answers zero-shot), then each row's notes."""
     head = ["system", "connector", "tokens per input", "trainable", "minutes", "examples", *DIRECTIONS]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for r in table:
-        acc = [f"{100 * r.accuracy[d][0]:.1f}% ({r.accuracy[d][1]})" if d in r.accuracy else "-" for d in DIRECTIONS]
+        acc = [f"{100 * r.accuracy[d][0]:.1f}% ({r.accuracy[d][1]}){'*' if d in r.zero_shot else ''}"
+               if d in r.accuracy else "-" for d in DIRECTIONS]
         minutes = f"{r.minutes:.1f}" if r.minutes is not None else "?"
         examples = f"{r.examples:,}" if r.examples is not None else "?"
         lines.append("| " + " | ".join([r.system, r.connector, r.tokens_per_input, f"{r.trainable:,}", minutes,
                                         examples, *acc]) + " |")
-    return "\n".join(lines)
+    notes = ["\\* zero-shot: training never showed the system an input of this modality."] * any(
+        r.zero_shot for r in table) + [f"- {r.system}: {r.notes}" for r in table if r.notes]
+    return "\n".join(lines + ([""] + notes if notes else []))
 
 
 THRESHOLDS = {("LLaVA", "image->text"): 0.95, ("MiniGPT-4", "image->text"): 0.90,
               ("Flamingo", "image->text"): 0.90, ("AnyGPT", "image->text"): 0.90, ("AnyGPT", "text->image"): 0.90}
 
 
-def evaluate(quick=False, systems=None) -> list:
-    """The family table as metrics (python -m minignext.toy.eval family prints both)."""
+def metrics(table: list[Row], quick=False) -> list:
+    """The table's accuracies as eval.Metric, with the thresholds of THRESHOLDS (none when quick)."""
     from minignext.toy.eval import Metric
 
+    return [Metric(f"{r.system} {d}", v, None if quick else THRESHOLDS.get((r.system, d)), n,
+                   r.connector + (", zero-shot" if d in r.zero_shot else "")) for r in table for d, (v, n) in r.accuracy.items()]
+
+
+def evaluate(quick=False, systems=None) -> list:
+    """The family table as metrics (python -m minignext.toy.eval family prints both)."""
     table = rows(systems, quick)
     print(format_table(table))
-    return [Metric(f"{r.system} {d}", v, None if quick else THRESHOLDS.get((r.system, d)), n, r.connector)
-            for r in table for d, (v, n) in r.accuracy.items()]
+    return metrics(table, quick)

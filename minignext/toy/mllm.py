@@ -9,8 +9,12 @@ is learnt, and the loss shifts them by one (logits at t predict the label at t +
                   weighted across processes by their token counts
     answer_loss   the same from the last hidden states, the LM head run on the labelled positions only
     by_length     micro-batches of similar length, so long multi-turn batches carry little padding
+    batch_answer_loss  answer_loss over a batch's micro-batches, one mean over all its answers
+    scaled_adam   Adam with some parameters at a multiple of the rate (a connector next to LoRA or an LLM)
     splice        soft tokens (projected media embeddings) written into the input embeddings
     media_bank    frozen ImageBind embeddings of rendered media, computed once before training
+    image_dialogue  a dialogue about one image (LLaVA's and PandaGPT's instruction data)
+    tokens_with_labels  one tokenization of a text, labels on the characters of its answers
 """
 
 import torch
@@ -18,6 +22,7 @@ import torch.nn.functional as F
 
 from minignext.toy import world
 from minignext.toy.train_imagebind import imagebind_input
+from minignext.toy.trainer import ADAM_BETAS
 
 
 def pad_batch(seqs, labels=None, pad_id=0):
@@ -91,3 +96,45 @@ def media_bank(encoder, modalities, rng, split="train", per_key=8) -> dict:
                 m = world.Media(modality, obj, direction)
                 bank[(modality, obj, direction)] = embed_media(encoder, modality, world.render_batch([m] * per_key, rng))
     return bank
+
+
+def image_dialogue(rng, split="train", phrasing="train", max_turns=3) -> list[world.Turn]:
+    """A dialogue about one image, like the instruction data of LLaVA and PandaGPT: the image comes
+    with a request to describe it, then up to max_turns - 1 follow-ups ask for its colour or its
+    shape again, or make small talk."""
+    first = world.turn("describe_image", rng, phrasing, split)
+    turns = [first]
+    for _ in range(int(rng.integers(max_turns))):
+        kind = ("ask_first_colour", "ask_first_shape", "chat")[rng.integers(3)]
+        turns.append(world.turn(kind, rng, phrasing, split, first=first.user_media, last=first.user_media))
+    return turns
+
+
+def tokens_with_labels(tokenizer, text, spans) -> tuple[list, list]:
+    """`text` tokenized whole, as a prompt is, and its labels: a token's id where the token overlaps
+    one of the character `spans` [a, b), -100 elsewhere. Counting on the one tokenization leaves no
+    room for a mismatch between the ids and the labels."""
+    enc = tokenizer.tok.encode(text, add_special_tokens=False)
+    labels = [i if any(s < b and e > a for a, b in spans) else -100 for i, (s, e) in zip(enc.ids, enc.offsets)]
+    return enc.ids, labels
+
+
+def batch_answer_loss(examples, states, head, max_tokens=None):
+    """The cross-entropy on the answers of a whole batch, over its length-sorted micro-batches
+    (by_length): `states(group)` gives a micro-batch's (last hidden states, labels), and the LM head
+    `head` runs on the labelled positions only. The mean is over every labelled token of the batch."""
+    total, labelled = 0.0, 0
+    for group in by_length(examples, max_tokens):
+        hidden, labels = states(group)
+        total = total + answer_loss(head, hidden, labels, reduction="sum")
+        labelled += int((labels[:, 1:] != -100).sum())
+    return total / max(1, labelled)
+
+
+def scaled_adam(params, scaled, lr, lr_scale):
+    """Adam with the kit's betas over `params`; those in `scaled` (parameters) learn at lr_scale times
+    the rate, through the group's "lr_scale" that trainer.Run applies at every step."""
+    ids = {id(p) for p in scaled}
+    groups = [{"params": [p for p in params if id(p) not in ids]},
+              {"params": [p for p in params if id(p) in ids], "lr_scale": lr_scale}]
+    return torch.optim.Adam([g for g in groups if g["params"]], lr=lr, betas=ADAM_BETAS)

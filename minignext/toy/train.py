@@ -3,6 +3,7 @@
     python -m minignext.toy.train foundations [--only imagebind,llm,...] [--seed 0] [--scale 1] [--fresh] [--lanes 2]
     python -m minignext.toy.train nextgpt [--seed 0] [--scale 1] [--fresh]
     python -m minignext.toy.train smol [...]    (NExT-GPT's stages on SmolLM2-135M-Instruct)
+    python -m minignext.toy.train llava|pandagpt [--seed 0] [--scale 1] [--fresh]
     python -m minignext.toy.train minigpt4 [--seed 0] [--scale 1] [--fresh]
     python -m minignext.toy.train minigpt4-1q | minigpt4-4q     (lesson 9's ablation: 1 and 4 queries)
     python -m minignext.toy.train anygpt [...]  (toy AnyGPT: two media tokenizers, then the LLM on their codes)
@@ -50,6 +51,7 @@ PHASES = ((("image_decoder",), ("imagebind", "llm", "audio_decoder")),      # tw
 # what trains on top of the foundations: name -> (module, keyword arguments of its train(args, ...))
 SYSTEMS = {"nextgpt": ("minignext.toy.train_nextgpt", {}),
            "smol": ("minignext.toy.train_nextgpt", {"recipe": "smol"}),
+           "llava": ("minignext.toy.train_llava", {}), "pandagpt": ("minignext.toy.train_pandagpt", {}),
            "minigpt4": ("minignext.toy.train_minigpt4", {}),
            "minigpt4-1q": ("minignext.toy.train_minigpt4", {"queries": 1}),
            "minigpt4-4q": ("minignext.toy.train_minigpt4", {"queries": 4}),
