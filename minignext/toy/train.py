@@ -2,6 +2,7 @@
 
     python -m minignext.toy.train foundations [--only imagebind,llm,...] [--seed 0] [--scale 1] [--fresh] [--lanes 2]
     python -m minignext.toy.train nextgpt [--seed 0] [--scale 1] [--fresh]
+    python -m minignext.toy.train flamingo [--seed 0] [--scale 1] [--fresh]
 
 Each part lives in its own module, `minignext.toy.train_<part>`, with `train(args: RunArgs) -> dict`
 that saves the part's finished weights under weights/toy/ and returns a summary. The arguments
@@ -30,6 +31,7 @@ import torch
 from minignext.toy.trainer import RUNS_DIR, TOY_DIR, RunArgs
 
 FOUNDATIONS = ("imagebind", "llm", "image_decoder", "audio_decoder", "video_decoder")
+SYSTEMS = ("nextgpt", "flamingo")           # trained on top of the foundations, each by train_<system>
 PHASES = ((("image_decoder",), ("imagebind", "llm", "audio_decoder")),      # two lanes side by side
           (("video_decoder",),))                                             # then one, with both threads
 
@@ -105,7 +107,7 @@ def run_lanes(lanes, args: RunArgs, threads):
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m minignext.toy.train", description=__doc__.splitlines()[0])
-    p.add_argument("what", choices=("foundations", "nextgpt"))
+    p.add_argument("what", choices=("foundations", *SYSTEMS))
     p.add_argument("--only", help="comma-separated parts of the foundations: " + ",".join(FOUNDATIONS))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--scale", type=float, default=1.0, help="fraction of the full schedule")
@@ -135,7 +137,7 @@ def main(argv=None):
         if unknown:
             p.error(f"unknown parts {sorted(unknown)}; choose from {FOUNDATIONS}")
     else:
-        parts = ["nextgpt"]
+        parts = [ns.what]
     t0 = time.perf_counter()
     if ns.what == "foundations" and ns.lanes > 1 and len(parts) > 1:
         summary = run_phases(parts, args, ns.threads)
