@@ -52,3 +52,10 @@ def test_toy_foundations_meet_their_thresholds(capsys):
 def test_toy_nextgpt_meets_its_thresholds(capsys):
     metrics = evaluated("nextgpt", capsys)
     check(metrics)
+
+
+@pytest.mark.skipif(not (TOY_DIR / "flamingo" / "flamingo.json").is_file(), reason="the toy Flamingo is not trained yet")
+def test_toy_flamingo_meets_its_thresholds(capsys):
+    metrics = evaluated("flamingo", capsys)
+    assert {m.name for m in metrics} >= {"image -> text", "video -> text", "few-shot naming, 2 examples"}
+    check(metrics)

@@ -31,7 +31,8 @@ CASES_PER_DIRECTION = 48
 # Every system trains on at most this many world examples (captions, dialogues, documents) in all
 # of its stages: NExT-GPT's three stages see 2000 x 32 + 1500 x 16 + 1500 x 16 = 112,000.
 DATA_BUDGET = 112_000
-SYSTEMS = {"NExT-GPT": "minignext.toy.eval_nextgpt"}    # name -> module with family_row(cases)
+SYSTEMS = {"NExT-GPT": "minignext.toy.eval_nextgpt",     # name -> module with family_row(cases)
+           "Flamingo": "minignext.toy.eval_flamingo"}
 TRAINING_RECORD = "training.json"           # what a system's training writes next to its weights
 
 
@@ -110,7 +111,8 @@ def format_table(table: list[Row]) -> str:
         examples = f"{r.examples:,}" if r.examples is not None else "?"
         lines.append("| " + " | ".join([r.system, r.connector, r.tokens_per_input, f"{r.trainable:,}", minutes,
                                         examples, *acc]) + " |")
-    return "\n".join(lines)
+    notes = [f"- {r.system}: {r.notes}" for r in table if r.notes]
+    return "\n".join(lines + ([""] + notes if notes else []))
 
 
 THRESHOLDS = {("LLaVA", "image->text"): 0.95, ("MiniGPT-4", "image->text"): 0.90,
