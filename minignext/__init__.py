@@ -3,7 +3,8 @@ and the family of systems around it, written from scratch in PyTorch for teachin
 
 A map of the package. The parts are flat modules, in data-flow order:
 
-    encode   media.py (reading and preprocessing files), clip.py, imagebind.py,
+    encode   media.py (reading and preprocessing files; mediafile.py opens them within
+             limits), clip.py, imagebind.py,
              blip2.py (BLIP-2's vision model and Q-Former), vq.py and encodec.py (discrete
              image and audio tokenizers)
     project  projection.py (input Linear, output transformer), perceiver.py (perceiver
@@ -29,7 +30,8 @@ and tiny.py (tiny random builds of every part, for tests and lessons).
 
 Around them: cli.py, chat.py and demo.py (the `minignext` command), serve.py and web/ (the live
 chat page of `minignext serve`), bench/ (speed against the reference libraries), toy/ (the toy
-world, its analytic checkers, and the training and evaluation of every toy model).
+world, its analytic checkers, and the training and evaluation of every toy model), exercises.py (the
+library run with a student's exercise solutions swapped in).
 """
 
 __version__ = "0.1.0"

@@ -1,7 +1,9 @@
 """The `minignext` command line (also `python -m minignext`).
 
 Each subcommand is a thin shell over a function elsewhere in the package, imported
-only when that subcommand runs, so `minignext --help` stays instant.
+only when that subcommand runs, so `minignext --help` stays instant. `main` is the one
+error boundary: every failure a user can act on ends as one line,
+`minignext <command>: error: ...`, and a non-zero exit.
 """
 
 import argparse
@@ -84,6 +86,19 @@ def build_parser():
     return p
 
 
+def user_error(e: BaseException) -> str | None:
+    """The one-line message for a failure the user can act on (a file, an option, the weights, the
+    memory), or None for a bug, which keeps its traceback."""
+    if isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError" or \
+            (isinstance(e, RuntimeError) and "can't allocate memory" in str(e)):
+        return f"out of memory ({type(e).__name__}: {e}); try a smaller input or fewer new tokens"
+    if isinstance(e, OSError) and e.filename is not None and e.strerror:
+        return f"{e.filename}: {e.strerror}"
+    if isinstance(e, (WeightsError, OSError, ValueError)):
+        return "; ".join(line.strip() for line in str(e).splitlines() if line.strip())
+    return None
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] in FORWARDED:
@@ -93,8 +108,12 @@ def main(argv=None):
         args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (WeightsError, FileNotFoundError, FileExistsError, ValueError) as e:
-        print(f"minignext {args.command}: error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
     except KeyboardInterrupt:
+        print(f"\nminignext {args.command}: interrupted", file=sys.stderr)
         raise SystemExit(130) from None
+    except Exception as e:
+        message = user_error(e)
+        if message is None:
+            raise
+        print(f"minignext {args.command}: error: {message}", file=sys.stderr)
+        raise SystemExit(2) from None

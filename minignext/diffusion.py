@@ -7,7 +7,8 @@ Papers: Rombach et al. 2022 (latent diffusion, arXiv 2112.10752); Ho & Salimans 
 `NExT-GPT-Lagacy/code/model/anyToImageVideoAudio.py` calls that pipeline with `prompt_embeds`.
 
 `denoise()` knows nothing about images: the audio and video pipelines call it with their
-own UNet function and conditioning.
+own UNet function and conditioning. `MediaDecoder` puts any of the three pipelines behind the one
+interface NExT-GPT's loop routes its signal tokens to.
 """
 
 import numbers
@@ -17,9 +18,11 @@ import numpy as np
 import torch
 
 from minignext import weights
+from minignext.generation import check_generation_options
 from minignext.schedulers import scheduler_from_config
 from minignext.utils import progress as progress_bar
 from minignext.vocoder import GriffinLim, GriffinLimConfig, HifiGan
+from minignext.weights import WeightsError
 
 
 def classifier_free_guidance(uncond, cond, guidance_scale):
@@ -437,3 +440,42 @@ class VideoPipeline(ImagePipeline):
             path.parent.mkdir(parents=True, exist_ok=True)
             paths.append(write_gif(path, clip, fps=fps, overwrite=overwrite))
         return paths
+
+
+# ---------------------------------------------------------------- one interface for NExT-GPT's decoders
+
+class MediaDecoder:
+    """A diffusion pipeline behind one interface: conditioning in, media out, with the decoder's
+    own sampling defaults (the published 7.5 and 50 steps unless its folder says otherwise).
+
+    The pipelines themselves embed "" with their own text encoder for the unconditional
+    branch of classifier-free guidance, as the reference does.
+    """
+
+    def __init__(self, modality, pipeline, guidance_scale=7.5, num_inference_steps=50, **call_kwargs):
+        self.modality, self.pipeline, self.call_kwargs = modality, pipeline, call_kwargs
+        self.guidance_scale, self.num_inference_steps = guidance_scale, num_inference_steps
+
+    def generate(self, cond, guidance_scale=None, num_inference_steps=None, seed=0, progress=True, on_step=None):
+        """cond: a batch of conditionings (B, Q, D), audio (B, D) -> B media. on_step(done, total) is
+        called after each denoising step. Non-finite values in the conditioning or the output are
+        an error (broken weights), never a black picture."""
+        guidance = self.guidance_scale if guidance_scale is None else guidance_scale
+        steps = self.num_inference_steps if num_inference_steps is None else num_inference_steps
+        check_generation_options(guidance_scale=guidance, num_inference_steps=steps)
+        if not torch.isfinite(cond).all():
+            raise WeightsError(f"the {self.modality} conditioning holds NaN or infinite values; the LLM's or the "
+                               f"output projection's weights are broken")
+        scheduler = self.pipeline.scheduler          # its timesteps are set when sampling starts
+        callback = None if on_step is None else (lambda i, *_: on_step(i + 1, len(scheduler.timesteps)))
+        out = self.pipeline(prompt_embeds=cond, seed=seed, progress=progress, callback=callback, **self.call_kwargs,
+                            guidance_scale=guidance, num_inference_steps=steps,
+                            **({"output_type": "np"} if self.modality == "image" else {}))
+        if not all(np.isfinite(np.asarray(x)).all() for x in out):
+            raise WeightsError(f"the {self.modality} decoder produced NaN or infinite values; its weights are broken")
+        if self.modality == "image":
+            return to_output(torch.from_numpy(np.asarray(out)).permute(0, 3, 1, 2), "pil")
+        if self.modality == "audio":
+            return [(np.asarray(w, dtype=np.float32).reshape(-1), self.pipeline.sampling_rate) for w in out]
+        return [(np.clip(v, 0, 1) * 255).round().astype(np.uint8) for v in out]     # frames (T, H, W, 3)
+

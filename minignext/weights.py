@@ -19,12 +19,15 @@ import fnmatch
 import json
 import logging
 import os
+import zipfile
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+
+from minignext.utils import atomic_write
 
 log = logging.getLogger("minignext")
 
@@ -315,8 +318,11 @@ def _skip_init():
 # ---------------------------------------------------------------- writing and converting
 
 def save_safetensors(state_dict: dict, path, overwrite=False, metadata=None) -> Path:
-    """Save tensors; shared or non-contiguous storage is copied first. Never overwrites by accident."""
+    """Save tensors atomically; shared or non-contiguous storage is copied first. Never overwrites
+    by accident, and a failed save leaves no partial file."""
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a folder; give the name of the .safetensors file to write")
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=True (or --overwrite) to replace it")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -329,10 +335,17 @@ def save_safetensors(state_dict: dict, path, overwrite=False, metadata=None) -> 
         elif storage is not None:
             seen.add(storage)
         out[k] = t
-    tmp = path.with_name(path.name + ".partial")
-    save_file(out, str(tmp), metadata=metadata)
-    tmp.replace(path)
+    with atomic_write(path, overwrite) as tmp:
+        save_file(out, str(tmp), metadata=metadata)
     return path
+
+
+def check_finite(tensors: dict, where: str):
+    """Raise if a floating-point tensor holds NaN or infinity (a corrupt or diverged checkpoint)."""
+    bad = [k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise WeightsError(f"{where}: {len(bad)} tensor(s) hold NaN or infinite values, e.g. {', '.join(bad[:3])}; "
+                           f"the checkpoint is corrupt or its training diverged")
 
 
 def load_pickle(path) -> dict:
@@ -340,8 +353,8 @@ def load_pickle(path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"{path}: no such file")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    try:      # files from before torch 1.6 (not zip archives) cannot be memory-mapped
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except Exception as e:
         raise WeightsError(f"{path}: cannot be read with torch.load(weights_only=True): {e}") from None
     for wrapper in ("state_dict", "model", "module", "model_state_dict"):   # the last: training checkpoints

@@ -48,3 +48,23 @@ def load_exercise_module(lesson: str, target: str):
 def ex(request):
     """The exercise module named by the test file's LESSON, from the chosen target."""
     return load_exercise_module(request.module.LESSON, request.config.getoption("--exercises"))
+
+
+def check(got, want, what, wrong=(), **tolerance):
+    """Compare an exercise's answer with the expected one and say what was compared.
+
+    wrong: [(diagnosis, output of a known wrong answer)]. If `got` equals one of them (and that
+    one differs from `want`), the test fails with its diagnosis instead of a bare mismatch."""
+    if not isinstance(got, torch.Tensor):
+        pytest.fail(f"{what}: expected a tensor, got {type(got).__name__}", pytrace=False)
+    for diagnosis, value in wrong:
+        if same(got, value) and not same(want, value):
+            pytest.fail(f"{what}: {diagnosis}", pytrace=False)
+    if got.shape != want.shape:
+        pytest.fail(f"{what}: expected shape {tuple(want.shape)}, got {tuple(got.shape)}", pytrace=False)
+    torch.testing.assert_close(got, want, msg=lambda m: f"{what}\n{m}", **tolerance)
+
+
+def same(a, b, atol=1e-5, rtol=1e-4):
+    return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape
+            and torch.allclose(a.detach().double(), b.detach().double(), atol=atol, rtol=rtol))

@@ -50,7 +50,7 @@ def test_run_writes_media_and_transcript(tmp_path, inputs):
     assert "green.png" in transcript and "reply_image0.png" in transcript and "Three things." in transcript
 
     again = minignext("run", "--preset", "tiny-random", "--prompt", "hi", "--out", out, weights_dir=tmp_path)
-    assert again.returncode == 2 and "exists" in again.stderr and "Traceback" not in again.stderr
+    assert again.returncode == 2 and "earlier run" in again.stderr and "Traceback" not in again.stderr
 
 
 def test_bad_input_and_missing_weights_are_friendly(tmp_path, inputs):

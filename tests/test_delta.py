@@ -112,3 +112,17 @@ def test_unreadable_delta_is_a_weights_error(tmp_path):
     bad.write_bytes(b"not a pickle")
     with pytest.raises(weights.WeightsError, match="weights_only"):
         convert_delta(bad, tmp_path / "out")
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda d, k: d.pop(k.replace("lora_A", "lora_B")), "lora_A.weight has no lora_B partner"),
+    (lambda d, k: d.pop(k), "lora_B.weight has no lora_A partner"),
+    (lambda d, k: d.update({k.replace("lora_A", "lora_A_old"): d.pop(k)}), "lora_A_old.weight is not"),
+    (lambda d, k: d.update({k.replace("layers.0", "layers.7"): d.pop(k)}), "layers.7.self_attn.q_proj.lora_A"),
+], ids=["A without B", "B without A", "renamed factor", "renamed layer"])
+def test_every_lora_factor_needs_its_partner_and_a_layer(base_dir, change, message):
+    """A LoRA factor the merge would skip is an error, never a silently unmerged layer."""
+    delta = dict(delta_key(k, v)[0] for k, v in official_delta().items())
+    change(delta, "llama_model.model.layers.0.self_attn.q_proj.lora_A.weight")
+    with pytest.raises(weights.WeightsError, match=message):
+        apply_delta(Llama.from_pretrained(base_dir), delta, lora_alpha=ALPHA)

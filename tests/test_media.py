@@ -80,8 +80,7 @@ def test_image_errors(tmp_path):
     (tmp_path / "broken.png").write_bytes(data[:40] + bytes(200) + data[240:])
     with pytest.raises(ValueError, match="broken"):
         media.load_image(tmp_path / "broken.png")
-    with pytest.raises(ValueError, match="unsupported image mode 'I;16'"):
-        media.load_image(Image.new("I;16", (8, 8)))
+    assert np.asarray(media.load_image(Image.new("I;16", (8, 8), 65535))).min() == 255    # 16-bit grey is read
     with pytest.raises(ValueError, match="mode 'F'"):
         media.preprocess_image(Image.new("F", (8, 8)))
     with pytest.raises(ValueError, match="zero-size"):
@@ -270,17 +269,16 @@ def test_audio_errors(tmp_path):
     with pytest.raises(ValueError, match="zero-length"):
         media.load_audio(tmp_path / "silent.wav")
     (tmp_path / "noise.wav").write_bytes(b"RIFF" + bytes(60))
-    with pytest.raises(ValueError, match="not a readable integer-PCM WAV"):
+    with pytest.raises(ValueError, match="not a readable WAV file"):
         media.load_audio(tmp_path / "noise.wav")
-    # an IEEE-float WAV header (format tag 3), which the stdlib wave module does not read
+    # an IEEE-float WAV (format tag 3), which the stdlib wave module does not read, is read
     fmt = (3).to_bytes(2, "little") + (1).to_bytes(2, "little") + (16000).to_bytes(4, "little") \
         + (64000).to_bytes(4, "little") + (4).to_bytes(2, "little") + (32).to_bytes(2, "little")
     body = b"WAVE" + b"fmt " + len(fmt).to_bytes(4, "little") + fmt + b"data" + (8).to_bytes(4, "little") + bytes(8)
     (tmp_path / "float.wav").write_bytes(b"RIFF" + len(body).to_bytes(4, "little") + body)
-    with pytest.raises(ValueError, match="float and compressed"):
-        media.load_audio(tmp_path / "float.wav")
+    assert media.load_audio(tmp_path / "float.wav")[0].shape == (1, 2)
     (tmp_path / "song.mp3").write_bytes(b"ID3" + bytes(100))
-    with pytest.raises(ValueError, match="unsupported audio format '.mp3'"):
+    with pytest.raises(ValueError, match="not a readable WAV file .* convert other formats"):
         media.load_audio(tmp_path / "song.mp3")
     nan = torch.zeros(32000)
     nan[5] = float("nan")
@@ -372,7 +370,7 @@ def test_video_errors(tmp_path):
     with pytest.raises(ValueError, match="not a GIF"):
         media.load_video(tmp_path / "still.png")
     (tmp_path / "fake.gif").write_text("GIF? no")
-    with pytest.raises(ValueError, match="not an image"):
+    with pytest.raises(ValueError, match="not a GIF"):
         media.load_video(tmp_path / "fake.gif")
     with pytest.raises(FileNotFoundError):
         media.load_video(tmp_path / "missing.gif")

@@ -246,14 +246,15 @@ def test_add_nextgpt_tokens_grows_vocab_and_embeddings():
     assert tok.encode("[IMG0][AUD7]", add_bos=False) == [tok.token_to_id("[IMG0]"), tok.token_to_id("[AUD7]")]
 
 
-def test_a_decoder_that_cannot_load_gives_a_notice_not_a_crash(model, monkeypatch):
+def test_a_decoder_that_cannot_load_fails_the_reply_with_the_reason(model, monkeypatch):
     def missing():
         raise WeightsError("weights/real/nextgpt-7b/audioldm_unconditional.safetensors is missing")
     monkeypatch.setitem(model.decoder_loaders, "audio", missing)
     monkeypatch.setattr(model, "_decoders", {})
-    reply = model.chat("Play a tone.", force_response=f"Listen {AUD}", **FAST)
-    assert reply.text == "Listen" and reply.audios == []
-    assert any("audio decoder could not be loaded" in n and "audioldm_unconditional" in n for n in reply.notices)
+    conv = Conversation().user("Play a tone.")
+    with pytest.raises(WeightsError, match="audio decoder could not be loaded: .*audioldm_unconditional"):
+        model.chat(conv, force_response=f"Listen {AUD}", **FAST)
+    assert [t.role for t in conv.turns] == ["user"]         # no half answer joins the history
 
 
 REAL = __import__("minignext.presets", fromlist=["REAL_DIR"]).REAL_DIR
@@ -332,3 +333,89 @@ def test_terminal_progress_bars_still_draw_with_on_progress(model, capsys):
                on_progress=lambda *e: seen.append(e))
     err = capsys.readouterr().err
     assert "denoising: |####################| 2/2" in err and ("decode image", 2, 2) in seen
+
+
+# ---------------------------------------------------------------- user text, history, loud failures
+
+def test_typed_special_tokens_are_text_and_generated_ones_are_tokens(model):
+    typed = "<Img></Img> [IMG0] </s> <s>"
+    conv = Conversation().user(typed).assistant(f"Here {IMG}").user("Again.")
+    ids = model.build_prompt(conv).ids
+    specials = {*model.splice_ids, *model.signal_ids["image"], model.tokenizer.eos_id, model.tokenizer.bos_id}
+    first_user = model.tokenizer.encode(typed, add_bos=False, special=False)
+    assert not specials & set(first_user) and model.tokenizer.decode(first_user) == typed
+    assert [i for i in ids if i in specials] == [model.tokenizer.bos_id, *model.signal_ids["image"]]
+
+
+def test_messages_are_checked(model):
+    with pytest.raises(ValueError, match="the message is empty"):
+        Conversation().user("   ")
+    with pytest.raises(ValueError, match="must be a string"):
+        Conversation().user(None)
+    with pytest.raises(ValueError, match=r"got \['images'\]"):
+        model.chat([{"role": "user", "content": "hi", "images": ["x.png"]}], **FAST)
+    # a uint8 numpy image is an image, as documented
+    picture = np.full((40, 48, 3), 200, np.uint8)
+    reply = model.chat([{"role": "user", "content": "What is this?", "image": picture}], max_new_tokens=2, **FAST)
+    soft = reply.prompt.embeds[0, reply.prompt.soft_positions[0]]
+    torch.testing.assert_close(soft, model.encode("image", picture)[0])
+
+
+def test_a_one_frame_gif_is_an_image_with_a_notice(model, tmp_path):
+    frame = np.random.default_rng(1).integers(0, 256, (1, 40, 40, 3), np.uint8)
+    media.write_gif(tmp_path / "still.gif", frame)
+    reply = model.chat(Conversation().user("What happens?", video=tmp_path / "still.gif"), max_new_tokens=2, **FAST)
+    assert reply.prompt.soft_modalities == ["image"] and any("single frame" in n for n in reply.notices)
+    still = media.load_video(tmp_path / "still.gif")[0]
+    torch.testing.assert_close(reply.prompt.embeds[0, reply.prompt.soft_positions[0]], model.encode("image", still)[0])
+
+
+def test_a_long_history_drops_its_oldest_turns_and_keeps_their_inputs(model, inputs):
+    conv = Conversation().user("Look at this.", image=inputs["image"]).assistant("A red square.")
+    for i in range(40):
+        conv.user(f"Question number {i}: what colour is it, really?").assistant(f"It is red, answer {i}.")
+    conv.user("And now?")
+    positions = model.llama_model.config.max_position_embeddings
+    assert model.prompt_length(conv) + 64 > positions
+    reply = model.chat(conv, max_new_tokens=64, **FAST)
+    notice = next(n for n in reply.notices if "oldest turns were dropped" in n)
+    assert "1 of their 1 inputs were kept" in notice
+    assert conv.turns[0].role == "user" and conv.turns[0].media[0] == ("image", inputs["image"])
+    assert reply.prompt.soft_modalities == ["image"] and reply.prompt.embeds.shape[1] + 64 <= positions
+    with pytest.raises(ValueError, match="the last message .* exceed the LLM's 512 positions"):
+        model.chat("word " * 600, **FAST)
+
+
+def test_non_finite_weights_and_outputs_are_errors(model, monkeypatch):
+    norm = model.llama_model.model.norm.weight
+    saved = norm.detach().clone()
+    try:
+        with torch.no_grad():
+            norm[0] = float("nan")
+        with pytest.raises(WeightsError, match="logits after 0 new tokens are NaN"):
+            model.chat("Hello.", **FAST)
+    finally:
+        with torch.no_grad():
+            norm.copy_(saved)
+    from minignext.systems.nextgpt import MediaDecoder
+
+    class Broken:
+        sampling_rate, scheduler = 16000, None
+
+        def __call__(self, **kwargs):
+            return [np.full(100, np.nan, np.float32)]
+    decoder = MediaDecoder("audio", Broken())
+    with pytest.raises(WeightsError, match="audio decoder produced NaN"):
+        decoder.generate(torch.zeros(1, 16))
+    with pytest.raises(WeightsError, match="conditioning holds NaN"):
+        decoder.generate(torch.full((1, 16), float("nan")))
+
+
+def test_zero_guidance_is_a_value_and_nan_options_are_errors(model):
+    default = model.chat("Draw.", force_response=f"Here {IMG}", **FAST).images[0]
+    unguided = model.chat("Draw.", force_response=f"Here {IMG}", guidance_scale=0, **FAST).images[0]
+    assert np.asarray(default).tolist() != np.asarray(unguided).tolist()
+    for bad in (dict(guidance_scale=float("nan")), dict(num_inference_steps=0), dict(temperature=float("nan")),
+                dict(top_p=0.0), dict(max_new_tokens=0)):
+        with pytest.raises(ValueError, match=f"{next(iter(bad))} must be"):
+            model.chat("Draw.", **{**FAST, **bad})

@@ -93,7 +93,7 @@ def test_distance_loss_is_mean_euclidean_not_squared(trained):
     model, _ = train_nextgpt.build(root)
     hidden = torch.randn(2, 12, model.llama_model.config.hidden_size)
     target = torch.randn(1, EMBED_DIM)
-    loss = train_nextgpt.distance_loss(model, hidden, [(1, "audio", 3, target)])
+    loss = train_nextgpt.distance_loss(model, [("audio", hidden[1, 3:11], target)])
     ids = torch.tensor(model.signal_ids["audio"])
     pred = model.output_projection("audio")(hidden[1:, 3:11], model.llama_model.embed(ids)[None])
     torch.testing.assert_close(loss, torch.sqrt(((pred[0] - target) ** 2).sum(-1)).mean())
@@ -169,3 +169,18 @@ def test_chat_samples_each_decoder_with_its_own_defaults_and_honours_zero():
     assert calls == [("audio", audio["guidance_scale"], audio["num_inference_steps"]),
                      ("image", image["guidance_scale"], image["num_inference_steps"]),
                      ("audio", 0.0, 3)]
+
+
+def test_micro_batches_give_the_one_batch_loss(trained):
+    """Length-sorted micro-batches (the smol recipe's) change the padding, not the loss."""
+    _, root, _ = trained
+    model, texts = train_nextgpt.build(root)
+    rng = np.random.default_rng(3)
+    bank = train_nextgpt.media_bank(model.visual_encoder, ("image", "audio", "video"), rng, "train", 1)
+    targets = train_nextgpt.caption_targets(texts)
+    examples = [train_nextgpt.encode_dialogue(model, train_nextgpt.stage_turn(3, rng, mosit=0.5), bank, targets, rng)
+                for _ in range(6)]
+    whole = train_nextgpt.loss_fn(model, examples)
+    parts = train_nextgpt.loss_fn(model, examples, max_tokens=2 * min(len(e["ids"]) for e in examples))
+    for a, b in zip(whole, parts):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -10,19 +10,19 @@ the loop that joins the parts; reference: NExT-GPT-Lagacy code/model/anyToImageV
     decode   image / video / audio diffusion pipelines, loaded on demand
 
 This file is the loop, in data-flow order: signal tokens and splicing, the conversation, the
-model, the decoders. The official checkpoint and minignext's folder layout are in
-nextgpt_checkpoint.py; ready-made models in minignext/presets.py.
+model; the decoders behind it are minignext.diffusion.MediaDecoder. The official checkpoint and
+minignext's folder layout are in nextgpt_checkpoint.py; ready-made models in minignext/presets.py.
 """
 
 import re
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 from torch import nn
 
 from minignext import media
-from minignext.generation import decode_one_token, prefill, sample
+from minignext.diffusion import MediaDecoder  # noqa: F401  (the decoders a NextGPT routes to)
+from minignext.generation import check_generation_options, decode_one_token, prefill, sample
 from minignext.projection import InputProjection, OutputProjection
 from minignext.tokenizer import VICUNA_V0, ChatTemplate
 from minignext.utils import progress as progress_bar
@@ -158,6 +158,10 @@ class Message:
     soft: list = field(default_factory=list)        # encoded soft tokens, cached across turns
 
 
+class UserText(str):
+    """Text a user wrote: special tokens typed in it are read as plain text."""
+
+
 class Conversation:
     """A multi-turn chat. Media attached to earlier turns stay in the prompt of later ones."""
 
@@ -165,12 +169,16 @@ class Conversation:
         self.turns: list[Message] = []
 
     def user(self, text, image=None, audio=None, video=None, depth=None, thermal=None, imu=None) -> "Conversation":
+        if not isinstance(text, str):
+            raise ValueError(f"a message's text must be a string; got {type(text).__name__}")
         media = []
         given = {"image": image, "audio": audio, "video": video, "depth": depth, "thermal": thermal, "imu": imu}
         for modality, items in given.items():
             # a list holds several inputs; anything else (a path, an image, a (waveform, rate) pair) is one
             items = [] if items is None else items if isinstance(items, list) else [items]
             media += [(modality, x) for x in items]
+        if not text.strip() and not media:
+            raise ValueError("the message is empty; write something or attach an input")
         self.turns.append(Message("user", text, media))
         return self
 
@@ -185,6 +193,10 @@ class Conversation:
         if isinstance(messages, str):
             return conv.user(messages)
         for m in messages:
+            unknown = sorted(set(m) - {"role", "content", *INPUTS}) if isinstance(m, dict) else None
+            if unknown is None or unknown:
+                raise ValueError(f"a message is a dict of role, content and inputs ({', '.join(INPUTS)}: one, or a "
+                                 f"list); got {unknown or type(m).__name__}")
             role, text = m.get("role", "user"), m.get("content", "")
             if role == "user":
                 conv.user(text, **{modality: m.get(modality) for modality in INPUTS})
@@ -212,7 +224,7 @@ class Conversation:
             for k in range(len(turn.media)):
                 out += [SPLICE_OPEN, (t, k), SPLICE_CLOSE]
             text = f" {turn.text}" if turn.media else turn.text
-            out.append(text + template.sep + ask)
+            out += [UserText(text), template.sep + ask]     # the template's own tokens stay special
         return out
 
 
@@ -222,6 +234,7 @@ class Prompt:
     ids: list                       # T token ids, -1 at soft-token positions
     soft_positions: list            # where the soft tokens sit
     soft_modalities: list           # their modality, in order
+    notices: list = field(default_factory=list)     # how inputs were read (a one-frame video as an image)
 
 
 @dataclass
@@ -341,22 +354,28 @@ class NextGPT(nn.Module):
         """What build_prompt encodes: the conversation's segments, each text piece on its own."""
         return conversation.segments(self.template)
 
+    def _text_ids(self, seg) -> list:
+        if type(seg) is str and seg in (SPLICE_OPEN, SPLICE_CLOSE):
+            return [self._token_id(seg)]
+        return self.tokenizer.encode(seg, add_bos=False, special=not isinstance(seg, UserText))
+
     def build_prompt(self, conversation: Conversation, on_progress=None) -> Prompt:
-        ids, insert_at, soft, modalities = [], [], [], []
+        ids, insert_at, soft, modalities, notices = [], [], [], [], []
         todo, done = sum(len(t.media) - len(t.soft) for t in conversation.turns), 0
-        if self.tokenizer.bos_id is not None:
+        if self.tokenizer.adds_bos:
             ids.append(self.tokenizer.bos_id)
         for seg in self.prompt_segments(conversation):
-            if seg in (SPLICE_OPEN, SPLICE_CLOSE):
-                ids.append(self._token_id(seg))
-                continue
             if isinstance(seg, str):
-                ids += self.tokenizer.encode(seg, add_bos=False)
+                ids += self._text_ids(seg)
                 continue
             t, k = seg
             turn = conversation.turns[t]
             while len(turn.soft) <= k:                   # encode once, keep for later turns
                 modality, source = turn.media[len(turn.soft)]
+                if modality == "video":                  # a video of one frame is read as an image
+                    modality, source, note = media.video_or_still(source)
+                    turn.media[len(turn.soft)] = (modality, source)
+                    notices += [note] if note else []
                 turn.soft.append(self.encode(modality, source))
                 done += 1
                 if on_progress is not None:
@@ -370,7 +389,42 @@ class NextGPT(nn.Module):
         full_ids = list(ids)
         for p in positions:
             full_ids.insert(p, -1)
-        return Prompt(embeds[None], full_ids, positions, modalities)
+        return Prompt(embeds[None], full_ids, positions, modalities, notices)
+
+    def prompt_length(self, conversation: Conversation) -> int:
+        """The positions build_prompt takes, counted without encoding any media."""
+        return (self.tokenizer.bos_id is not None) + sum(len(self._text_ids(seg)) if isinstance(seg, str) else 1
+                                                           for seg in self.prompt_segments(conversation))
+
+    def fit_history(self, conversation: Conversation, new_tokens: int) -> list:
+        """Drop the oldest turns until the prompt and `new_tokens` fit in the LLM's positions; the
+        inputs of dropped turns move to the first turn kept, newest first, while they still fit.
+        Returns a notice of what went."""
+        positions = self.llama_model.config.max_position_embeddings
+        limit, turns = positions - new_tokens, conversation.turns
+        if self.prompt_length(conversation) <= limit:
+            return []
+        dropped, carried = 0, []                    # (input, its soft token or None), oldest first
+        while len(turns) > 1 and (turns[0].role == "assistant" or self.prompt_length(conversation) > limit):
+            gone = turns.pop(0)
+            dropped += 1
+            carried += [(m, gone.soft[i] if i < len(gone.soft) else None) for i, m in enumerate(gone.media)]
+        if self.prompt_length(conversation) > limit:
+            raise ValueError(f"the last message ({self.prompt_length(conversation)} positions) and {new_tokens} new "
+                             f"tokens exceed the LLM's {positions} positions; shorten the conversation's last "
+                             f"message or ask for fewer new tokens")
+        first, kept = turns[0], []
+        for item, soft in reversed(carried):
+            first.media.insert(0, item)
+            if self.prompt_length(conversation) > limit:
+                first.media.pop(0)
+                break
+            kept.insert(0, soft)
+        encoded = kept[:next((i for i, t in enumerate(kept) if t is None), len(kept))]
+        first.soft = encoded + first.soft if len(encoded) == len(kept) else encoded   # a cache of a media prefix
+        note = f"the conversation outgrew the LLM's {positions} positions, so its {dropped} oldest turns were dropped"
+        return [note + (f"; {len(kept)} of their {len(carried)} inputs were kept" if carried else "")]
+
 
     # ------------------------------------------------------------ generate
 
@@ -397,7 +451,11 @@ class NextGPT(nn.Module):
         llm.setup_cache(1, total)
         try:
             logits = prefill(llm, inputs_embeds=prompt.embeds)
+            checked = logits.device.type != "meta"          # the meta device has shapes, no values
             for _ in progress_bar(range(budget), desc="generating", enabled=progress):
+                if checked and not torch.isfinite(logits).all():
+                    raise WeightsError(f"the LLM's logits after {len(out)} new tokens are NaN or infinite: its "
+                                       f"weights (or an input's soft token) hold non-finite values")
                 if forced is not None or queue:
                     token = queue.pop(0)
                 else:
@@ -446,13 +504,18 @@ class NextGPT(nn.Module):
         `progress` says about the terminal bars: phase "encode <modality>" after each new input,
         "generate" after each answer token (total is the token budget; an answer may stop before
         it), "decode <modality>" after each denoising step."""
+        check_generation_options(max_new_tokens, temperature, top_p, guidance_scale, num_inference_steps)
         conv = messages if isinstance(messages, Conversation) else Conversation.from_messages(messages)
+        budget = max_new_tokens if force_response is None else len(self.tokenizer.encode(force_response, add_bos=False))
+        longest_run = max(map(len, self.signal_ids.values()), default=0)     # a run cut short is completed
+        notices = self.fit_history(conv, budget + longest_run)
         prompt = self.build_prompt(conv, on_progress)
         new = self.generate_ids(prompt, max_new_tokens, temperature, top_p, seed, force_response, progress,
                                 on_progress)
-        fixed, runs, notices = find_signal_runs(new, self.signal_ids)
+        fixed, runs, fixes = find_signal_runs(new, self.signal_ids)
         text, raw = self._answer_text(fixed)
-        reply = Reply(text=text, raw_text=raw, notices=notices, generated_ids=new, token_ids=fixed, prompt=prompt)
+        reply = Reply(text=text, raw_text=raw, notices=notices + prompt.notices + fixes, generated_ids=new,
+                      token_ids=fixed, prompt=prompt)
         if runs:
             hidden = self.last_hidden(prompt, fixed)
             offset = prompt.embeds.shape[1]
@@ -469,9 +532,8 @@ class NextGPT(nn.Module):
                     continue
                 try:
                     decoder = self.decoder(modality)
-                except WeightsError as e:
-                    reply.notices.append(f"the {modality} decoder could not be loaded, so no {modality} output: {e}")
-                    continue
+                except (WeightsError, OSError, ValueError) as e:
+                    raise WeightsError(f"the {modality} decoder could not be loaded: {e}") from None
                 step = None if on_progress is None else (lambda i, n, m=modality: on_progress(f"decode {m}", i, n))
                 media = decoder.generate(cond, guidance_scale=guidance_scale, num_inference_steps=num_inference_steps,
                                          seed=seed, progress=progress, on_step=step)
@@ -509,9 +571,10 @@ def encoder_input(encoder, modality, source) -> torch.Tensor:
     if modality == "video":
         return media.video_to_imagebind_clips(source, size=c.image_size, frames_per_clip=c.video_frames)[None]
     if modality == "audio":
-        wave, sr = source if isinstance(source, tuple) else media.load_audio(source)
-        return media.waveform_to_imagebind_audio(wave, sr, num_mel_bins=c.audio_num_mel_bins,
-                                                 target_length=c.audio_target_len)[None]
+        mel = dict(num_mel_bins=c.audio_num_mel_bins, target_length=c.audio_target_len)
+        if isinstance(source, tuple):
+            return media.waveform_to_imagebind_audio(*source, **mel)[None]
+        return media.audio_to_imagebind(source, **mel)[None]
     if modality == "thermal":
         return media.thermal_to_imagebind(source, size=c.image_size)[None]
     if modality == "depth":
@@ -519,34 +582,3 @@ def encoder_input(encoder, modality, source) -> torch.Tensor:
     if modality == "imu":
         return media.imu_to_imagebind(source, length=c.imu_length)[None]
     raise ValueError(f"unknown input modality {modality!r}; expected one of {', '.join(INPUTS)}")
-
-
-# ---------------------------------------------------------------- decoders
-
-class MediaDecoder:
-    """A diffusion pipeline behind one interface: conditioning in, media out, with the decoder's
-    own sampling defaults (the published 7.5 and 50 steps unless its folder says otherwise).
-
-    The pipelines themselves embed "" with their own text encoder for the unconditional
-    branch of classifier-free guidance, as the reference does.
-    """
-
-    def __init__(self, modality, pipeline, guidance_scale=7.5, num_inference_steps=50, **call_kwargs):
-        self.modality, self.pipeline, self.call_kwargs = modality, pipeline, call_kwargs
-        self.guidance_scale, self.num_inference_steps = guidance_scale, num_inference_steps
-
-    def generate(self, cond, guidance_scale=None, num_inference_steps=None, seed=0, progress=True, on_step=None):
-        """cond: a batch of conditionings (B, Q, D), audio (B, D) -> B media.
-        on_step(done, total) is called after each denoising step."""
-        scheduler = self.pipeline.scheduler          # its timesteps are set when sampling starts
-        callback = None if on_step is None else (lambda i, *_: on_step(i + 1, len(scheduler.timesteps)))
-        out = self.pipeline(prompt_embeds=cond, seed=seed, progress=progress, callback=callback, **self.call_kwargs,
-                            guidance_scale=self.guidance_scale if guidance_scale is None else guidance_scale,
-                            num_inference_steps=self.num_inference_steps if num_inference_steps is None
-                            else num_inference_steps)
-        if self.modality == "image":
-            return list(out)
-        if self.modality == "audio":
-            return [(np.asarray(w, dtype=np.float32).reshape(-1), self.pipeline.sampling_rate) for w in out]
-        return [(np.clip(v, 0, 1) * 255).round().astype(np.uint8) for v in out]     # frames (T, H, W, 3)
-

@@ -28,6 +28,7 @@ from minignext import weights
 from minignext.projection import OutputProjectionConfig
 from minignext.tokenizer import TEMPLATES, VICUNA_V0
 from minignext.systems.nextgpt import (PROJECTION_NAMES, MediaDecoder, NextGPT, added_tokens)
+from minignext.utils import atomic_write
 from minignext.weights import WeightsError
 
 # ---------------------------------------------------------------- the official delta
@@ -78,6 +79,7 @@ def apply_delta(llm, delta: dict, lora_alpha=32.0) -> dict:
             rest[key] = t
         elif ".lora_" in key:
             lora[key] = t
+    add_new_rows(llm, delta.get("llama_model.model.embed_tokens.new_rows"), delta.get("llama_model.lm_head.new_rows"))
     embed, head = delta.get("llama_model.model.embed_tokens.weight"), delta.get("llama_model.lm_head.weight")
     if embed is not None:
         if embed.shape[1] != llm.config.hidden_size:
@@ -91,19 +93,49 @@ def apply_delta(llm, delta: dict, lora_alpha=32.0) -> dict:
             if head is not None:
                 params["lm_head.weight"].copy_(head)
     params = dict(llm.named_parameters())
-    for key_a in [k for k in lora if ".lora_A." in k]:
-        target = key_a.removeprefix("llama_model.").replace(".lora_A.weight", ".weight")
-        key_b = key_a.replace(".lora_A.", ".lora_B.")
-        if target not in params or key_b not in lora:
-            raise WeightsError(f"delta LoRA {key_a} has no {'LLM weight ' + target if target not in params else key_b}")
-        w = params[target]
+    pairs = {}                          # target weight -> {"A": key, "B": key}
+    for key in lora:
+        target, _, factor = key.removeprefix("llama_model.").rpartition(".lora_")
+        if factor not in ("A.weight", "B.weight") or f"{target}.weight" not in params:
+            raise WeightsError(f"delta LoRA key {key} is not <an LLM linear layer>.lora_A.weight or .lora_B.weight")
+        pairs.setdefault(f"{target}.weight", {})[factor[0]] = key
+    for target, pair in pairs.items():
+        if len(pair) != 2:
+            have, want = next(iter(pair.items()))
+            raise WeightsError(f"delta LoRA {want} has no lora_{'B' if have == 'A' else 'A'} partner; every "
+                               f"lora_A needs its lora_B, or {target} would be left unmerged")
+        key_a, key_b, w = pair["A"], pair["B"], params[target]
         with torch.no_grad():
             w.copy_(weights.merge_lora(w, lora[key_a].to(w.device), lora[key_b].to(w.device), alpha=lora_alpha))
-    known = {"llama_model.model.embed_tokens.weight", "llama_model.lm_head.weight", *lora}
+    known = {"llama_model.model.embed_tokens.weight", "llama_model.lm_head.weight", *lora,
+             "llama_model.model.embed_tokens.new_rows", "llama_model.lm_head.new_rows"}
     stray = [k for k in delta if k.startswith("llama_model.") and k not in known]
     if stray:
         raise WeightsError(f"delta has LLM keys that are neither LoRA nor embeddings: {', '.join(stray[:5])}")
     return rest
+
+
+def add_new_rows(llm, embed_rows, head_rows=None):
+    """minignext's compact form of the grown matrices: only the rows past the base vocabulary
+    (`embed_tokens.new_rows`, and `lm_head.new_rows` unless the head is tied to the embedding), where
+    the official full matrices would dwarf the delta (SmolLM2: 49,152 rows for 38 new ones)."""
+    if embed_rows is None:
+        if head_rows is not None:
+            raise WeightsError("the delta has lm_head.new_rows but no embed_tokens.new_rows")
+        return
+    tied = llm.lm_head.weight is llm.model.embed_tokens.weight
+    if (head_rows is None) != tied:
+        raise WeightsError(f"the delta's new rows do not fit the LLM: its lm_head is {'tied' if tied else 'untied'}, "
+                           f"the delta {'has' if head_rows is not None else 'lacks'} lm_head.new_rows")
+    if embed_rows.shape[1] != llm.config.hidden_size:
+        raise WeightsError(f"delta embed_tokens.new_rows has shape {tuple(embed_rows.shape)}, the LLM's width is "
+                           f"{llm.config.hidden_size}")
+    base = llm.config.vocab_size
+    llm.resize_token_embeddings(base + embed_rows.shape[0])
+    with torch.no_grad():
+        llm.model.embed_tokens.weight[base:] = embed_rows
+        if head_rows is not None:
+            llm.lm_head.weight[base:] = head_rows
 
 
 def load_projections(model, tensors: dict, dtype=None, device=None):
@@ -143,13 +175,37 @@ def write_folder(folder, model: NextGPT, delta: dict, *, encoder_dir, llm_dir, d
             "decoder_kwargs": dict(decoder_kwargs or {})}
     if lora:
         meta.update(lora_r=lora["r"], lora_alpha=lora["alpha"])
-    tmp = meta_path.with_name(meta_path.name + ".partial")
-    tmp.write_text(json.dumps(meta, indent=2) + "\n")
-    tmp.replace(meta_path)
+    with atomic_write(meta_path, overwrite) as tmp:
+        tmp.write_text(json.dumps(meta, indent=2) + "\n")
     return folder
 
 
-REQUIRED = ("encoder", "llm", "delta", "enc_dim", "projections")
+REQUIRED = {"encoder": str, "llm": str, "delta": str, "enc_dim": int, "projections": dict}
+OPTIONAL = {"decoders": dict, "decoder_kwargs": dict, "lora_r": int, "lora_alpha": (int, float), "template": str}
+
+
+def read_meta(folder) -> dict:
+    """nextgpt.json, with every field it must or may have checked for its type."""
+    path = Path(folder) / "nextgpt.json"
+    meta = weights.read_config(folder, "nextgpt.json")
+    if not isinstance(meta, dict):
+        raise WeightsError(f"{path}: expected a JSON object")
+    missing = [k for k in REQUIRED if k not in meta]
+    if missing:
+        raise WeightsError(f"{path} lacks {', '.join(missing)}; it must name {', '.join(REQUIRED)}")
+    for key, kind in {**REQUIRED, **OPTIONAL}.items():
+        if key in meta and (not isinstance(meta[key], kind) or isinstance(meta[key], bool)):
+            raise WeightsError(f"{path}: {key} is {meta[key]!r}; expected a {getattr(kind, '__name__', 'number')}")
+    for key, kind in (("projections", dict), ("decoders", str), ("decoder_kwargs", dict)):
+        stray = sorted(m for m, v in meta.get(key, {}).items() if m not in PROJECTION_NAMES or not isinstance(v, kind))
+        if stray:
+            raise WeightsError(f"{path}: {key} has {', '.join(stray)}; expected a {kind.__name__} for each of "
+                               f"{', '.join(PROJECTION_NAMES)}")
+    try:
+        meta["projections"] = {m: OutputProjectionConfig.from_dict(d) for m, d in meta["projections"].items()}
+    except (TypeError, ValueError, AttributeError) as e:
+        raise WeightsError(f"{path}: its projections do not describe output projections ({e})") from None
+    return meta
 
 
 def load_folder(folder, dtype=None, device=None) -> NextGPT:
@@ -159,10 +215,8 @@ def load_folder(folder, dtype=None, device=None) -> NextGPT:
     from minignext.tokenizer import Tokenizer
 
     folder = Path(folder)
-    meta = weights.read_config(folder, "nextgpt.json")
-    missing = [k for k in REQUIRED if k not in meta]
-    if missing:
-        raise WeightsError(f"{folder / 'nextgpt.json'} lacks {', '.join(missing)}; it must name {', '.join(REQUIRED)}")
+    meta = read_meta(folder)
+    projections = meta["projections"]
     dtype = dtype or torch.float32
     encoder = ImageBind.from_pretrained(folder / meta["encoder"], dtype=dtype, device=device)
     llm_dir = folder / meta["llm"]
@@ -170,11 +224,11 @@ def load_folder(folder, dtype=None, device=None) -> NextGPT:
     tok.add_special_tokens([t for t in added_tokens() if tok.token_to_id(t) is None])
     delta = weights.load_safetensors(folder / meta["delta"], dtype=dtype, device=device or "cpu")
     delta = dict(kv for k, v in delta.items() for kv in delta_key(k, v))
+    weights.check_finite(delta, str(folder / meta["delta"]))
     has_lora = any(".lora_" in k for k in delta)
     if has_lora and "lora_alpha" not in meta:
         raise WeightsError(f"{folder / meta['delta']} holds LoRA factors but nextgpt.json gives no lora_alpha")
     rest = apply_delta(llm, delta, lora_alpha=meta.get("lora_alpha", 1.0))
-    projections = {m: OutputProjectionConfig.from_dict(d) for m, d in meta["projections"].items()}
     loaders = {}
     for m, path in meta.get("decoders", {}).items():
         kwargs = meta.get("decoder_kwargs", {}).get(m, {})

@@ -7,7 +7,9 @@
 
 Each foundation's module `minignext.toy.train_<part>` has `evaluate(quick=False, seed=1234) -> list[Metric]`;
 the toy NExT-GPT's is `minignext.toy.eval_nextgpt`, which drives `NextGPT.chat` like every user does.
-The command prints one table and exits non-zero if any metric misses its threshold.
+The command prints one table and exits non-zero if any metric misses its threshold. With --quick it is
+a smoke check, not a gate: a few samples per row, where one unlucky sample moves a row by a sixth, so
+misses are reported and the exit code is 0 (unless a part fails to run at all).
 """
 
 import argparse
@@ -68,7 +70,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m minignext.toy.eval", description=__doc__.splitlines()[0])
     p.add_argument("what", choices=("foundations", *EVALUATORS))
     p.add_argument("--only", help="comma-separated parts: " + ",".join(FOUNDATIONS))
-    p.add_argument("--quick", action="store_true", help="fewer samples (for the notebooks)")
+    p.add_argument("--quick", action="store_true", help="a smoke check on a few samples: misses are reported, not failed")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--preset", default=None, help="users: the preset whose chat is judged (default: toy)")
     args = p.parse_args(argv)
@@ -77,7 +79,10 @@ def main(argv=None):
     metrics = evaluate(parts, quick=args.quick, **({"preset": args.preset} if args.preset else {}))
     print(format_table(metrics))
     failed = [m.name for m in metrics if not m.ok]
-    if failed:
+    if failed and args.quick:
+        print(f"below threshold on the quick sample (not a gate; run without --quick to measure): "
+              f"{', '.join(failed)}", file=sys.stderr)
+    elif failed:
         print(f"below threshold: {', '.join(failed)}", file=sys.stderr)
         raise SystemExit(1)
     return metrics

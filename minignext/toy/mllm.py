@@ -6,6 +6,8 @@ is learnt, and the loss shifts them by one (logits at t predict the label at t +
 
     pad_batch     right-padded ids and labels
     answer_ce     next-token cross-entropy on the labelled tokens only (NExT-GPT trains the answers)
+    answer_loss   the same from the last hidden states, the LM head run on the labelled positions only
+    by_length     micro-batches of similar length, so long multi-turn batches carry little padding
     splice        soft tokens (projected media embeddings) written into the input embeddings
     media_bank    frozen ImageBind embeddings of rendered media, computed once before training
 """
@@ -36,10 +38,32 @@ def answer_ce(logits, labels):
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
 
 
+def answer_loss(head, hidden, labels, reduction="mean"):
+    """answer_ce(head(hidden), labels), with the head run only where a label is: the same value,
+    without the (B, T, vocab) logits of every position."""
+    keep = labels[:, 1:] != -100
+    logits = head(hidden[:, :-1][keep])
+    return F.cross_entropy(logits.float(), labels[:, 1:][keep], reduction=reduction)
+
+
+def by_length(examples, max_tokens=None) -> list[list]:
+    """Examples ({"ids": ...}) in micro-batches of similar length, each padded to at most `max_tokens`
+    positions (one example alone may exceed it); None: one batch as given."""
+    if max_tokens is None:
+        return [examples]
+    groups, group = [], []
+    for e in sorted(examples, key=lambda e: len(e["ids"])):
+        if group and (len(group) + 1) * len(e["ids"]) > max_tokens:
+            groups.append(group)
+            group = []
+        group.append(e)
+    return groups + [group] if group else groups
+
+
 def splice(embeds, rows, positions, vectors):
     """`embeds` (B, T, D) with vectors[i] (D,) written at (rows[i], positions[i]); index_put keeps the
     graph, so gradients reach whatever made the vectors (the input projection)."""
-    return embeds.index_put((torch.tensor(rows), torch.tensor(positions)), vectors)
+    return embeds.index_put((torch.tensor(rows), torch.tensor(positions)), vectors.to(embeds.dtype))
 
 
 @torch.no_grad()

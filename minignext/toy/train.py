@@ -2,6 +2,7 @@
 
     python -m minignext.toy.train foundations [--only imagebind,llm,...] [--seed 0] [--scale 1] [--fresh] [--lanes 2]
     python -m minignext.toy.train nextgpt [--seed 0] [--scale 1] [--fresh]
+    python -m minignext.toy.train smol [...]    (NExT-GPT's stages on SmolLM2-135M-Instruct)
     python -m minignext.toy.train flamingo [--seed 0] [--scale 1] [--fresh]
 
 Each part lives in its own module, `minignext.toy.train_<part>`, with `train(args: RunArgs) -> dict`
@@ -31,16 +32,22 @@ import torch
 from minignext.toy.trainer import RUNS_DIR, TOY_DIR, RunArgs
 
 FOUNDATIONS = ("imagebind", "llm", "image_decoder", "audio_decoder", "video_decoder")
-SYSTEMS = ("nextgpt", "flamingo")           # trained on top of the foundations, each by train_<system>
 PHASES = ((("image_decoder",), ("imagebind", "llm", "audio_decoder")),      # two lanes side by side
           (("video_decoder",),))                                             # then one, with both threads
+
+
+# what trains on top of the foundations: name -> (module, keyword arguments of its train(args, ...))
+SYSTEMS = {"nextgpt": ("minignext.toy.train_nextgpt", {}),
+           "smol": ("minignext.toy.train_nextgpt", {"recipe": "smol"}),
+           "flamingo": ("minignext.toy.train_flamingo", {})}
 
 
 def run_parts(parts, args: RunArgs):
     summary = {}
     for part in parts:
         t0 = time.perf_counter()
-        result = importlib.import_module(f"minignext.toy.train_{part}").train(args)
+        module, kwargs = SYSTEMS.get(part, (f"minignext.toy.train_{part}", {}))
+        result = importlib.import_module(module).train(args, **kwargs)
         result["seconds"] = round(time.perf_counter() - t0, 1)
         summary[part] = result
         print(f"{part}: {json.dumps(result)}", flush=True)

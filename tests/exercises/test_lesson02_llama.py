@@ -6,7 +6,25 @@ import math
 import pytest
 import torch
 
+from conftest import check
+
 LESSON = "lesson02_llama"
+LAYERNORM = "you subtracted the mean: that is LayerNorm; RMSNorm only divides by the root mean square"
+INTERLEAVED = ("you rotated neighbouring pairs (x_0, x_1), (x_2, x_3), ... (the GPT-J / Meta layout); "
+               "this model pairs x_i with x_(i+D/2) (rotate-half)")
+NOT_IN_PLACE = ("the cache was not written in place: assign into a slice of the preallocated cache "
+                "instead of building a new tensor (torch.cat allocates one every step)")
+
+
+def layer_norm_like(x, w, eps):
+    x = x - x.mean(-1, keepdim=True)
+    return x / torch.sqrt((x ** 2).mean(-1, keepdim=True) + eps) * w
+
+
+def interleaved_rope(x, cos, sin):
+    a, b = x[..., 0::2], x[..., 1::2]
+    c, s = cos[..., : x.shape[-1] // 2], sin[..., : x.shape[-1] // 2]
+    return torch.stack([a * c - b * s, b * c + a * s], -1).flatten(-2)
 
 
 def randn(*shape, seed=0):
@@ -23,7 +41,8 @@ def rope_angles(t, d, theta=10000.0, offset=0):
 def test_rms_norm_matches_formula(ex):
     x, w = randn(2, 5, 16), randn(16, seed=1)
     want = x / torch.sqrt((x ** 2).mean(-1, keepdim=True) + 1e-5) * w
-    torch.testing.assert_close(ex.rms_norm(x, w, 1e-5), want, atol=1e-5, rtol=1e-5)
+    check(ex.rms_norm(x, w, 1e-5), want, "rms_norm vs x / sqrt(mean(x^2) + eps) * w",
+          wrong=[(LAYERNORM, layer_norm_like(x, w, 1e-5))], atol=1e-5, rtol=1e-5)
 
 
 def test_rms_norm_matches_transformers(ex):
@@ -34,8 +53,8 @@ def test_rms_norm_matches_transformers(ex):
         for dtype in (torch.float32, torch.bfloat16):
             x = (randn(3, 4, 16, seed=3) * 4).to(dtype)
             out = ex.rms_norm(x, ref.weight, 1e-6)
-            assert out.dtype == ref(x).dtype
-            torch.testing.assert_close(out, ref(x), atol=1e-5, rtol=1e-5)
+            assert out.dtype == ref(x).dtype, f"for {dtype} input the result must be {ref(x).dtype}, got {out.dtype}"
+            check(out, ref(x), f"rms_norm vs transformers' LlamaRMSNorm on {dtype}", atol=1e-5, rtol=1e-5)
 
 
 def test_apply_rope_matches_transformers(ex):
@@ -44,8 +63,9 @@ def test_apply_rope_matches_transformers(ex):
     cos, sin = rope_angles(7, 8)
     want_q, want_k = llama.apply_rotary_pos_emb(q, k, cos[None], sin[None], unsqueeze_dim=1)
     got_q, got_k = ex.apply_rope(q, k, cos, sin)
-    torch.testing.assert_close(got_q, want_q, atol=1e-6, rtol=0)
-    torch.testing.assert_close(got_k, want_k, atol=1e-6, rtol=0)
+    check(got_q, want_q, "rotated q vs transformers' apply_rotary_pos_emb",
+          wrong=[(INTERLEAVED, interleaved_rope(q, cos, sin))], atol=1e-6, rtol=0)
+    check(got_k, want_k, "rotated k (fewer heads than q) vs transformers' apply_rotary_pos_emb", atol=1e-6, rtol=0)
 
 
 def test_apply_rope_rotates_half_pairs(ex):
@@ -56,8 +76,9 @@ def test_apply_rope_rotates_half_pairs(ex):
     got, _ = ex.apply_rope(q, q.clone(), cos, sin)
     x1, x2 = q[..., :3], q[..., 3:]
     want = torch.cat([x1 * a.cos() - x2 * a.sin(), x2 * a.cos() + x1 * a.sin()], -1)   # 2-D rotations
-    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
-    torch.testing.assert_close(got.norm(), q.norm(), atol=1e-5, rtol=0)
+    check(got, want, "apply_rope vs the 2-D rotation of each (x_i, x_(i+D/2)) pair",
+          wrong=[(INTERLEAVED, interleaved_rope(q, cos, sin))], atol=1e-6, rtol=0)
+    check(got.norm(), q.norm(), "the norm of a rotated vector (a rotation keeps lengths)", atol=1e-5, rtol=0)
 
 
 def test_rope_scores_depend_only_on_distance(ex):
@@ -70,7 +91,8 @@ def test_rope_scores_depend_only_on_distance(ex):
         qm, _ = ex.apply_rope(q, q, cm, sm)
         _, kn = ex.apply_rope(k, k, cn, sn)
         scores.append(float((qm * kn).sum()))
-    assert math.isclose(scores[0], scores[1], abs_tol=1e-4) and math.isclose(scores[0], scores[2], abs_tol=1e-4)
+    assert math.isclose(scores[0], scores[1], abs_tol=1e-4) and math.isclose(scores[0], scores[2], abs_tol=1e-4), \
+        f"q.k after RoPE must depend only on the distance m - n (3 for all three pairs), got {scores}"
     c0, s0 = rope_angles(1, 16, offset=0)
     c1, s1 = rope_angles(1, 16, offset=1)
     assert abs(float((ex.apply_rope(q, q, c0, s0)[0] * ex.apply_rope(k, k, c1, s1)[1]).sum()) - scores[0]) > 1e-3
@@ -86,11 +108,11 @@ def test_kv_cache_update_in_place_equals_concatenation(ex):
         start += k.shape[2]
         want_k = torch.cat([c[0] for c in chunks[:i + 1]], dim=2)      # what a growing cache would hold
         want_v = torch.cat([c[1] for c in chunks[:i + 1]], dim=2)
-        torch.testing.assert_close(keys, want_k, atol=0, rtol=0)
-        torch.testing.assert_close(values, want_v, atol=0, rtol=0)
-        torch.testing.assert_close(cache_k[:, :, :start], want_k, atol=0, rtol=0)   # written in place
-    assert cache_k.data_ptr() == ptr_k and cache_v.data_ptr() == ptr_v
-    assert keys.data_ptr() == ptr_k                                     # a view, not a copy
+        check(keys, want_k, f"keys returned after step {i}", atol=0, rtol=0)
+        check(values, want_v, f"values returned after step {i}", atol=0, rtol=0)
+        if not torch.equal(cache_k[:, :, :start], want_k) or keys.data_ptr() != ptr_k:
+            pytest.fail(NOT_IN_PLACE, pytrace=False)
+    assert cache_k.data_ptr() == ptr_k and cache_v.data_ptr() == ptr_v, NOT_IN_PLACE
     assert (cache_k[:, :, start:] == 0).all() and (cache_v[:, :, start:] == 0).all()
 
 
@@ -103,4 +125,22 @@ def test_kv_cache_decoding_gives_the_full_attention(ex):
     for t in range(6):
         keys, values = ex.kv_cache_update(cache_k, cache_v, k[:, :, t:t + 1], v[:, :, t:t + 1], t)
         outs.append(torch.nn.functional.scaled_dot_product_attention(q[:, :, t:t + 1], keys, values))
-    torch.testing.assert_close(torch.cat(outs, dim=2), full, atol=1e-5, rtol=0)
+    check(torch.cat(outs, dim=2), full, "one query at a time over the cache vs causal attention over all",
+          atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("kv_heads, theta", [(4, 10000.0), (2, 500.0), (1, 1e6)])
+def test_llama_logits_equal_the_model(ex, kv_heads, theta):
+    from minignext.llama import Llama, LlamaConfig
+
+    torch.manual_seed(kv_heads)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=kv_heads, rope_theta=theta)
+    model = Llama(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2)
+        ids = torch.randint(0, 64, (2, 9))
+        check(ex.llama_logits(model, ids), model(ids),
+              f"llama_logits vs minignext's Llama ({kv_heads} key/value heads, rope_theta={theta:g})",
+              atol=1e-4, rtol=1e-4)

@@ -5,6 +5,8 @@ import pytest
 import torch
 from torch.testing import assert_close
 
+from conftest import check
+
 LESSON = "lesson03_audio"
 
 
@@ -45,31 +47,56 @@ def kaldi_banks(num_bins, n_fft, sample_rate, low_freq, high_freq):
 ])
 def test_mel_filterbank_matches_kaldi(ex, num_bins, n_fft, sample_rate, low, high):
     got = ex.mel_filterbank(num_bins, n_fft, sample_rate, low, high)
-    assert got.shape == (num_bins, n_fft // 2 + 1) and got.dtype == torch.float64
-    assert_close(got, kaldi_banks(num_bins, n_fft, sample_rate, low, high), atol=1e-9, rtol=0)
+    assert got.dtype == torch.float64, f"expected float64 filters, got {got.dtype}"
+    want = kaldi_banks(num_bins, n_fft, sample_rate, low, high)
+    check(got, want, f"{num_bins} filters for n_fft={n_fft} at {sample_rate} Hz vs Kaldi's loops", atol=1e-9, rtol=0,
+          wrong=[("the filters are spaced evenly in Hz; Kaldi spaces their edges evenly in mel",
+                  hz_spaced(num_bins, n_fft, sample_rate, low, high))])
 
 
-def test_mel_filterbank_reproduces_kaldi_native_fbank(ex):
-    """Your filters, with the rest of Kaldi's frame pipeline, give kaldi-native-fbank's features."""
+def hz_spaced(num_bins, n_fft, sample_rate, low, high):
+    high = high if high > 0 else sample_rate / 2 + high
+    edges = torch.linspace(low, high, num_bins + 2, dtype=torch.float64)
+    f = torch.arange(n_fft // 2, dtype=torch.float64)[None] * sample_rate / n_fft
+    left, centre, right = edges[:-2, None], edges[1:-1, None], edges[2:, None]
+    bank = torch.minimum((f - left) / (centre - left), (right - f) / (right - centre)).clamp(min=0)
+    return torch.nn.functional.pad(bank, (0, 1))
+
+
+def kaldi_native(x, num_bins=40):
     knf = pytest.importorskip("kaldi_native_fbank")
-    g = torch.Generator().manual_seed(0)
-    x = 0.3 * torch.sin(torch.arange(8000) * 0.07) + 0.05 * torch.randn(8000, generator=g)
     opts = knf.FbankOptions()
     opts.frame_opts.dither = 0.0
     opts.frame_opts.window_type = "hanning"
-    opts.mel_opts.num_bins = 40
+    opts.mel_opts.num_bins = num_bins
     opts.use_energy = False
     fbank = knf.OnlineFbank(opts)
     fbank.accept_waveform(16000, x.tolist())
     fbank.input_finished()
-    want = torch.tensor(np.stack([fbank.get_frame(i) for i in range(fbank.num_frames_ready)]), dtype=torch.float64)
+    return torch.tensor(np.stack([fbank.get_frame(i) for i in range(fbank.num_frames_ready)]), dtype=torch.float64)
+
+
+def test_log_mel_features_equal_kaldi_native_fbank(ex):
+    g = torch.Generator().manual_seed(1)
+    t = torch.arange(12000) / 16000
+    x = 0.4 * torch.sin(2 * math.pi * (300 + 400 * t) * t) + 0.02 * torch.randn(12000, generator=g)
+    want = kaldi_native(x, 64)
+    got = ex.log_mel_features(x, 16000, 64)
+    check(got, want, "log_mel_features of a 0.75 s sweep vs kaldi-native-fbank (64 bins)", atol=2e-3, rtol=0)
+
+
+def test_mel_filterbank_reproduces_kaldi_native_fbank(ex):
+    """Your filters, with the rest of Kaldi's frame pipeline, give kaldi-native-fbank's features."""
+    g = torch.Generator().manual_seed(0)
+    x = 0.3 * torch.sin(torch.arange(8000) * 0.07) + 0.05 * torch.randn(8000, generator=g)
+    want = kaldi_native(x, 40)
     frames = x.double().unfold(0, 400, 160)
     frames = frames - frames.mean(1, keepdim=True)
     frames = frames - 0.97 * torch.cat([frames[:, :1], frames[:, :-1]], 1)
     frames = frames * torch.hann_window(400, periodic=False, dtype=torch.float64)
     power = torch.fft.rfft(frames, n=512).abs() ** 2
     got = (power @ ex.mel_filterbank(40, 512, 16000).T).clamp(min=1.1920929e-07).log()
-    assert_close(got, want, atol=1e-3, rtol=0)
+    check(got, want, "Kaldi's pipeline with your filters vs kaldi-native-fbank", atol=1e-3, rtol=0)
 
 
 def test_mel_filterbank_rejects_bad_frequencies(ex):
