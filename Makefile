@@ -18,8 +18,9 @@ ifneq ($(shell cat $(VENV)/.installed 2>/dev/null),$(CURDIR))
 .PHONY: $(VENV)/.installed
 endif
 
-$(VENV)/.installed: $(VENV)/bin/python pyproject.toml requirements.txt requirements-notebooks.txt
-	$(PIP) install -q -r requirements.txt -r requirements-notebooks.txt
+$(VENV)/.installed: $(VENV)/bin/python pyproject.toml requirements.txt requirements-notebooks.txt requirements-base.txt requirements-base-file.txt
+	$(PIP) install -q -r requirements.txt -r requirements-notebooks.txt -r requirements-base.txt
+	$(PIP) install -q --no-deps -r requirements-base-file.txt
 	$(PIP) install -q --no-deps -e .
 	echo "$(CURDIR)" > $@
 

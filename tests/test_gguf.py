@@ -13,7 +13,7 @@ from minignext.llama import Llama
 from minignext.tokenizer import CHATML, Tokenizer
 from minignext.weights import WeightsError
 
-gguf = pytest.importorskip("gguf", reason="the GGUF converter needs the `gguf` package (requirements-test.txt)")
+gguf = pytest.importorskip("gguf", reason="the GGUF converter needs the `gguf` package (requirements-base.txt)")
 transformers = pytest.importorskip("transformers")
 
 SMOLLM_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"

@@ -67,14 +67,15 @@ class Recipe:
     bf16: bool = False          # matmuls in bfloat16 (autocast): twice as fast on a CPU with AVX512-BF16
     compact_rows: bool = False  # ship only the new embedding rows (a 49k-token vocabulary dwarfs the rest)
     max_tokens: int | None = None   # padded positions per micro-batch (long multi-turn batches waste less)
+    replay: int = 0             # extra output-projection updates per step on recent signal states (see Replay)
 
 
 RECIPES = {
     "nextgpt": Recipe("nextgpt", None, VICUNA_V0, STAGES, mosit=0.5),
-    "smol": Recipe("smol", SMOL_BASE, CHATML, {1: dict(steps=300, batch=16, lr=3e-3),
+    "smol": Recipe("smol", SMOL_BASE, CHATML, {1: dict(steps=150, batch=16, lr=3e-3),
                                               2: dict(steps=300, batch=16, lr=3e-3),
-                                              3: dict(steps=400, batch=8, lr=5e-4)},
-                   mosit=0.85, bf16=True, compact_rows=True, max_tokens=1024),
+                                              3: dict(steps=220, batch=8, lr=5e-4)},
+                   mosit=0.85, bf16=True, compact_rows=True, max_tokens=1024, replay=8),
 }
 PROJECTION_LR_SCALE = 4.0                   # stage 3: both projections learn faster than the LoRA factors
 BANK_PER_KEY = 8                            # rendered samples per (modality, object[, direction])
@@ -259,23 +260,25 @@ def signal_distance(pred, target):
     return (pred - target).norm(dim=-1).mean()
 
 
-def distance_loss(model, pairs):
+def distance_loss(model, pairs, rows_learn=True):
     """Mean per-token Euclidean distance (not squared) between the projected signal states and the
     decoder text encoder's output, averaged over the modalities present. pairs: [(modality, the
-    hidden states at its signal run (n, H), the target conditioning)]."""
+    hidden states at its signal run (n, H), the target conditioning)]. rows_learn=False: no gradient
+    reaches the signal tokens' embedding rows."""
     losses = []
     for modality in MODALITIES:
         mine = [(h, t) for m, h, t in pairs if m == modality]
         if not mine:
             continue
         ids = torch.tensor(model.signal_ids[modality])
-        emb = model.llama_model.embed(ids)[None].expand(len(mine), -1, -1)
+        with nullcontext() if rows_learn else torch.no_grad():
+            emb = model.llama_model.embed(ids)[None].expand(len(mine), -1, -1)
         pred = model.output_projection(modality)(torch.stack([h for h, _ in mine]).float(), emb)
         losses.append(signal_distance(pred, torch.stack([t for _, t in mine])))
     return torch.stack(losses).mean() if losses else torch.zeros(())
 
 
-def loss_fn(model, examples, bf16=False, max_tokens=None):
+def loss_fn(model, examples, bf16=False, max_tokens=None, replay=None):
     """CE on the answers plus the signal-state distance, over the batch in length-sorted micro-batches
     of at most `max_tokens` padded positions (None: one batch): the same loss, with little padding.
     The LM head runs only where a label is (a 49k-token vocabulary would cost a fifth of the step)."""
@@ -289,7 +292,46 @@ def loss_fn(model, examples, bf16=False, max_tokens=None):
             pairs += [(m, hidden[b, s:s + len(model.signal_ids[m])], t) for b, m, s, t in runs]
     ce = ce_sum / max(1, labelled)
     dist = distance_loss(model, pairs)
+    if replay is not None:
+        replay.keep(pairs)
     return ce + dist, ce, dist
+
+
+class Replay:
+    """Extra updates of the output projections on the signal states of the last `window` steps.
+
+    On a 135M LLM the forward and backward through the LLM cost nearly all of a stage-2 step and the
+    output projections almost nothing, so two cores afford a few hundred steps: too few updates for
+    the projections (each modality gets a third of a batch per step). After each step, `updates`
+    more steps of the projections alone (their own Adam, the stage's current learning rate) run on
+    recent hidden states, detached: the loss is the same distance, on states a few steps old. The
+    LLM, its new rows and the LoRA factors learn only in the main step. Not part of the resumable
+    state: a resumed run starts with an empty window."""
+
+    def __init__(self, model, updates, window=16, batch=16, seed=0):
+        self.model, self.updates, self.batch = model, updates, batch
+        self.params = [p for m in MODALITIES for p in model.output_projection(m).parameters()]
+        self.opt = torch.optim.Adam(self.params, betas=ADAM_BETAS)
+        self.steps, self.window = [], window
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def keep(self, pairs):
+        self.steps = (self.steps + [[(m, h.detach().float(), t) for m, h, t in pairs]])[-self.window:]
+
+    def run(self, lr):
+        pool = [p for step in self.steps for p in step]
+        if not pool:
+            return
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        for _ in range(self.updates):
+            picked = []
+            for m in MODALITIES:
+                mine = [p for p in pool if p[0] == m]
+                if mine:
+                    idx = torch.randint(len(mine), (min(self.batch, len(mine)),), generator=self.gen)
+                    picked += [mine[i] for i in idx.tolist()]
+            optimizer_step(self.opt, distance_loss(self.model, picked, rows_learn=False), self.params)
 
 
 # ---------------------------------------------------------------- the stages
@@ -337,13 +379,16 @@ def run_stage(model, stage, bank, targets, args: RunArgs, batch=None, recipe: Re
     opt = torch.optim.Adam([g for g in groups if g["params"]], lr=cfg["lr"], betas=ADAM_BETAS)
     part = f"{recipe.name}_stage{stage}"
     run = Run.start(part, args, {"model": model}, opt, cfg["steps"], cfg["lr"], warmup=50)
+    replay = Replay(model, recipe.replay, seed=args.seed_of(f"{part}/replay")) if recipe.replay and stage >= 2 else None
     model.train()
     for step in run.steps():
         rng = args.rng(f"{part}/batches", step)           # the batch depends on the step only: resumable
         examples = [encode_dialogue(model, stage_turn(stage, rng, recipe.mosit), bank, targets, rng)
                     for _ in range(cfg["batch"])]
-        loss, ce, dist = loss_fn(model, args.shard(examples), recipe.bf16, recipe.max_tokens)
+        loss, ce, dist = loss_fn(model, args.shard(examples), recipe.bf16, recipe.max_tokens, replay)
         optimizer_step(opt, loss, params)
+        if replay is not None:      # at the projections' own rate (stage 3 gives them PROJECTION_LR_SCALE)
+            replay.run(opt.param_groups[-1]["lr"])
         run.log(loss.item(), ce=ce.item(), dist=dist.item())
     model.eval()
     return run

