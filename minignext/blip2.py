@@ -10,7 +10,10 @@ Vision model   a pre-norm ViT (EVA-ViT-g: 39 blocks of width 1408, exact GELU): 
                matrix and has biases on q and v only. They are parameters here, as in LAVIS;
                transformers' files fold them into `qkv.bias` and `hf_key` splits it.
                `post_layernorm` (LAVIS's `ln_vision`) normalises every output token. (LAVIS
-               builds ln_vision with eps 1e-5; transformers uses layer_norm_eps, 1e-6.)
+               builds ln_vision with eps 1e-5; transformers uses layer_norm_eps, 1e-6.) With
+               `pre_layernorm`, a LayerNorm also normalises the tokens before the first block, as
+               in CLIP-style ViTs (LAVIS's CLIP ViT-L, `ln_pre`; the toy ImageBind's vision branch);
+               EVA and transformers' model have none, and it is off by default.
 Q-Former       a BERT encoder (post-norm: LayerNorm(x + sublayer(x))) whose input is a set of
                learned query tokens. The queries attend to each other, and on every
                `cross_attention_frequency`-th block they also attend to the image tokens. Text
@@ -22,6 +25,8 @@ Retrieval      stage-1 pretraining's heads: image-text contrastive (ITC: each qu
                image-text matching (ITM: queries and text in one sequence, a 2-way classifier
                averaged over the queries). `itc_loss`, `sample_hard_negatives` and `itm_loss`
                are the losses of LAVIS's Blip2Qformer.forward.
+Inspection     `query_attention`: each query's cross-attention over the image tokens (what the
+               queries look at), as transformers returns it with output_attentions.
 
 Dropout: `hidden_dropout_prob` acts in training mode; attention-probability dropout is not
 applied.
@@ -56,6 +61,7 @@ class Blip2VisionConfig:
     hidden_act: str = "gelu"
     layer_norm_eps: float = 1e-6
     qkv_bias: bool = True                # q_bias and v_bias (there is never a key bias)
+    pre_layernorm: bool = False          # a LayerNorm before block 0: CLIP-style ViTs have one, EVA has none
 
     def __post_init__(self):
         _check(self)
@@ -201,6 +207,8 @@ class Blip2VisionModel(nn.Module):
         super().__init__()
         self.config = config
         self.embeddings = Blip2VisionEmbeddings(config)
+        if config.pre_layernorm:
+            self.pre_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.encoder = CLIPEncoder(config, attention_cls=Blip2Attention)    # CLIP's pre-norm blocks
         self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
@@ -208,7 +216,8 @@ class Blip2VisionModel(nn.Module):
         s = self.config.image_size
         if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != (3, s, s):
             raise ValueError(f"Blip2VisionModel wants images (B, 3, {s}, {s}), got {tuple(pixel_values.shape)}")
-        states = self.encoder(self.embeddings(pixel_values))
+        tokens = self.embeddings(pixel_values)
+        states = self.encoder(self.pre_layernorm(tokens) if hasattr(self, "pre_layernorm") else tokens)
         last = self.post_layernorm(states[-1])
         # transformers normalises the class token a second time for the pooled output
         return Blip2VisionOutput(last, self.post_layernorm(last[:, 0]),
@@ -342,6 +351,26 @@ def query_features(vision_model, query_tokens, qformer, pixel_values):
     image = vision_model(pixel_values).last_hidden_state
     queries = query_tokens.expand(image.shape[0], -1, -1)
     return image, qformer(queries, encoder_hidden_states=image)
+
+
+@torch.no_grad()
+def query_attention(qformer, query_embeds, image) -> torch.Tensor:
+    """What each query looks at: the cross-attention probabilities of every block that cross-attends,
+    (B, blocks, heads, N, P), for queries (B, N, H) over image tokens (B, P, E). Attention runs fused
+    and keeps no probabilities, so they are recomputed from what each cross-attention was given."""
+    seen = []
+    hooks = [layer.crossattention.attention.register_forward_hook(lambda m, args, out: seen.append((m, *args[:2])))
+             for layer in qformer.encoder.layer if layer.has_cross_attention]
+    try:
+        qformer(query_embeds, encoder_hidden_states=image)
+    finally:
+        for h in hooks:
+            h.remove()
+    maps = []
+    for m, x, context in seen:
+        q, k = (rearrange(t, "b t (h d) -> b h t d", h=m.num_heads) for t in (m.query(x), m.key(context)))
+        maps.append((q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5).softmax(dim=-1))
+    return torch.stack(maps, dim=1)
 
 
 # ---------------------------------------------------------------- retrieval heads (stage 1)
@@ -483,6 +512,7 @@ LAVIS_RENAMES = [   # (pattern, replacement), first match wins; LAVIS name -> th
     (r"visual_encoder\.blocks\.(\d+)\.attn\.proj\.", r"vision_model.encoder.layers.\1.self_attn.projection."),
     (r"visual_encoder\.blocks\.(\d+)\.attn\.(qkv\.weight|q_bias|v_bias)$", r"vision_model.encoder.layers.\1.self_attn.\2"),
     (r"visual_encoder\.blocks\.(\d+)\.mlp\.(fc\d)\.", r"vision_model.encoder.layers.\1.mlp.\2."),
+    (r"visual_encoder\.ln_pre\.", "vision_model.pre_layernorm."),
     (r"ln_vision\.", "vision_model.post_layernorm."),
     (r"Qformer\.bert\.embeddings\.LayerNorm\.", "qformer.layernorm."),
     (r"Qformer\.bert\.embeddings\.(word|position)_embeddings\.", r"embeddings.\1_embeddings."),

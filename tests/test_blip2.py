@@ -38,7 +38,8 @@ def test_configs_default_to_the_reference():
     for ours, ref in ((blip2.Blip2VisionConfig(), transformers.Blip2VisionConfig()),
                       (blip2.Blip2QFormerConfig(), transformers.Blip2QFormerConfig())):
         for f in dataclasses.fields(ours):
-            assert getattr(ours, f.name) == getattr(ref, f.name), f.name
+            if f.name != "pre_layernorm":           # ours alone (CLIP-style ViTs); off, as transformers has none
+                assert getattr(ours, f.name) == getattr(ref, f.name), f.name
     c = blip2.Blip2Config.from_hf({"vision_config": {"hidden_size": 48, "num_attention_heads": 4}})
     assert c.qformer_config.encoder_hidden_size == 48 and c.num_query_tokens == 32 and c.text_config is None
 
@@ -95,6 +96,37 @@ def test_qformer_matches_transformers(tmp_path):
     plain = blip2.Blip2QFormerModel(blip2.Blip2QFormerConfig.tiny())
     with pytest.raises(ValueError, match="no text feed-forward"):
         plain(torch.cat([queries, text], 1), query_length=4, encoder_hidden_states=image)
+
+
+def test_query_attention_is_transformers_cross_attention(tmp_path):
+    config = blip2.Blip2QFormerConfig.tiny()
+    ref = randomize(transformers.Blip2QFormerModel(transformers.Blip2QFormerConfig(**hf_kwargs(config),
+                                                                                   attn_implementation="eager")))
+    ours = blip2.Blip2QFormerModel.from_pretrained(save(ref, tmp_path))
+    g = torch.Generator().manual_seed(5)
+    queries, image = torch.randn(2, 4, 32, generator=g), torch.randn(2, 9, 32, generator=g)
+    with torch.no_grad():
+        want = torch.stack(ref(query_embeds=queries, encoder_hidden_states=image, output_attentions=True)
+                           .cross_attentions, dim=1)
+    got = blip2.query_attention(ours, queries, image)
+    assert got.shape == want.shape == (2, 2, 4, 4, 9)        # (B, cross-attending blocks, heads, queries, tokens)
+    torch.testing.assert_close(got, want, **TOL)
+    torch.testing.assert_close(got.sum(-1), torch.ones(2, 2, 4, 4))
+    assert not any(layer.crossattention.attention._forward_hooks for layer in ours.encoder.layer[::2])
+
+
+def test_a_pre_layernorm_vit_reads_its_lavis_name():
+    config = dataclasses.replace(blip2.Blip2VisionConfig.tiny(), pre_layernorm=True)
+    model = blip2.Blip2VisionModel(config).eval()
+    plain = blip2.Blip2VisionModel(blip2.Blip2VisionConfig.tiny()).eval()
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("pre_layernorm.")})
+    with torch.no_grad():
+        model.pre_layernorm.weight.normal_()
+        x = torch.randn(1, 3, 28, 28)
+        tokens = model.embeddings(x)
+        want = model.post_layernorm(plain.encoder(model.pre_layernorm(tokens))[-1])
+        torch.testing.assert_close(model(x).last_hidden_state, want, **TOL)
+    assert blip2.lavis_key("visual_encoder.ln_pre.weight", None) == [("vision_model.pre_layernorm.weight", None)]
 
 
 @pytest.mark.parametrize("itm", [False, True], ids=["itc", "itm"])

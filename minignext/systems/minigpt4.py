@@ -250,7 +250,8 @@ class MiniGPT4(nn.Module):
             raise ValueError(f"the prompt has {len(pieces) - 1} {IMAGE_PLACEHOLDER} but {len(image_tokens)} "
                              f"image(s) were given")
         device = self.llama_proj.weight.device
-        embed = lambda text, bos: self.llama_model.embed(torch.tensor(tokenizer.encode(text, add_bos=bos), device=device))
+        embed = lambda text, bos: self.llama_model.embed(torch.tensor(tokenizer.encode(text, add_bos=bos), dtype=torch.long,
+                                                                      device=device))
         parts = [embed(pieces[0], True)]
         for tokens, piece in zip(image_tokens, pieces[1:]):
             parts += [tokens.to(parts[0].dtype), embed(piece, False)]

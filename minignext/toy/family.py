@@ -31,7 +31,8 @@ CASES_PER_DIRECTION = 48
 # Every system trains on at most this many world examples (captions, dialogues, documents) in all
 # of its stages: NExT-GPT's three stages see 2000 x 32 + 1500 x 16 + 1500 x 16 = 112,000.
 DATA_BUDGET = 112_000
-SYSTEMS = {"NExT-GPT": "minignext.toy.eval_nextgpt",     # name -> module with family_row(cases)
+SYSTEMS = {"NExT-GPT": "minignext.toy.eval_nextgpt",    # name -> module with family_row(cases)
+           "MiniGPT-4": "minignext.toy.eval_minigpt4",
            "Flamingo": "minignext.toy.eval_flamingo"}
 TRAINING_RECORD = "training.json"           # what a system's training writes next to its weights
 

@@ -3,6 +3,8 @@
     python -m minignext.toy.train foundations [--only imagebind,llm,...] [--seed 0] [--scale 1] [--fresh] [--lanes 2]
     python -m minignext.toy.train nextgpt [--seed 0] [--scale 1] [--fresh]
     python -m minignext.toy.train smol [...]    (NExT-GPT's stages on SmolLM2-135M-Instruct)
+    python -m minignext.toy.train minigpt4 [--seed 0] [--scale 1] [--fresh]
+    python -m minignext.toy.train minigpt4-1q | minigpt4-4q     (lesson 9's ablation: 1 and 4 queries)
     python -m minignext.toy.train flamingo [--seed 0] [--scale 1] [--fresh]
 
 Each part lives in its own module, `minignext.toy.train_<part>`, with `train(args: RunArgs) -> dict`
@@ -39,6 +41,9 @@ PHASES = ((("image_decoder",), ("imagebind", "llm", "audio_decoder")),      # tw
 # what trains on top of the foundations: name -> (module, keyword arguments of its train(args, ...))
 SYSTEMS = {"nextgpt": ("minignext.toy.train_nextgpt", {}),
            "smol": ("minignext.toy.train_nextgpt", {"recipe": "smol"}),
+           "minigpt4": ("minignext.toy.train_minigpt4", {}),
+           "minigpt4-1q": ("minignext.toy.train_minigpt4", {"queries": 1}),
+           "minigpt4-4q": ("minignext.toy.train_minigpt4", {"queries": 4}),
            "flamingo": ("minignext.toy.train_flamingo", {})}
 
 
