@@ -12,16 +12,19 @@ import pytest
 from minignext.toy import eval as toy_eval
 from minignext.toy.trainer import TOY_DIR
 
-SHORTFALLS = {}   # metric name -> why the shipped weights are known to miss its threshold (none now)
+SHORTFALLS = {    # metric name -> why the shipped weights are known to miss its threshold
+    "AnyGPT text->image": "1,000 LLM steps on 64 codes per picture draw scattered objects; 4x4 codes not yet trained",
+    "AnyGPT image->text": "1,000 LLM steps on 64 codes per picture name the colour more often than the shape",
+}
 FLAMINGO_SHORTFALLS = {  # the toy Flamingo's, apart: its metric names are also NExT-GPT's
     "image -> text": "600 steps leave some shapes confused (a square called a cross or a plus sign)",
     "video -> text": "after 600 steps most held-out videos (4 frames each) are described wrongly",
 }
 
 
-def evaluated(what, capsys):
+def evaluated(what, capsys, quick=False):
     t0 = time.perf_counter()
-    metrics = toy_eval.evaluate(toy_eval.parts_of(what))
+    metrics = toy_eval.evaluate(toy_eval.parts_of(what), quick=quick)
     with capsys.disabled():
         print(f"\n{what}: evaluated in {time.perf_counter() - t0:.0f} s\n{toy_eval.format_table(metrics)}")
     return metrics
@@ -63,3 +66,12 @@ def test_toy_flamingo_meets_its_thresholds(capsys):
     metrics = evaluated("flamingo", capsys)
     assert {m.name for m in metrics} >= {"image -> text", "video -> text", "few-shot naming, 2 examples"}
     check(metrics, FLAMINGO_SHORTFALLS)
+
+
+@pytest.mark.skipif(not (TOY_DIR / "anygpt" / "training.json").is_file(), reason="the toy AnyGPT is not trained yet")
+def test_toy_anygpt_meets_its_thresholds(capsys):
+    # on the quick sample (8 cases a direction): the shipped weights are far below both gates (the
+    # full row, 48 cases a direction, is in LESSONS.md), and the full run costs minutes of CI
+    metrics = evaluated("anygpt", capsys, quick=True)
+    assert {m.name for m in metrics} >= {"AnyGPT text->image", "AnyGPT image->text"}
+    check(metrics)

@@ -34,6 +34,7 @@ from minignext import weights
 from minignext.encodec import Encodec, EncodecConfig
 from minignext.generation import decode_one_token, prefill, sample
 from minignext.llama import Llama, LlamaConfig
+from minignext.melcodec import load_audio_tokenizer
 from minignext.tokenizer import Tokenizer
 from minignext.vq import VQModel, VQModelConfig
 
@@ -397,7 +398,13 @@ class AnyGPT(nn.Module):
 
         End a prompt with a start token (e.g. <soim>) to ask for that modality. Sampling is
         constrained so that media spans come out well formed (see _logit_mask); a span still open
-        after max_new_tokens is left out of the segments and reported in `unfinished`."""
+        after max_new_tokens is left out of the segments and reported in `unfinished`.
+        `temperature` is one value, or one per modality being written ({"text": 0.0, "image": 1.0},
+        as AnyGPT's per-modality generation configs; a modality left out samples at 1.0)."""
+        temperatures = temperature if isinstance(temperature, dict) else None
+        if temperatures is not None and set(temperatures) - {"text", *self.vocab.modalities}:
+            raise ValueError(f"temperatures are per modality, one of {['text', *self.vocab.modalities]}; "
+                             f"got {sorted(temperatures)}")
         ids = torch.as_tensor(input_ids, dtype=torch.long).view(-1).tolist()
         if stop_token_ids is None:
             eos = self.llm.config.eos_token_id
@@ -411,6 +418,8 @@ class AnyGPT(nn.Module):
             logits = prefill(self.llm, torch.tensor([ids], device=self._device))
             for step in range(max_new_tokens):
                 mask = self._logit_mask(span).to(logits.device)
+                if temperatures is not None:
+                    temperature = temperatures.get("text" if span is None else span[0], 1.0)
                 token = int(sample(logits + mask, temperature, top_p, top_k, generator)[0])
                 new.append(token)
                 if span is None and token in stop_token_ids:
@@ -460,13 +469,14 @@ class AnyGPT(nn.Module):
     def from_pretrained(cls, llm, image_tokenizer=None, speech_tokenizer=None, music_tokenizer=None,
                         dtype=None, device=None) -> "AnyGPT":
         """`llm`: an HF LLaMA folder (config.json, model.safetensors, tokenizer.json holding the
-        media tokens); the tokenizers: a diffusers VQModel folder and transformers Encodec folders."""
+        media tokens); the tokenizers: a diffusers VQModel folder and transformers Encodec folders
+        (a MelCodec, minignext.melcodec, where the config.json has mel settings)."""
         folder = weights.resolve(llm)
         model = Llama.from_pretrained(folder, dtype=dtype, device=device)
         tokenizer = Tokenizer.from_pretrained(folder)
         image = VQModel.from_pretrained(image_tokenizer, dtype, device) if image_tokenizer else None
-        speech = Encodec.from_pretrained(speech_tokenizer, dtype, device) if speech_tokenizer else None
-        music = Encodec.from_pretrained(music_tokenizer, dtype, device) if music_tokenizer else None
+        speech = load_audio_tokenizer(speech_tokenizer, dtype, device) if speech_tokenizer else None
+        music = load_audio_tokenizer(music_tokenizer, dtype, device) if music_tokenizer else None
         num = 4
         if music is not None:
             music_tokens = MediaVocab.from_tokenizer(tokenizer, 1).config.music_codebook_size
