@@ -10,7 +10,8 @@ for every modality but vision). A config may build fewer branches (`modalities`)
 trains vision, text and audio only.
 
 NExT-GPT and PandaGPT feed the LLM `embed(modality, x)`: the normalised embedding without a
-logit scale.
+logit scale. `ImageBindVisionTower` keeps the vision branch's patch tokens instead, for a model
+that resamples them (the toy Flamingo).
 """
 
 import json
@@ -422,6 +423,52 @@ class ImageBind(nn.Module):
                 f"for them. A folder converted when minignext dropped depth, thermal and IMU lacks those: convert "
                 f"imagebind_huge.pth again, or name the branches it has in config.json's \"modalities\"")
         model = weights.build_on_meta(cls, config)
+        return weights.load_into(model, state, dtype=dtype, device=device).eval()
+
+
+# ---------------------------------------------------------------- the vision branch as a tower of tokens
+
+@dataclass
+class VisionTowerConfig:
+    """What a model reading patch tokens asks of its vision tower, under CLIPVisionConfig's names."""
+    hidden_size: int
+    image_size: int
+
+
+@dataclass
+class VisionTowerOutput:
+    last_hidden_state: torch.Tensor          # (B, 1 + patches, D): the class token first
+
+
+class ImageBindVisionTower(nn.Module):
+    """ImageBind's vision branch read the way Flamingo reads its frozen CLIP ViT: images (B, 3, H, W)
+    -> the trunk's output tokens, before the head (no norm, no pooling, no projection). Keys are the
+    ImageBind checkpoint's vision keys without the head's."""
+
+    def __init__(self, config: ImageBindConfig):
+        super().__init__()
+        if "vision" not in config.modalities:
+            raise ValueError(f"this ImageBind has no vision branch (modalities {config.modalities})")
+        branch = ImageBind(ImageBindConfig(**{**asdict(config), "modalities": ("vision",)}))
+        self.config = VisionTowerConfig(hidden_size=config.vision_embed_dim, image_size=config.image_size)
+        self.modality_preprocessors = nn.ModuleDict({"vision": branch.modality_preprocessors["vision"]})
+        self.modality_trunks = nn.ModuleDict({"vision": branch.modality_trunks["vision"]})
+
+    def forward(self, pixel_values) -> VisionTowerOutput:
+        size = self.config.image_size
+        if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != (3, size, size):
+            raise ValueError(f"the vision tower wants images (B, 3, {size}, {size}), got {tuple(pixel_values.shape)}")
+        x = pixel_values.to(self.modality_trunks["vision"].blocks[0].norm_1.weight.dtype)
+        return VisionTowerOutput(self.modality_trunks["vision"](self.modality_preprocessors["vision"](x)))
+
+    @classmethod
+    def from_pretrained(cls, path, dtype=None, device=None) -> "ImageBindVisionTower":
+        """An ImageBind folder (config.json + model.safetensors); only its vision stem and trunk are kept."""
+        folder = weights.resolve(path)
+        config = ImageBindConfig.from_hf(weights.read_config(folder))
+        model = weights.build_on_meta(cls, config)
+        wanted = model.state_dict().keys()
+        state = {k: v for k, v in weights.load_safetensors(folder).items() if k in wanted}
         return weights.load_into(model, state, dtype=dtype, device=device).eval()
 
 

@@ -376,3 +376,31 @@ def test_prompts_and_chat():
     idefics = Idefics(IdeficsConfig.tiny(vocab_size=base, num_hidden_layers=2)).eval()
     assert isinstance(idefics.chat(tok, ["User:", image, "what is it?"], max_new_tokens=3), str)
 
+
+
+def test_chat_takes_videos_as_frames():
+    """A uint8 (F, H, W, 3) array is a video: one <image>, F frames through the tower and the resampler."""
+    import numpy as np
+
+    from minignext import media
+
+    tok = Tokenizer.from_pretrained("weights/toy/llm")
+    base = tok.vocab_size
+    tok.add_special_tokens(["<|endofchunk|>", IMAGE_TOKEN])
+    text = LlamaConfig(vocab_size=base, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=4, max_position_embeddings=128)
+    vision = CLIPVisionConfig(hidden_size=24, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+                              image_size=16, patch_size=8, with_projection=False)
+    torch.manual_seed(17)
+    model = perturb(OpenFlamingo(OpenFlamingoConfig.tiny(text_config=text, vision_config=vision, added_tokens=2,
+                                                         max_num_frames=3)), 0.3).eval()
+    video = np.random.default_rng(0).integers(0, 256, (3, 16, 16, 3), dtype=np.uint8)
+    items = [video, "a red circle<|endofchunk|>", video[::-1].copy(), "a"]
+    ids, px = interleave(tok, items, 16, lambda _: IMAGE_TOKEN)
+    assert px.shape == (1, 2, 3, 3, 16, 16)
+    torch.testing.assert_close(px[0, 1], media.preprocess_image(video[::-1].copy(), size=16))
+    out = model.generate(px, ids, max_new_tokens=4, stop_token_ids=[])
+    want = tok.decode(out[0, ids.shape[1]:], skip_special=True).strip()
+    assert model.chat(tok, items, max_new_tokens=4, stop_token_ids=[]) == want
+    with pytest.raises(ValueError, match="all images or all videos"):
+        interleave(tok, [video, np.zeros((16, 16, 3), np.uint8)], 16, lambda _: IMAGE_TOKEN)

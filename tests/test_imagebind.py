@@ -298,3 +298,26 @@ def test_depth_and_imu_inputs():
     model = ImageBind(ImageBindConfig.tiny(modalities=("depth", "imu"))).eval()
     with torch.no_grad():
         assert model.embed("depth", x[None]).shape == (1, 32) and model.embed("imu", out[None]).shape == (1, 32)
+
+
+def test_vision_tower_keeps_the_trunk_tokens(tmp_path):
+    """ImageBindVisionTower loads an ImageBind folder's vision stem and trunk (strictly, nothing else) and
+    returns the trunk's tokens before the head, class token first."""
+    torch.manual_seed(3)
+    model = ImageBind(ImageBindConfig.tiny(modalities=("vision", "text"))).eval()
+    weights.save_safetensors(model.state_dict(), tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text(json.dumps(model.config.to_dict()))
+    tower = imagebind.ImageBindVisionTower.from_pretrained(tmp_path)
+    assert (tower.config.hidden_size, tower.config.image_size) == (32, 32)
+    assert all(k.split(".")[:2] in (["modality_preprocessors", "vision"], ["modality_trunks", "vision"])
+               for k in tower.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        want = model.modality_trunks["vision"](model.modality_preprocessors["vision"](x))
+        got = tower(x).last_hidden_state
+    assert got.shape == (2, 1 + 16, 32)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"images \(B, 3, 32, 32\)"):
+        tower(torch.randn(2, 3, 48, 48))
+    with pytest.raises(ValueError, match="no vision branch"):
+        imagebind.ImageBindVisionTower(ImageBindConfig.tiny(modalities=("audio",)))

@@ -434,9 +434,11 @@ class OpenFlamingo(nn.Module):
         """checkpoint: the released checkpoint.pt (read with weights_only=True), a training checkpoint
         holding `model_state_dict`, or a .safetensors with the same keys. lang_encoder and
         vision_encoder: Hugging Face folders of the base LLaMA and the CLIP vision tower, each loaded
-        strictly. settings: OpenFlamingoConfig fields (cross_attn_every_n_layers=4 for OpenFlamingo-9B)."""
+        strictly (or a tower already loaded whose output has `last_hidden_state`). settings:
+        OpenFlamingoConfig fields (cross_attn_every_n_layers=4 for OpenFlamingo-9B)."""
         llm = Llama.from_pretrained(lang_encoder, dtype=dtype, device=device)
-        vision = CLIPVision.from_pretrained(vision_encoder, dtype=dtype, device=device)
+        vision = (vision_encoder if isinstance(vision_encoder, nn.Module)
+                  else CLIPVision.from_pretrained(vision_encoder, dtype=dtype, device=device))
         config = OpenFlamingoConfig(text_config=llm.config, vision_config=vision.config, **settings)
         model = weights.build_on_meta(lambda c: cls(c, vision, llm), config)
         trainables = read_trainables(checkpoint)
@@ -489,13 +491,13 @@ class OpenFlamingo(nn.Module):
         return generate(WithMedia(self, media, mask, self.lang_encoder.config), lang_x, max_new_tokens, **kwargs)
 
     def chat(self, tokenizer, items, max_new_tokens=64, **kwargs) -> str:
-        """Interleaved text and images -> the reply; each image becomes `<image>`, and the text
-        carries its own `<|endofchunk|>` after each example, as in OpenFlamingo's few-shot prompts."""
+        """Interleaved text and images (or videos: `interleave`) -> the reply; each becomes `<image>`, and
+        the text carries its own `<|endofchunk|>` after each example, as in OpenFlamingo's few-shot prompts."""
         ids, pixels = interleave(tokenizer, items, self.config.vision_config.image_size, lambda _: IMAGE_TOKEN)
         for name, want in ((IMAGE_TOKEN, self.config.media_token_id), (END_OF_CHUNK, self.config.eoc_token_id)):
             if _token(tokenizer, name) != want:
                 raise ValueError(f"the tokenizer gives {name} the id {_token(tokenizer, name)}, the model expects {want}")
-        out = self.generate(pixels.unsqueeze(2), ids, max_new_tokens=max_new_tokens, **kwargs)
+        out = self.generate(pixels if pixels.dim() == 6 else pixels.unsqueeze(2), ids, max_new_tokens, **kwargs)
         return tokenizer.decode(out[0, ids.shape[1]:], skip_special=True).strip()
 
 
@@ -569,23 +571,28 @@ def _token(tokenizer, name) -> int:
 
 
 def interleave(tokenizer, items, image_size, marker):
-    """Strings and images in reading order -> ids (1, T) with BOS, and pixels (1, N, 3, S, S).
-    `marker(last_was_image)` is the text that stands for one image."""
-    text, images, last_was_image = "", [], False
+    """Strings and media in reading order -> ids (1, T) with BOS, and pixels (1, N, 3, S, S), or
+    (1, N, F, 3, S, S) when every medium is a video of F frames (a uint8 (F, H, W, 3) array or an
+    (F, 3, S, S) tensor). `marker(last_was_image)` is the text that stands for one medium."""
+    text, media, last_was_image = "", [], False
     for item in items:
         if isinstance(item, str):
             text, last_was_image = text + item, False
             continue
         if torch.is_tensor(item):
-            if tuple(item.shape) != (3, image_size, image_size):
-                raise ValueError(f"an image tensor must be (3, {image_size}, {image_size}), got {tuple(item.shape)}")
-            images.append(item.float())
+            if item.dim() not in (3, 4) or tuple(item.shape[-3:]) != (3, image_size, image_size):
+                raise ValueError(f"an image tensor must be (3, {image_size}, {image_size}) and a video's "
+                                 f"(frames, 3, {image_size}, {image_size}), got {tuple(item.shape)}")
+            media.append(item.float())
         else:
-            images.append(media_io.preprocess_image(item, size=image_size))
+            media.append(media_io.preprocess_image(item, size=image_size))
         text, last_was_image = text + marker(last_was_image), True
-    if not images:
+    if not media:
         raise ValueError("give at least one image among the items")
-    return torch.tensor([tokenizer.encode(text)]), torch.stack(images)[None]
+    if len({x.shape for x in media}) > 1:
+        shapes = [tuple(x.shape) for x in media]
+        raise ValueError(f"one prompt's media must be all images or all videos of as many frames: {shapes}")
+    return torch.tensor([tokenizer.encode(text)]), torch.stack(media)[None]
 
 
 __all__ = ["IdeficsConfig", "IdeficsVisionConfig", "IdeficsPerceiverConfig", "Idefics", "DecoupledEmbedding",

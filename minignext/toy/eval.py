@@ -3,6 +3,7 @@
     python -m minignext.toy.eval foundations [--only ...] [--quick]
     python -m minignext.toy.eval nextgpt [--quick]
     python -m minignext.toy.eval anygpt [--quick]      (the toy AnyGPT's row of the family table)
+    python -m minignext.toy.eval flamingo [--quick]
     python -m minignext.toy.eval users [--preset toy] [--quick]   (a user's own words: eval_users)
 
 Each foundation's module `minignext.toy.train_<part>` has `evaluate(quick=False, seed=1234) -> list[Metric]`;
@@ -23,6 +24,7 @@ import torch
 from minignext.toy.train import FOUNDATIONS
 
 EVALUATORS = {"nextgpt": "minignext.toy.eval_nextgpt",      # part -> module; default minignext.toy.train_<part>
+              "flamingo": "minignext.toy.eval_flamingo",
               "users": "minignext.toy.eval_users", "family": "minignext.toy.family",
               "anygpt": "minignext.toy.eval_anygpt"}
 

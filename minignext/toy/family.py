@@ -38,7 +38,8 @@ CASES_PER_DIRECTION = 48
 DATA_BUDGET = 112_000
 SYSTEMS = {"NExT-GPT": "minignext.toy.eval_nextgpt",    # name -> module with family_row(cases)
            "LLaVA": "minignext.toy.train_llava", "PandaGPT": "minignext.toy.train_pandagpt",
-           "MiniGPT-4": "minignext.toy.eval_minigpt4", "AnyGPT": "minignext.toy.eval_anygpt"}
+           "MiniGPT-4": "minignext.toy.eval_minigpt4", "Flamingo": "minignext.toy.eval_flamingo",
+           "AnyGPT": "minignext.toy.eval_anygpt"}
 TRAINING_RECORD = "training.json"           # what a system's training writes next to its weights
 
 

@@ -7,6 +7,7 @@
     python -m minignext.toy.train minigpt4 [--seed 0] [--scale 1] [--fresh]
     python -m minignext.toy.train minigpt4-1q | minigpt4-4q     (lesson 9's ablation: 1 and 4 queries)
     python -m minignext.toy.train anygpt [...]  (toy AnyGPT: two media tokenizers, then the LLM on their codes)
+    python -m minignext.toy.train flamingo [--seed 0] [--scale 1] [--fresh]
 
 Each part lives in its own module, `minignext.toy.train_<part>`, with `train(args: RunArgs) -> dict`
 that saves the part's finished weights under weights/toy/ and returns a summary. The arguments
@@ -55,6 +56,7 @@ SYSTEMS = {"nextgpt": ("minignext.toy.train_nextgpt", {}),
            "minigpt4": ("minignext.toy.train_minigpt4", {}),
            "minigpt4-1q": ("minignext.toy.train_minigpt4", {"queries": 1}),
            "minigpt4-4q": ("minignext.toy.train_minigpt4", {"queries": 4}),
+           "flamingo": ("minignext.toy.train_flamingo", {}),
            "anygpt": ("minignext.toy.train_anygpt", {})}
 
 
