@@ -55,8 +55,10 @@ demo: install
 serve: install
 	$(VENV)/bin/minignext serve
 
+# Two workers (each test runs on one thread), a test file's tests on one worker: its module
+# fixtures are built once.
 test: install-test
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 # JupyterLab on notebooks/ (LAB_ARGS adds options, e.g. LAB_ARGS="--no-browser --port=8899").
 # Jupyter refuses to run as root unless told to; containers often are root.
