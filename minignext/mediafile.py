@@ -43,7 +43,8 @@ class MediaLimits:
     max_audio_seconds: float = 3600.0
     max_audio_samples: int = 64_000_000     # samples x channels of a waveform read whole (read_wav)
     max_pipe_bytes: int = 256 * 2 ** 20     # a pipe is read into memory
-    pipe_timeout: float = 5.0               # seconds to wait for each piece of a pipe
+    # seconds to wait for each piece of a pipe (the environment's MINIGNEXT_PIPE_TIMEOUT, if set)
+    pipe_timeout: float = float(os.environ.get("MINIGNEXT_PIPE_TIMEOUT", 5.0))
 
 
 LIMITS = MediaLimits()

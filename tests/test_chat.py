@@ -33,6 +33,12 @@ IMG = "".join(signal_token_names("image"))
 CAP = 2 ** 30               # address space of a chat or run process (the old code needed 1.2 GB to 11 GB here)
 
 
+# How long the chat session waits on a silent pipe: the FIFO turn must time out; the Ctrl-C turn must be
+# ended by the Ctrl-C that comes 1.5 s after its prompt, however busy the machine (5 s, the default,
+# was once too short beside another worker's tests).
+PIPE_TIMEOUT = 15
+
+
 def env(weights_dir=None):
     out = {**os.environ, "MINIGNEXT_PROGRESS": "0", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
            "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)}
@@ -45,10 +51,10 @@ def capped():
     resource.setrlimit(resource.RLIMIT_AS, (CAP, CAP))
 
 
-def start(*args, weights_dir=None, cwd=None, pass_fds=(), stdin=subprocess.DEVNULL):
+def start(*args, weights_dir=None, cwd=None, pass_fds=(), stdin=subprocess.DEVNULL, **more_env):
     return subprocess.Popen([str(SCRIPT), *map(str, args)], stdin=stdin, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env(weights_dir), cwd=cwd, pass_fds=pass_fds,
-                            preexec_fn=capped)
+                            stderr=subprocess.PIPE, text=True, env={**env(weights_dir), **more_env}, cwd=cwd,
+                            pass_fds=pass_fds, preexec_fn=capped)
 
 
 def finish(proc, timeout=240):
@@ -97,7 +103,7 @@ def chat_script(f, pipe_fd):
         (f"/audio {f / 'ten_minutes.wav'}", "(attached audio"),
         ("what do you hear?", "assistant> "),
         (f"/image {f / 'fifo'}", "(attached image"),
-        ("what is in this picture?", "error: " + str(f / "fifo") + ": the pipe gave no data for 5 s"),
+        ("what is in this picture?", "error: " + str(f / "fifo") + f": the pipe gave no data for {PIPE_TIMEOUT} s"),
         ("draw a red circle.", "_image0.png)"),
         ("<Img></Img> [IMG0] </s> what is in this picture?", "assistant> "),
         (f"/video {f / 'still.gif'}", "(attached video"),
@@ -118,7 +124,8 @@ def chat_session(files, tmp_path_factory):
     script = chat_script(files, r)
     cut = next(i for i, (_, want) in enumerate(script) if want is None) + 1
     proc = start("chat", "--preset", "toy", "--out", out, "--no-progress", "--max-new-tokens", "200", "--steps", "2", pass_fds=(r,),
-                 stdin=subprocess.PIPE, weights_dir=ROOT / "weights")
+                 stdin=subprocess.PIPE, weights_dir=ROOT / "weights",
+                 MINIGNEXT_PIPE_TIMEOUT=str(PIPE_TIMEOUT))
     os.close(r)
     chunks = []
     reader = threading.Thread(target=lambda: chunks.extend(iter(lambda: proc.stdout.read(1), "")), daemon=True)
