@@ -34,9 +34,8 @@ CAP = 2 ** 30               # address space of a chat or run process (the old co
 
 
 # How long the chat session waits on a silent pipe: the FIFO turn must time out; the Ctrl-C turn must be
-# ended by the Ctrl-C that comes 1.5 s after its prompt, however busy the machine (5 s, the default,
-# was once too short beside another worker's tests).
-PIPE_TIMEOUT = 15
+# ended by the Ctrl-C that comes 1.5 s after its prompt, with a margin for a busy machine.
+PIPE_TIMEOUT = 10
 
 
 def env(weights_dir=None):
@@ -49,6 +48,9 @@ def env(weights_dir=None):
 
 def capped():
     resource.setrlimit(resource.RLIMIT_AS, (CAP, CAP))
+    # as from a terminal: Ctrl-C on (a test worker, as pytest-xdist's, may ignore SIGINT, and an
+    # ignored signal stays ignored across exec, so Python would install no KeyboardInterrupt)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def start(*args, weights_dir=None, cwd=None, pass_fds=(), stdin=subprocess.DEVNULL, **more_env):
