@@ -240,18 +240,16 @@ class Replay:
         self.steps = (self.steps + [[(m, h.detach().float(), t) for m, h, t in pairs]])[-self.window:]
 
     def run(self, lr):
-        pool = [p for step in self.steps for p in step]
-        if not pool:
+        pools = [mine for m in MODALITIES if (mine := [p for step in self.steps for p in step if p[0] == m])]
+        if not pools:
             return
         for group in self.opt.param_groups:
             group["lr"] = lr
         for _ in range(self.updates):
             picked = []
-            for m in MODALITIES:
-                mine = [p for p in pool if p[0] == m]
-                if mine:
-                    idx = torch.randint(len(mine), (min(self.batch, len(mine)),), generator=self.gen)
-                    picked += [mine[i] for i in idx.tolist()]
+            for mine in pools:
+                idx = torch.randint(len(mine), (min(self.batch, len(mine)),), generator=self.gen)
+                picked += [mine[i] for i in idx.tolist()]
             optimizer_step(self.opt, distance_loss(self.model, picked, rows_learn=False), self.params)
 
 
