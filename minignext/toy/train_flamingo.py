@@ -63,8 +63,8 @@ ADDED_TOKENS = [END_OF_CHUNK, IMAGE_TOKEN]      # OpenFlamingo's order; the toy 
 SETTINGS = dict(added_tokens=len(ADDED_TOKENS), cross_attn_every_n_layers=2, perceiver_depth=2,
                 perceiver_heads=4, perceiver_dim_head=16, perceiver_num_latents=8, max_num_frames=VIDEO_FRAMES,
                 cross_attn_heads=4, cross_attn_dim_head=32, cross_attn_ff_mult=2)
-SCHEDULE = dict(steps=600, batch=32, lr=1e-3, warmup=100, gate_lr_scale=10.0)
-MIX = {"dialogue": 0.45, "caption": 0.15, "naming": 0.4}
+SCHEDULE = dict(steps=2000, batch=32, lr=1e-3, warmup=100, gate_lr_scale=10.0)
+MIX = {"dialogue": 0.5, "caption": 0.2, "naming": 0.3}
 BANK_PER_KEY = {"image": 32, "video": 12}       # rendered samples per object (and direction)
 NAMINGS = ("colour", "shape", "pitch", "contour")  # what the words of a naming document say about each image
 MICRO_BATCH = 16                                # documents per forward pass, sorted by length
