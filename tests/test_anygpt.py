@@ -102,7 +102,7 @@ def test_broken_spans_get_clear_errors(tiny):
                                                    r"position 0; close it with <eoim> first"),
         ([soim, eoim], r"empty image span"),
         ([soim, img[0], v.first["speech"] + 4, eoim], r"image span at positions 0..3: image span, code 1: <🗣️4> "
-                                                      r"\(a speech code\) is not a image code"),
+                                                      r"\(a speech code\) is not one of its codes"),
         ([soim, img[0], eomu], r"<eomu> inside the image span"),
         ([somu, mus + 1, mus + 64 + 2, mus + 3, eomu], r"3 codes, not whole frames of 2 codebooks"),
         ([somu, mus + 64 + 1, mus + 2, eomu], r"code 0: <🎶65> belongs to codebook 1, but frame-major order puts "

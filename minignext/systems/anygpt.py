@@ -188,7 +188,7 @@ class MediaVocab:
         if len(outside):
             k = int(outside[0])
             raise ValueError(f"{modality} span, code {k}: {self._describe(int(local[k]) + self.first[modality])} "
-                             f"is not a {modality} code")
+                             "is not one of its codes")
         if m.num_codebooks == 1:
             return local
         k, size = m.num_codebooks, m.codebook_size

@@ -56,10 +56,16 @@ def unet_config() -> UNet2DConditionConfig:
 
 # ---------------------------------------------------------------- 1. the VAE
 
+def coloured(x) -> torch.Tensor:
+    """(B, 1, H, W) 1.0 where an image (B, 3, H, W) in [-1, 1] is coloured, i.e. the object (the world's
+    backgrounds are grey), else 0.0."""
+    chroma = (x.amax(dim=1, keepdim=True) - x.amin(dim=1, keepdim=True)) / 2
+    return (chroma > 0.1).float()
+
+
 def object_weights(x, weight=10.0):
     """Per-pixel loss weights: `weight` on and one pixel around the object (the coloured pixels), 1 elsewhere."""
-    chroma = (x.amax(dim=1, keepdim=True) - x.amin(dim=1, keepdim=True)) / 2     # x in [-1, 1]
-    near = F.max_pool2d((chroma > 0.1).float(), 3, stride=1, padding=1)
+    near = F.max_pool2d(coloured(x), 3, stride=1, padding=1)
     return 1 + (weight - 1) * near
 
 
