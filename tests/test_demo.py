@@ -40,3 +40,7 @@ def test_every_turn_of_the_demo_is_right_or_a_known_shortfall(preset, tmp_path):
     known = KNOWN_WRONG.get(preset, set())
     assert not problems.keys() - known, "\n".join(v for i, v in problems.items() if i not in known)
     assert (tmp_path / "transcript.md").is_file() and (tmp_path / "index.html").is_file()
+    fixed = known - problems.keys()
+    assert not fixed, f"{preset}: turns {sorted(fixed)} are right now: take them out of KNOWN_WRONG"
+    if known:
+        pytest.xfail(f"{preset}: known wrong turns: " + "; ".join(problems[i] for i in sorted(known)))
