@@ -58,6 +58,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from minignext.encodec import Encodec, EncodecConfig, quantize_for_training
 from minignext.llama import Llama
@@ -117,12 +118,12 @@ def semantic_loss(head: torch.nn.Linear, z_q, labels, images) -> torch.Tensor:
     the scores are averaged over the codes that hold some of the object (weighted by how much), and
     cross-entropy asks them to name the image's object. A code's row must then say what it is part of,
     not only what its pixels look like; the background's codes stay free for the background."""
-    cover = torch.nn.functional.adaptive_avg_pool2d(coloured(images), z_q.shape[-2:])   # (B, 1, h, w)
+    cover = F.adaptive_avg_pool2d(coloured(images), z_q.shape[-2:])   # (B, 1, h, w)
     cover = cover / cover.sum(dim=(2, 3), keepdim=True).clamp_min(1e-6)
     scores = (head(z_q.permute(0, 2, 3, 1)) * cover.permute(0, 2, 3, 1)).sum(dim=(1, 2))
     colours = len(world.COLOURS)
-    return (torch.nn.functional.cross_entropy(scores[:, :colours], labels[:, 0])
-            + torch.nn.functional.cross_entropy(scores[:, colours:], labels[:, 1]))
+    return (F.cross_entropy(scores[:, :colours], labels[:, 0])
+            + F.cross_entropy(scores[:, colours:], labels[:, 1]))
 
 
 @torch.no_grad()
@@ -137,7 +138,8 @@ def restart_dead_rows(codebook: torch.Tensor, used, frames, generator):
 def train_image_tokenizer(args: RunArgs):
     """The VQ-VAE on rendered images: L1 + L2 reconstruction with the object's pixels weighted 10x (the
     checkers judge its corners and arms), plus van den Oord et al.'s codebook and commitment terms
-    (vq.vq_loss). The codebook starts at encoder outputs of the first batch."""
+    (vq.vq_loss) and SEMANTIC_WEIGHT x semantic_loss, whose linear head trains alongside and is not
+    shipped. The codebook starts at encoder outputs of the first batch."""
     s = SCHEDULE["image_tokenizer"]
     images, labels = rendered("image", args.count(s["media"], least=s["batch"]),
                               args.rng("anygpt_image_tokenizer/dataset"), labels=True)
