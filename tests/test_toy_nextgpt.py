@@ -112,6 +112,43 @@ def test_supervised_tokens_per_turn_are_each_answer_its_signals_and_its_stop(tra
         assert all(ex["labels"][i] == ex["ids"][i] for a, b in runs for i in range(a, b))
 
 
+def test_stage_two_quiet_share_shows_media_and_makes_none():
+    """Stage 2's `quiet` share: a shown medium answered by its caption alone; the rest make a medium
+    from a request; quiet = 0 draws nothing but make-requests (the toy recipe, as NExT-GPT's stage 2)."""
+    rng = np.random.default_rng(4)
+    drawn = [train_nextgpt.stage_turn(2, rng, quiet=0.25)[0] for _ in range(400)]
+    quiet = [t for t in drawn if not train_nextgpt.made_media(t)]
+    assert 0.18 < len(quiet) / len(drawn) < 0.32
+    assert all(t.kind.startswith("describe_") and t.user_media is not None and t.user_media.obj.colour
+               in t.assistant for t in quiet if t.user_media.modality != "audio")
+    loud = [t for t in drawn if train_nextgpt.made_media(t)]
+    assert all(t.user_media is None and t.kind.startswith("make_") for t in loud)
+    plain = [train_nextgpt.stage_turn(2, rng)[0] for _ in range(100)]
+    assert all(train_nextgpt.made_media(t) for t in plain)
+    assert train_nextgpt.RECIPES["nextgpt"].quiet == 0
+
+
+def test_start_at_words_points_each_soft_token_at_its_own_words(trained):
+    """After start_at_words, each medium's soft token is nearer (cosine) to the LLM's embedding of its
+    own attribute words than to any other medium's, at a token row's norm. The bank is synthetic (a
+    centre per medium, a little noise): random stand-in encoders barely tell the media apart."""
+    _, root, _ = trained
+    model, _ = train_nextgpt.build(root, decoders=False)
+    gen = torch.Generator().manual_seed(0)
+    keys = [(m, o, None) for m in ("image", "audio") for o in world.train_combinations()]
+    width = model.llama_proj.in_features
+    bank = {k: torch.randn(width, generator=gen) + 0.05 * torch.randn(3, width, generator=gen) for k in keys}
+    train_nextgpt.start_at_words(model, bank)
+    llm, tok = model.llama_model, model.tokenizer
+    words = torch.stack([llm.embed(torch.tensor(tok.encode(" " + world.Media(*k).attributes(), add_bos=False)))
+                         .mean(0) for k in keys])
+    soft = torch.stack([model.llama_proj(bank[k])[:, 0].mean(0) for k in keys])
+    similarity = torch.nn.functional.normalize(soft, dim=-1) @ torch.nn.functional.normalize(words, dim=-1).T
+    assert (similarity.argmax(1) == torch.arange(len(keys))).all()
+    rows = llm.model.embed_tokens.weight[:model.first_new_id].norm(dim=-1).mean()
+    torch.testing.assert_close(soft.norm(dim=-1).mean(), rows, rtol=0.1, atol=0)
+
+
 def test_distance_loss_is_mean_euclidean_not_squared(trained):
     _, root, _ = trained
     model, _ = train_nextgpt.build(root)

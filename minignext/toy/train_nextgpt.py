@@ -70,14 +70,16 @@ class Recipe:
     compact_rows: bool = False  # ship only the new embedding rows (a 49k-token vocabulary dwarfs the rest)
     max_tokens: int | None = None   # padded positions per micro-batch (long multi-turn batches waste less)
     replay: int = 0             # extra output-projection updates per step on recent signal states (see Replay)
+    quiet: float = 0.0          # share of stage-2 examples that describe a medium and make none (see stage_turn)
+    start_at_words: bool = False    # llama_proj starts where the LLM embeds each medium's words (start_at_words)
 
 
 RECIPES = {
     "nextgpt": Recipe("nextgpt", None, VICUNA_V0, STAGES, mosit=0.5),
     "smol": Recipe("smol", SMOL_BASE, CHATML, {1: dict(steps=150, batch=16, lr=3e-3),
                                               2: dict(steps=300, batch=16, lr=3e-3),
-                                              3: dict(steps=220, batch=8, lr=5e-4)},
-                   mosit=0.85, bf16=True, compact_rows=True, max_tokens=1024, replay=8),
+                                              3: dict(steps=220, batch=8, lr=1e-3)},
+                   mosit=0.85, bf16=True, compact_rows=True, max_tokens=1024, replay=8, quiet=0.25),
 }
 PROJECTION_LR_SCALE = 4.0                   # stage 3: both projections learn faster than the LoRA factors
 BANK_PER_KEY = 8                            # rendered samples per (modality, object[, direction])
@@ -179,14 +181,21 @@ def add_fillers(text, rng, p=0.3):
     return world.insert_fillers(text, rng, filler_words(), p, most=2)
 
 
-def stage_turn(stage, rng, mosit=0.0):
+def stage_turn(stage, rng, mosit=0.0, quiet=0.0):
     """One training dialogue of `stage`: 1 describes a medium with its bare caption, 2 makes a medium,
     3 is a multi-turn dialogue: with probability `mosit` a MosIT-style conversation from the phrasing
-    bank (dialogues.py), else one of the world's grammar whose user turns sometimes carry filler words."""
+    bank (dialogues.py), else one of the world's grammar whose user turns sometimes carry filler words.
+
+    With probability `quiet`, stage 2 draws a stage-1 example instead: a shown medium, its caption and
+    no signal tokens. Stage 2 trains the signal tokens' output rows, and on make-requests alone they
+    learn to follow any caption; a pretrained LLM given few stage-3 steps then keeps making media
+    where a user only asked what something is."""
     if stage == 3:
         if rng.random() < mosit:
             return dialogues.sample_conversation(rng)
         return [replace(t, user=add_fillers(t.user, rng)) for t in world.sample_dialogue(rng)]
+    if stage == 2 and quiet and rng.random() < quiet:
+        stage = 1
     modality = MODALITIES[rng.integers(3)]
     kind = ("describe_" if stage == 1 else "make_") + modality
     t = world.turn(kind, rng, "train", "train")
@@ -204,7 +213,7 @@ def run_stage(model, stage, bank, targets, args: RunArgs, batch=None, recipe: Re
 
     def draw(step):          # the batch depends on the step only: resumable, the same on every rank
         rng = args.rng(f"{part}/batches", step)
-        return [encode_dialogue(model, stage_turn(stage, rng, recipe.mosit), bank, targets, rng)
+        return [encode_dialogue(model, stage_turn(stage, rng, recipe.mosit, recipe.quiet), bank, targets, rng)
                 for _ in range(cfg["batch"])]
 
     replay = Replay(model, recipe.replay, args, seed=args.seed_of(f"{part}/replay")) if recipe.replay and stage >= 2 \
@@ -263,6 +272,29 @@ def start_at_mean_target(model, targets):
         model.output_projection(m).model.bias.copy_(mean)
 
 
+@torch.no_grad()
+def start_at_words(model, bank, ridge=1e-2):
+    """Set llama_proj, by ridge regression over the bank, so that each medium's soft token starts at
+    the mean of the LLM's own input embeddings of its attribute words ("red circle left", "deep
+    wobbly"), scaled to a token row's mean norm: stage 1 then refines a token the LLM half reads
+    already, rather than finding one from a random start. The input-side counterpart of
+    start_at_mean_target; a resumed run overwrites it. Off in the shipped smol recipe: lesson 8 gives
+    the run with it, whose stage 1 learned far more and whose users' table did not."""
+    llm, tok, proj = model.llama_model, model.tokenizer, model.llama_proj
+    norm = llm.model.embed_tokens.weight[:model.first_new_id].float().norm(dim=-1).mean()
+    xs, ys = [], []
+    for (modality, obj, direction), vectors in bank.items():
+        ids = tok.encode(" " + world.Media(modality, obj, direction).attributes(), add_bos=False, special=False)
+        word = llm.embed(torch.tensor(ids, device=proj.weight.device)).float().mean(0)
+        xs.append(vectors.float().reshape(len(vectors), -1))
+        ys.append((word * norm / word.norm()).expand(len(vectors), -1))
+    x, y = torch.cat(xs), torch.cat(ys)
+    x = torch.cat([x, torch.ones(len(x), 1)], 1)
+    solution = torch.linalg.solve(x.T @ x + ridge * torch.eye(x.shape[1]), x.T @ y)
+    proj.weight.copy_(solution[:-1].T)
+    proj.bias.copy_(solution[-1])
+
+
 def caption_targets(texts):
     cache = {}
 
@@ -283,6 +315,8 @@ def train(args: RunArgs, out_dir=None, root=TOY_DIR, bank_per_key=BANK_PER_KEY, 
     model, _ = build(root, args.seed_of(f"{recipe.name}/init"), decoders=False, recipe=recipe)
     bank = media_bank(model.visual_encoder, MODALITIES, args.rng(f"{recipe.name}/media-bank"), "train", bank_per_key)
     summary, targets = {"stages": {}}, None
+    if recipe.start_at_words:
+        start_at_words(model, bank)
     for stage in (1, 2, 3):
         if stage == 2:      # stage 1 needs no decoder: it can run while the decoders still train
             targets = caption_targets(load_texts(root))
