@@ -7,10 +7,8 @@ from minignext import demo, presets
 from minignext.toy import checkers, eval_users
 
 # What a preset is known to get wrong, by turn. The toy LLM, trained from scratch on the world's
-# grammar, answers "what colour was the first one?" with the last picture's colour. The shipped smol
-# delta resolves that reference but plays "it" (the red circle) as a steady tone, not a deep wobbly
-# one, and names a tone's contour without its pitch (its users' table in lesson 8 has the same misses).
-KNOWN_WRONG = {"toy": {7}, "smol": {2, 3}}
+# grammar, answers "what colour was the first one?" with the last picture's colour.
+KNOWN_WRONG = {"toy": {7}}
 TRAINED = [p for p in demo.WORDS if (presets.TOY_DIR / ("nextgpt" if p == "toy" else p) / "nextgpt.json").is_file()]
 
 
