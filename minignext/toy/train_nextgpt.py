@@ -286,11 +286,11 @@ def start_at_words(model, bank, ridge=1e-2):
     for (modality, obj, direction), vectors in bank.items():
         ids = tok.encode(" " + world.Media(modality, obj, direction).attributes(), add_bos=False, special=False)
         word = llm.embed(torch.tensor(ids, device=proj.weight.device)).float().mean(0)
-        xs.append(vectors.float().reshape(len(vectors), -1))
-        ys.append((word * norm / word.norm()).expand(len(vectors), -1))
+        xs.append(vectors.float())
+        ys.append((word * norm / word.norm()).to(vectors.device).expand(len(vectors), -1))
     x, y = torch.cat(xs), torch.cat(ys)
-    x = torch.cat([x, torch.ones(len(x), 1)], 1)
-    solution = torch.linalg.solve(x.T @ x + ridge * torch.eye(x.shape[1]), x.T @ y)
+    x = torch.cat([x, x.new_ones(len(x), 1)], 1)
+    solution = torch.linalg.solve(x.T @ x + ridge * torch.eye(x.shape[1], device=x.device), x.T @ y)
     proj.weight.copy_(solution[:-1].T)
     proj.bias.copy_(solution[-1])
 
