@@ -10,11 +10,7 @@ text ever sees. One template in every HOLD_OUT_EVERY of each kind is kept out of
 letter outside the attribute words, case, a missing question mark, a filler) is added on top.
 
 Every answer names its media with the world's canonical captions, which is what the output
-projections are trained to turn into decoder conditioning. An answer that makes a sound from a
-shape, or a shape from a sound, names its source first ("A red square sounds like a steady deep
-tone."): the LLM then reads the source into words before it maps them, and every such turn (from a
-picture, a clip, a sound, an earlier turn or a request that names the object) trains one mapping
-between words, next to each other.
+projections are trained to turn into decoder conditioning.
 """
 
 import functools
@@ -107,20 +103,6 @@ def noisy(text, rng, p=0.35) -> str:
     return text
 
 
-def bridges(src: world.Media, out: world.Media) -> bool:
-    """Does making `out` from `src` cross between sounds and shapes (pitch and contour from colour
-    and shape, or back)?"""
-    return (src.modality == "audio") != (out.modality == "audio")
-
-
-def make_answer(rng, out: world.Media, src: world.Media | None = None, key="answer_make") -> str:
-    """The answer that makes `out`; from a `src` across sounds and shapes, it names `src` first."""
-    if src is not None and bridges(src, out):
-        key = "answer_bridge_sound" if out.modality == "audio" else "answer_bridge_look"
-        return _answer(rng, key, src=describe(src), x=describe(out))
-    return _answer(rng, key, x=describe(out))
-
-
 def random_medium(modality, rng, split="train") -> world.Media:
     obj = world.sample_object(rng, split)
     return world.Media(modality, obj, world.DIRECTIONS[rng.integers(4)] if modality == "video" else None)
@@ -144,15 +126,14 @@ def first_turn(kind, rng, split="train", phrasing="train") -> Exchange:
     if kind.startswith("show_"):
         return Exchange(kind, say(kind), _answer(rng, "answer_show", x=describe(m)), user_media=m)
     if kind.startswith("make_") and kind != "make_two":
-        x = request(m, rng)
-        named = world.Media("image", m.obj) if modality == "audio" and m.obj.shape in x else None
-        return Exchange(kind, say(kind, x=x), make_answer(rng, m, named), made=(m,))
+        return Exchange(kind, say(kind, x=request(m, rng)), _answer(rng, "answer_make", x=describe(m)), made=(m,))
     if kind == "make_two":
         return make_two(rng, split, phrasing)
     target = kind.split("_to_")[1]
     out = world.Media(target, m.obj, world.DIRECTIONS[rng.integers(4)] if target == "video" else None)
+    key = {"audio": "answer_sounds_like", "image": "answer_looks_like", "video": "answer_make"}[target]
     user = say(kind, direction=out.direction) if target == "video" else say(kind)
-    return Exchange(kind, user, make_answer(rng, out, m), user_media=m, made=(out,))
+    return Exchange(kind, user, _answer(rng, key, x=describe(out)), user_media=m, made=(out,))
 
 
 def make_two(rng, split="train", phrasing="train") -> Exchange:
@@ -172,12 +153,8 @@ def make_two(rng, split="train", phrasing="train") -> Exchange:
 FIRST_KINDS = ("chat", "describe_image", "describe_audio", "describe_video", "show_image", "show_audio",
                "show_video", "make_image", "make_audio", "make_video", "image_to_audio", "audio_to_image",
                "video_to_audio", "image_to_video", "make_two")
-# How often each first turn is drawn, relative to the others (1 when not listed): two outputs in one
-# turn ask for the second run of signal tokens that nothing else teaches, and a clip's direction is
-# the one attribute that only videos carry.
-FIRST_WEIGHTS = {"make_two": 3, "describe_video": 2}
-FOLLOW_UPS = ("follow_move", "follow_recolour", "follow_sound", "follow_look", "ask_first_colour",
-              "ask_first_shape", "ask_last_attr")
+FOLLOW_UPS = ("follow_move", "follow_recolour", "follow_sound", "ask_first_colour", "ask_first_shape",
+              "ask_last_attr")
 
 
 def follow_up(kind, rng, seen, phrasing="train") -> Exchange | None:
@@ -188,17 +165,15 @@ def follow_up(kind, rng, seen, phrasing="train") -> Exchange | None:
     say = lambda key, **kw: noisy(pick(rng, key, phrasing).format(**kw), rng)        # noqa: E731
     if kind == "follow_move" and last is not None:
         out = world.Media("video", last.obj, world.DIRECTIONS[rng.integers(4)])
-        return Exchange(kind, say(kind, direction=out.direction), make_answer(rng, out, last), made=(out,))
+        return Exchange(kind, say(kind, direction=out.direction), _answer(rng, "answer_make", x=describe(out)),
+                        made=(out,))
     if kind == "follow_recolour" and last is not None and last.modality == "image":
         colour = [c for c in world.COLOURS if c != last.obj.colour][rng.integers(5)]
         out = world.Media("image", world.Obj(colour, last.obj.shape))
         return Exchange(kind, say(kind, colour=colour), _answer(rng, "answer_make", x=describe(out)), made=(out,))
     if kind == "follow_sound" and last is not None:
         out = world.Media("audio", last.obj)
-        return Exchange(kind, say(kind), make_answer(rng, out, last, "answer_sounds_like"), made=(out,))
-    if kind == "follow_look" and last is not None and last.modality == "audio":
-        out = world.Media("image", last.obj)
-        return Exchange(kind, say(kind), make_answer(rng, out, last), made=(out,))
+        return Exchange(kind, say(kind), _answer(rng, "answer_sounds_like", x=describe(out)), made=(out,))
     if kind == "ask_first_colour" and first is not None:
         return Exchange(kind, say(kind), _answer(rng, "answer_first_colour", colour=first.obj.colour))
     if kind == "ask_first_shape" and first is not None:
@@ -218,11 +193,6 @@ def _attr(m: world.Media, attr):
     return values.get(attr)
 
 
-def draw_first_kind(rng) -> str:
-    weights = [FIRST_WEIGHTS.get(k, 1) for k in FIRST_KINDS]
-    return FIRST_KINDS[rng.choice(len(FIRST_KINDS), p=[w / sum(weights) for w in weights])]
-
-
 def sample_conversation(rng, split="train", phrasing="train", turns=None) -> list[Exchange]:
     """2-8 exchanges (or `turns`); after media have appeared, each later turn refers back with p = 0.5."""
     n = int(rng.integers(2, 9)) if turns is None else turns
@@ -232,7 +202,7 @@ def sample_conversation(rng, split="train", phrasing="train", turns=None) -> lis
         if seen and rng.random() < 0.5:
             turn = follow_up(FOLLOW_UPS[rng.integers(len(FOLLOW_UPS))], rng, seen, phrasing)
         if turn is None:
-            turn = first_turn(draw_first_kind(rng), rng, split, phrasing)
+            turn = first_turn(FIRST_KINDS[rng.integers(len(FIRST_KINDS))], rng, split, phrasing)
         seen += [m for m in (turn.user_media, *turn.made) if m is not None]
         out.append(turn)
     return out

@@ -72,16 +72,14 @@ class Recipe:
     replay: int = 0             # extra output-projection updates per step on recent signal states (see Replay)
     quiet: float = 0.0          # share of stage-2 examples that describe a medium and make none (see stage_turn)
     start_at_words: bool = False    # llama_proj starts where the LLM embeds each medium's words (start_at_words)
-    video_share: float | None = None    # share of videos among the media stage 1 describes (None: a third)
 
 
 RECIPES = {
     "nextgpt": Recipe("nextgpt", None, VICUNA_V0, STAGES, mosit=0.5),
-    "smol": Recipe("smol", SMOL_BASE, CHATML, {1: dict(steps=300, batch=16, lr=3e-3),
-                                              2: dict(steps=280, batch=16, lr=3e-3),
+    "smol": Recipe("smol", SMOL_BASE, CHATML, {1: dict(steps=150, batch=16, lr=3e-3),
+                                              2: dict(steps=300, batch=16, lr=3e-3),
                                               3: dict(steps=220, batch=8, lr=1e-3)},
-                   mosit=0.85, bf16=True, compact_rows=True, max_tokens=1024, replay=8, quiet=0.25,
-                   video_share=0.5),
+                   mosit=0.85, bf16=True, compact_rows=True, max_tokens=1024, replay=8, quiet=0.25),
 }
 PROJECTION_LR_SCALE = 4.0                   # stage 3: both projections learn faster than the LoRA factors
 BANK_PER_KEY = 8                            # rendered samples per (modality, object[, direction])
@@ -183,7 +181,7 @@ def add_fillers(text, rng, p=0.3):
     return world.insert_fillers(text, rng, filler_words(), p, most=2)
 
 
-def stage_turn(stage, rng, mosit=0.0, quiet=0.0, video_share=None):
+def stage_turn(stage, rng, mosit=0.0, quiet=0.0):
     """One training dialogue of `stage`: 1 describes a medium with its bare caption, 2 makes a medium,
     3 is a multi-turn dialogue: with probability `mosit` a MosIT-style conversation from the phrasing
     bank (dialogues.py), else one of the world's grammar whose user turns sometimes carry filler words.
@@ -191,21 +189,14 @@ def stage_turn(stage, rng, mosit=0.0, quiet=0.0, video_share=None):
     With probability `quiet`, stage 2 draws a stage-1 example instead: a shown medium, its caption and
     no signal tokens. Stage 2 trains the signal tokens' output rows, and on make-requests alone they
     learn to follow any caption; a pretrained LLM given few stage-3 steps then keeps making media
-    where a user only asked what something is.
-
-    `video_share`: the share of videos among the media stage 1 describes (None: a third). A clip
-    carries the one attribute no other medium has, its direction, and the soft token must learn to
-    pass it on from the clips alone."""
+    where a user only asked what something is."""
     if stage == 3:
         if rng.random() < mosit:
             return dialogues.sample_conversation(rng)
         return [replace(t, user=add_fillers(t.user, rng)) for t in world.sample_dialogue(rng)]
     if stage == 2 and quiet and rng.random() < quiet:
         stage = 1
-    if stage == 1 and video_share is not None:
-        modality = "video" if rng.random() < video_share else ("image", "audio")[rng.integers(2)]
-    else:
-        modality = MODALITIES[rng.integers(3)]
+    modality = MODALITIES[rng.integers(3)]
     kind = ("describe_" if stage == 1 else "make_") + modality
     t = world.turn(kind, rng, "train", "train")
     if stage == 1:      # encoder-side alignment: the answer is the caption itself
@@ -222,8 +213,7 @@ def run_stage(model, stage, bank, targets, args: RunArgs, batch=None, recipe: Re
 
     def draw(step):          # the batch depends on the step only: resumable, the same on every rank
         rng = args.rng(f"{part}/batches", step)
-        return [encode_dialogue(model, stage_turn(stage, rng, recipe.mosit, recipe.quiet, recipe.video_share), bank,
-                                targets, rng)
+        return [encode_dialogue(model, stage_turn(stage, rng, recipe.mosit, recipe.quiet), bank, targets, rng)
                 for _ in range(cfg["batch"])]
 
     replay = Replay(model, recipe.replay, args, seed=args.seed_of(f"{part}/replay")) if recipe.replay and stage >= 2 \
