@@ -26,6 +26,7 @@ losses that need it (contrastive ones).
 """
 
 import functools
+import gc
 import math
 import os
 import shutil
@@ -68,7 +69,12 @@ def setup(device="cpu"):
 
 
 def teardown():
+    """Leave the process group. A run's DDP or FSDP wrapper can outlive it in a reference cycle (a
+    stopped run's, kept by its hooks), holding gloo's pending work; collected only at interpreter exit,
+    gloo's threads would then touch Python objects being torn down and abort the process. So the
+    cycles are collected first, while everything is alive."""
     if dist.is_available() and dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
 
 
