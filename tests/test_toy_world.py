@@ -338,5 +338,7 @@ def test_a_run_times_its_own_steps_and_resumes(tmp_path):
     took = first.seconds
     clock.sleep(0.05)
     assert first.seconds == took                        # a finished run's time stops with its steps
+    assert first.timing() == {"seconds": round(took, 1)}
     again, _ = run(5, resume=True)                      # picks up at step 3
     assert [row["step"] for row in read_loss_log("tiny", runs_dir=tmp_path)] == [0, 1, 2, 3, 4]
+    assert again.timing()["resumed_at_step"] == 3       # a record then says its seconds are not the whole run's

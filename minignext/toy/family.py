@@ -102,7 +102,7 @@ def stage_record(run, batch, trainable, points=40) -> dict:
     edges = np.linspace(0, len(losses), min(points, len(losses)) + 1).astype(int)
     curve = [[int(b), round(float(np.mean(losses[a:b])), 4)] for a, b in itertools.pairwise(edges)]
     return {"steps": run.total, "batch": batch, "examples": run.total * batch, "trainable": trainable,
-            "seconds": round(run.seconds, 1), "loss": run.mean_loss(), "curve": curve}
+            **run.timing(), "loss": run.mean_loss(), "curve": curve}
 
 
 def write_training_record(folder, **record):

@@ -220,6 +220,7 @@ class Run:
             self._load(saved[0])
         elif self.args.main and (self.dir / "loss.jsonl").exists():
             (self.dir / "loss.jsonl").unlink()
+        self.resumed_at = self.step         # 0 for a fresh run
         distributed.barrier()
 
     @classmethod
@@ -278,6 +279,11 @@ class Run:
     def seconds(self):
         """Wall time from the start of this run (or this resume) to the end of its steps, or to now."""
         return (self.finished or time.perf_counter()) - self.started
+
+    def timing(self) -> dict:
+        """For a training record: the seconds of this process's steps, and the step a resumed run
+        started from (its earlier steps' time is not in `seconds`)."""
+        return {"seconds": round(self.seconds, 1), **({"resumed_at_step": self.resumed_at} if self.resumed_at else {})}
 
     def mean_loss(self):
         """The mean loss of the last 50 logged steps (None before any)."""

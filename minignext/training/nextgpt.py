@@ -130,7 +130,7 @@ def train(args: RunArgs, preset, data_dir, out, last_stage=3, batch=BATCH, lr=PE
         run = stages.run_stage(model, stage, args, draw, steps=total, lr=lr, warmup=total,
                                bf16=dtype == torch.bfloat16, save_frozen=False)
         report[stage] = {**stages.count_trainable(model, stage), "steps": run.total, "loss": run.mean_loss(),
-                         "seconds": round(run.seconds, 1)}
+                         **run.timing()}
     lora = stages.LORA if lora_parameters(model.llama_model) else None
     args.on_main(write_folder, out, model, stages.delta_state(model, dtype), encoder_dir=dirs["encoder"],
                  llm_dir=dirs["llm"], lora=lora, overwrite=True)
