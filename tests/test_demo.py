@@ -8,7 +8,7 @@ from minignext.toy import checkers, eval_users
 
 # What a preset is known to get wrong, by turn. The toy LLM, trained from scratch on the world's
 # grammar, answers "what colour was the first one?" with the last picture's colour.
-KNOWN_WRONG = {"toy": {7}}
+KNOWN_WRONG = {}
 TRAINED = [p for p in demo.WORDS if (presets.TOY_DIR / ("nextgpt" if p == "toy" else p) / "nextgpt.json").is_file()]
 
 

@@ -245,3 +245,13 @@ def test_micro_batches_give_the_one_batch_loss(trained):
     parts = train_nextgpt.loss_fn(model, examples, max_tokens=2 * min(len(e["ids"]) for e in examples))
     for a, b in zip(whole, parts):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_stage_three_dialogues_run_as_long_as_the_recipe_says():
+    """The toy recipe's stage 3 holds dialogues of 1..8 turns, as long as the demo's seven and users'
+    conversations, with questions about the first medium six turns back; the default stays 1..3."""
+    recipe, rng = train_nextgpt.RECIPES["nextgpt"], np.random.default_rng(5)
+    long = [train_nextgpt.stage_turn(3, rng, recipe.mosit, recipe.quiet, recipe.max_turns) for _ in range(400)]
+    assert {len(d) for d in long} == set(range(1, recipe.max_turns + 1)) and recipe.max_turns >= 7
+    assert any(t.kind.startswith("ask_first") for d in long for t in d[6:])
+    assert max(len(train_nextgpt.stage_turn(3, rng)) for _ in range(200)) == 3

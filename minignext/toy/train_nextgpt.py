@@ -72,13 +72,15 @@ class Recipe:
     replay: int = 0             # extra output-projection updates per step on recent signal states (see Replay)
     quiet: float = 0.0          # share of stage-2 examples that describe a medium and make none (see stage_turn)
     start_at_words: bool = False    # llama_proj starts where the LLM embeds each medium's words (start_at_words)
+    max_turns: int = 3          # most turns of a stage-3 dialogue of the world's grammar (1..max_turns)
 
 
 RECIPES = {
     # mosit = 0: the toy LLM knows only the world's grammar; at 0.5 (half of stage 3 in the phrasing
     # bank's words) its own held-out phrasings fell (audio -> text 100% -> 90%, text -> video 100% -> 66%,
-    # signal tokens when asked 100% -> 89%): lesson 8
-    "nextgpt": Recipe("nextgpt", None, VICUNA_V0, STAGES, mosit=0.0),
+    # signal tokens when asked 100% -> 89%): lesson 8. Its dialogues run to 8 turns, as users' do: on
+    # 3 at most, the demo's seventh turn ("what colour was the first one?") named the latest colour
+    "nextgpt": Recipe("nextgpt", None, VICUNA_V0, STAGES, mosit=0.0, max_turns=8),
     "smol": Recipe("smol", SMOL_BASE, CHATML, {1: dict(steps=150, batch=16, lr=3e-3),
                                               2: dict(steps=300, batch=16, lr=3e-3),
                                               3: dict(steps=220, batch=8, lr=1e-3)},
@@ -184,10 +186,11 @@ def add_fillers(text, rng, p=0.3):
     return world.insert_fillers(text, rng, filler_words(), p, most=2)
 
 
-def stage_turn(stage, rng, mosit=0.0, quiet=0.0):
+def stage_turn(stage, rng, mosit=0.0, quiet=0.0, max_turns=3):
     """One training dialogue of `stage`: 1 describes a medium with its bare caption, 2 makes a medium,
     3 is a multi-turn dialogue: with probability `mosit` a MosIT-style conversation from the phrasing
-    bank (dialogues.py), else one of the world's grammar whose user turns sometimes carry filler words.
+    bank (dialogues.py), else one of the world's grammar (1..max_turns turns) whose user turns sometimes
+    carry filler words.
 
     With probability `quiet`, stage 2 draws a stage-1 example instead: a shown medium, its caption and
     no signal tokens. Stage 2 trains the signal tokens' output rows, and on make-requests alone they
@@ -196,7 +199,7 @@ def stage_turn(stage, rng, mosit=0.0, quiet=0.0):
     if stage == 3:
         if rng.random() < mosit:
             return dialogues.sample_conversation(rng)
-        return [replace(t, user=add_fillers(t.user, rng)) for t in world.sample_dialogue(rng)]
+        return [replace(t, user=add_fillers(t.user, rng)) for t in world.sample_dialogue(rng, max_turns=max_turns)]
     if stage == 2 and quiet and rng.random() < quiet:
         stage = 1
     modality = MODALITIES[rng.integers(3)]
@@ -216,8 +219,8 @@ def run_stage(model, stage, bank, targets, args: RunArgs, batch=None, recipe: Re
 
     def draw(step):          # the batch depends on the step only: resumable, the same on every rank
         rng = args.rng(f"{part}/batches", step)
-        return [encode_dialogue(model, stage_turn(stage, rng, recipe.mosit, recipe.quiet), bank, targets, rng)
-                for _ in range(cfg["batch"])]
+        turns = (stage_turn(stage, rng, recipe.mosit, recipe.quiet, recipe.max_turns) for _ in range(cfg["batch"]))
+        return [encode_dialogue(model, t, bank, targets, rng) for t in turns]
 
     replay = Replay(model, recipe.replay, args, seed=args.seed_of(f"{part}/replay")) if recipe.replay and stage >= 2 \
         else None
@@ -329,7 +332,7 @@ def train(args: RunArgs, out_dir=None, root=TOY_DIR, bank_per_key=BANK_PER_KEY, 
             add_lora(model.llama_model, LORA["r"], LORA["alpha"])
         run = run_stage(model, stage, bank, targets, args, recipe=recipe)
         summary["stages"][stage] = {**count_trainable(model, stage), "steps": run.total, "loss": run.mean_loss(),
-                                    "seconds": round(run.seconds, 1)}
+                                    **run.timing()}
     out = Path(out_dir or TOY_DIR / recipe.name)
     examples = sum(s["steps"] * recipe.stages[k]["batch"] for k, s in summary["stages"].items())
     minutes = round((time.perf_counter() - t0) / 60, 1)
