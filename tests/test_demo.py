@@ -6,8 +6,8 @@ import pytest
 from minignext import demo, presets
 from minignext.toy import checkers, eval_users
 
-# What a preset is known to get wrong, by turn. The toy LLM, trained from scratch on the world's
-# grammar, answers "what colour was the first one?" with the last picture's colour.
+# What a preset is known to get wrong, by turn (none now: the toy's turn 7, "what colour was the first
+# one?", was wrong until its stage 3 trained on dialogues as long as the demo's).
 KNOWN_WRONG = {}
 TRAINED = [p for p in demo.WORDS if (presets.TOY_DIR / ("nextgpt" if p == "toy" else p) / "nextgpt.json").is_file()]
 
