@@ -366,10 +366,12 @@ def folder_megabytes(folder) -> float:
 
 def summary(out_dir, **runs: Run) -> dict:
     """What a part's train() reports once it has saved its weights into out_dir: the folder, its size,
-    and per run its steps, mean loss over the last 50 steps and minutes."""
+    and per run its steps, mean loss over the last 50 steps and minutes (of this process's steps: a
+    resumed run says where it started, as Run.timing does)."""
     report = {"folder": str(out_dir), "megabytes": folder_megabytes(out_dir)}
     for name, run in runs.items():
-        report[name] = {"steps": run.total, "loss": run.mean_loss(), "minutes": round(run.seconds / 60, 2)}
+        report[name] = {"steps": run.total, "loss": run.mean_loss(), "minutes": round(run.seconds / 60, 2),
+                        **({"resumed_at_step": run.resumed_at} if run.resumed_at else {})}
     return report
 
 
