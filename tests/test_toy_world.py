@@ -322,7 +322,7 @@ def test_a_run_times_its_own_steps_and_resumes(tmp_path):
     import time as clock
 
     import torch
-    from minignext.toy.trainer import Run, read_loss_log
+    from minignext.toy.trainer import Run, read_loss_log, summary
 
     def run(total, resume):
         layer = torch.nn.Linear(2, 1)
@@ -342,7 +342,5 @@ def test_a_run_times_its_own_steps_and_resumes(tmp_path):
     again, _ = run(5, resume=True)                      # picks up at step 3
     assert [row["step"] for row in read_loss_log("tiny", runs_dir=tmp_path)] == [0, 1, 2, 3, 4]
     assert again.timing()["resumed_at_step"] == 3       # a record then says its seconds are not the whole run's
-    from minignext.toy.trainer import summary
-
     report = summary(tmp_path, first=first, again=again)
     assert "resumed_at_step" not in report["first"] and report["again"]["resumed_at_step"] == 3

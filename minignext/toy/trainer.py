@@ -283,7 +283,11 @@ class Run:
     def timing(self) -> dict:
         """For a training record: the seconds of this process's steps, and the step a resumed run
         started from (its earlier steps' time is not in `seconds`)."""
-        return {"seconds": round(self.seconds, 1), **({"resumed_at_step": self.resumed_at} if self.resumed_at else {})}
+        return {"seconds": round(self.seconds, 1), **self.resumed()}
+
+    def resumed(self) -> dict:
+        """{"resumed_at_step": n} for a run that resumed at step n, {} for a fresh one."""
+        return {"resumed_at_step": self.resumed_at} if self.resumed_at else {}
 
     def mean_loss(self):
         """The mean loss of the last 50 logged steps (None before any)."""
@@ -371,7 +375,7 @@ def summary(out_dir, **runs: Run) -> dict:
     report = {"folder": str(out_dir), "megabytes": folder_megabytes(out_dir)}
     for name, run in runs.items():
         report[name] = {"steps": run.total, "loss": run.mean_loss(), "minutes": round(run.seconds / 60, 2),
-                        **({"resumed_at_step": run.resumed_at} if run.resumed_at else {})}
+                        **run.resumed()}
     return report
 
 
