@@ -75,6 +75,7 @@ class Job:
         self.id = secrets.token_hex(8)
         self.session, self.text, self.media = session, text, media
         self.events, self.done = [], False
+        self.position = None                       # place in the queue last told; 0 means next
         self.changed = threading.Condition()
 
     def emit(self, name, **data):
@@ -82,6 +83,12 @@ class Job:
             self.events.append((name, {"time": time.time(), **data}))
             self.done = name in ("reply", "failed")
             self.changed.notify_all()
+
+    def queued(self, position: int):
+        """Tell the page its place in the queue, only when that place changed."""
+        if position != self.position:
+            self.position = position
+            self.emit("queued", position=position)
 
     def follow(self, start=0, heartbeat=15.0):
         """(index, name, data) of each event from `start` on as it comes, until the last one;
@@ -177,7 +184,7 @@ class App:
             session.busy = True
             self.jobs[job.id] = job
             self.pending.append(job)
-            job.emit("queued", position=position)
+            job.queued(position)
             self.wake.notify()
         return job, position
 
@@ -193,7 +200,7 @@ class App:
                 self.wake.wait_for(lambda: self.pending)
                 job = self.running = self.pending.popleft()
                 for position, waiting in enumerate(self.pending, 1):
-                    waiting.emit("queued", position=position)
+                    waiting.queued(position)
             name, data = self._answer(job)
             with self.lock:
                 self.running, job.session.busy = None, False

@@ -173,6 +173,14 @@ def test_a_request_while_another_runs_is_queued_and_both_are_answered(server):
     assert [n for n, _ in b][:2] == ["queued", "started"] and b[0][1]["position"] == 1
 
 
+def test_a_place_in_the_queue_is_told_once_and_again_only_when_it_moves():
+    from minignext.serve import Job
+    job = Job(session=None, text="draw a red circle.", media=[])
+    for position in (2, 2, 1, 1, 1):                # the worker re-tells places each time it takes a job
+        job.queued(position)
+    assert [(n, d["position"]) for n, d in job.events] == [("queued", 2), ("queued", 1)]
+
+
 def test_conversations_stay_apart(server, inputs):
     base, out = server
     red, yellow = conversation(base), conversation(base)
