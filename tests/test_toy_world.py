@@ -270,6 +270,48 @@ def test_cross_modal_turns_use_the_mapping():
                                             "contour": t.user_media.obj.contour}).ok
 
 
+
+def test_mosit_turns_that_name_a_medium_make_it_in_the_other_modality():
+    """dialogues.py: "what does a red circle sound like?" makes the red circle's sound, a named tone
+    makes its object's picture, a recoloured clip keeps its direction, and the weighted first kinds
+    come up about as often as their weights say."""
+    from collections import Counter
+
+    from minignext.toy import dialogues
+
+    rng = np.random.default_rng(11)
+    conversations = [dialogues.sample_conversation(rng) for _ in range(600)]
+    turns = [t for c in conversations for t in c]
+    kinds = Counter(t.kind for t in turns)
+    assert set(dialogues.FIRST_KINDS) <= set(kinds)
+    first = sum(kinds[k] for k in dialogues.FIRST_KINDS)
+    weights = sum(dialogues.FIRST_KINDS.values())
+    for k, weight in dialogues.FIRST_KINDS.items():
+        assert abs(kinds[k] / first - weight / weights) < 0.02, k
+    for t in turns:
+        if t.kind in dialogues.NAMED:
+            named, target, _ = dialogues.NAMED[t.kind]
+            (m,) = t.made
+            assert m.modality == target and t.user_media is None
+            assert check_text(t.assistant, m).ok, t
+            said = check_text(t.user).mentions
+            assert said["colour" if named == "image" else "pitch"] == \
+                ((m.obj.colour,) if named == "image" else (m.obj.pitch,)), t
+            assert "sound of" not in t.user or named == "image"
+            assert (m.obj.colour, m.obj.shape) not in w.HELD_OUT
+    clips = 0
+    for conversation in conversations:
+        seen = []
+        for t in conversation:
+            if t.kind == "follow_recolour" and seen[-1].modality == "video":
+                (m,) = t.made
+                assert (m.modality, m.obj.shape, m.direction) == ("video", seen[-1].obj.shape, seen[-1].direction)
+                assert m.obj.colour != seen[-1].obj.colour
+                clips += 1
+            seen += [m for m in (t.user_media, *t.made) if m is not None]
+    assert clips
+    assert dialogues.templates("object_sound", "test") and dialogues.templates("sound_picture", "test")
+
 def test_dialogue_text_uses_the_vicuna_template():
     turns = [w.Turn("describe_image", "what is in this picture?", "a red circle.", w.Media("image", w.Obj("red", "circle"))),
              w.Turn("chat", "thank you!", "you are welcome.")]

@@ -1,7 +1,8 @@
 """MosIT-style instruction dialogues for the toy world (NExT-GPT, Wu et al. 2023, sec. 5.2: the
 Modality-switching Instruction Tuning data): conversations of 2-8 turns that switch modalities,
 refer back to earlier turns ("the first picture", "make it move left"), show media without asking
-for anything (the answer describes them and makes none), and ask for two outputs in one turn.
+for anything (the answer describes them and makes none), ask for two outputs in one turn, and name
+a medium in words to get it in the other modality ("what does a red circle sound like?").
 
 The phrasings come from data/phrasings.json, a bank of templates written apart from the grammar of
 world.py and apart from the held-out user conversations (data/user_heldout.json), which no training
@@ -18,6 +19,8 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from minignext.toy import world
 
@@ -71,8 +74,9 @@ REQUESTS = {       # how a user names a medium to make (the templates supply "a 
 }
 
 
-def request(m: world.Media, rng) -> str:
-    options = REQUESTS[m.modality]
+def request(m: world.Media, rng, forms=None) -> str:
+    """Words that name `m` in a request, one of REQUESTS[m.modality] (or of its first `forms`)."""
+    options = REQUESTS[m.modality][:forms]
     words = dict(colour=m.obj.colour, shape=m.obj.shape, pitch=m.obj.pitch, contour=m.obj.contour,
                  verb=world.CONTOUR_VERBS[m.obj.contour], direction=m.direction or "",
                  shape_word=world.SHAPE_WORDS[m.obj.shape][rng.integers(len(world.SHAPE_WORDS[m.obj.shape]))])
@@ -119,7 +123,8 @@ def first_turn(kind, rng, split="train", phrasing="train") -> Exchange:
     if kind == "chat":
         user, answer = pick(rng, "chat", phrasing)
         return Exchange(kind, noisy(user, rng), answer)
-    modality = kind.split("_")[-1] if kind.startswith(("describe_", "show_", "make_")) else kind.split("_")[0]
+    modality = NAMED[kind][1] if kind in NAMED else \
+        kind.split("_")[-1] if kind.startswith(("describe_", "show_", "make_")) else kind.split("_")[0]
     m = random_medium(modality, rng, split)
     if kind.startswith("describe_"):
         return Exchange(kind, say(kind), _answer(rng, "answer_describe", x=describe(m)), user_media=m)
@@ -129,6 +134,10 @@ def first_turn(kind, rng, split="train", phrasing="train") -> Exchange:
         return Exchange(kind, say(kind, x=request(m, rng)), _answer(rng, "answer_make", x=describe(m)), made=(m,))
     if kind == "make_two":
         return make_two(rng, split, phrasing)
+    if kind in NAMED:               # a medium named in words, made in the other modality through the mapping
+        named, _, key = NAMED[kind]
+        words = request(world.Media(named, m.obj), rng, forms=3)      # an object or a tone, never "the sound of"
+        return Exchange(kind, say(kind, x=words), _answer(rng, key, x=describe(m)), made=(m,))
     target = kind.split("_to_")[1]
     out = world.Media(target, m.obj, world.DIRECTIONS[rng.integers(4)] if target == "video" else None)
     key = {"audio": "answer_sounds_like", "image": "answer_looks_like", "video": "answer_make"}[target]
@@ -150,9 +159,20 @@ def make_two(rng, split="train", phrasing="train") -> Exchange:
                     _answer(rng, "answer_make_two", x=describe(x), y=describe(y)), made=(x, y))
 
 
-FIRST_KINDS = ("chat", "describe_image", "describe_audio", "describe_video", "show_image", "show_audio",
-               "show_video", "make_image", "make_audio", "make_video", "image_to_audio", "audio_to_image",
-               "video_to_audio", "image_to_video", "make_two")
+NAMED = {"object_sound": ("image", "audio", "answer_sounds_like"),       # "what does a red circle sound like?"
+         "sound_picture": ("audio", "image", "answer_looks_like")}      # "draw what a deep wobbly tone looks like"
+# How often each kind opens a turn that needs no earlier one (relative weights). In a world where every
+# object has a sound, asking for an object's sound by its name is a natural request, and drawn uniformly
+# the bank gave it least: one make_audio request in four names an object. Two outputs in one turn (one
+# kind in 15 before) need the second run of signal tokens to follow the first.
+# Describing counts twice, so that turns that make nothing keep their share (40% of first turns, as when
+# drawn uniformly) beside the new make-requests: with it at 33%, media made where none was asked went
+# 6% -> 13% of turns. And a clip's direction is the attribute the LLM reads least well from the soft
+# token (a linear probe reads it perfectly there, so the token carries it).
+FIRST_KINDS = {"chat": 1, "describe_image": 2, "describe_audio": 2, "describe_video": 2, "show_image": 1,
+               "show_audio": 1, "show_video": 1, "make_image": 1, "make_audio": 1, "make_video": 1,
+               "image_to_audio": 1, "audio_to_image": 1, "video_to_audio": 1, "image_to_video": 1, "make_two": 2,
+               "object_sound": 2, "sound_picture": 1}
 FOLLOW_UPS = ("follow_move", "follow_recolour", "follow_sound", "ask_first_colour", "ask_first_shape",
               "ask_last_attr")
 
@@ -167,9 +187,9 @@ def follow_up(kind, rng, seen, phrasing="train") -> Exchange | None:
         out = world.Media("video", last.obj, world.DIRECTIONS[rng.integers(4)])
         return Exchange(kind, say(kind, direction=out.direction), _answer(rng, "answer_make", x=describe(out)),
                         made=(out,))
-    if kind == "follow_recolour" and last is not None and last.modality == "image":
+    if kind == "follow_recolour" and last is not None and last.modality != "audio":     # a clip keeps its direction
         colour = [c for c in world.COLOURS if c != last.obj.colour][rng.integers(5)]
-        out = world.Media("image", world.Obj(colour, last.obj.shape))
+        out = world.Media(last.modality, world.Obj(colour, last.obj.shape), last.direction)
         return Exchange(kind, say(kind, colour=colour), _answer(rng, "answer_make", x=describe(out)), made=(out,))
     if kind == "follow_sound" and last is not None:
         out = world.Media("audio", last.obj)
@@ -193,6 +213,11 @@ def _attr(m: world.Media, attr):
     return values.get(attr)
 
 
+def first_kind(rng) -> str:
+    kinds, weights = zip(*FIRST_KINDS.items())
+    return kinds[rng.choice(len(kinds), p=np.array(weights) / sum(weights))]
+
+
 def sample_conversation(rng, split="train", phrasing="train", turns=None) -> list[Exchange]:
     """2-8 exchanges (or `turns`); after media have appeared, each later turn refers back with p = 0.5."""
     n = int(rng.integers(2, 9)) if turns is None else turns
@@ -202,7 +227,7 @@ def sample_conversation(rng, split="train", phrasing="train", turns=None) -> lis
         if seen and rng.random() < 0.5:
             turn = follow_up(FOLLOW_UPS[rng.integers(len(FOLLOW_UPS))], rng, seen, phrasing)
         if turn is None:
-            turn = first_turn(FIRST_KINDS[rng.integers(len(FIRST_KINDS))], rng, split, phrasing)
+            turn = first_turn(first_kind(rng), rng, split, phrasing)
         seen += [m for m in (turn.user_media, *turn.made) if m is not None]
         out.append(turn)
     return out
