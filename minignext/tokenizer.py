@@ -140,6 +140,10 @@ class ChatTemplate:
             parts.append(self.assistant.rstrip(" "))
         return "".join(parts)
 
+    def system_block(self, system: str) -> str:
+        """A system message as the prompt's first piece, in this template's layout."""
+        return self.system + system + self.sep
+
     def cut(self, text: str) -> str:
         """The generated text up to the first stop string, stripped."""
         for s in self.stop:

@@ -208,16 +208,17 @@ class Conversation:
                 raise ValueError(f"message role must be 'user' or 'assistant', got {role!r}")
         return conv
 
-    def segments(self, template: ChatTemplate = VICUNA_V0):
+    def segments(self, template: ChatTemplate = VICUNA_V0, system: str = ""):
         """The prompt as text pieces and soft-token slots (turn index, media index). In NExT-GPT's
         Vicuna-v0 template: ### Human: <Img>[soft]</Img> instruction\\n### Assistant: answer\\n### Human: ...
         Every input gets its own <Img>[soft]</Img>, in order; the reference instead sums the
-        embeddings of several inputs of one modality into a single soft token."""
+        embeddings of several inputs of one modality into a single soft token. A `system` message,
+        when given, opens the prompt as one piece (template.system_block)."""
         if not self.turns or self.turns[-1].role != "user":
             raise ValueError("the conversation must end with a user turn for the model to answer")
         ask = template.assistant.rstrip(" ")              # the generation prompt
         lead = template.assistant[len(ask):]              # what stands before an answer's text
-        out = []
+        out = [template.system_block(system)] if system else []
         for t, turn in enumerate(self.turns):
             if turn.role == "assistant":
                 out.append(f"{lead}{turn.text}{template.sep}")
@@ -268,9 +269,11 @@ class NextGPT(nn.Module):
     """
 
     def __init__(self, visual_encoder, llama_model, tokenizer, output_projections: dict,
-                 decoder_loaders: dict | None = None, enc_dim=1024, template: ChatTemplate = VICUNA_V0):
+                 decoder_loaders: dict | None = None, enc_dim=1024, template: ChatTemplate = VICUNA_V0,
+                 system: str = ""):
         super().__init__()
         self.template = template               # NExT-GPT's Vicuna-v0; ChatML on an LLM tuned with it
+        self.system = system                   # a system message that opens every prompt ("": none, as NExT-GPT)
         self.visual_encoder = visual_encoder
         self.llama_model = llama_model
         self.tokenizer = tokenizer
@@ -354,7 +357,7 @@ class NextGPT(nn.Module):
 
     def prompt_segments(self, conversation: Conversation) -> list:
         """What build_prompt encodes: the conversation's segments, each text piece on its own."""
-        return conversation.segments(self.template)
+        return conversation.segments(self.template, self.system)
 
     def _text_ids(self, seg) -> list:
         if type(seg) is str and seg in (SPLICE_OPEN, SPLICE_CLOSE):

@@ -7,7 +7,8 @@ that delta next to a `nextgpt.json` that points at the frozen parts:
 
     nextgpt.json         encoder, llm: folders (relative paths); delta: the delta's file name;
                          lora_r, lora_alpha; enc_dim; template: the chat template's name
-                         (vicuna_v0 when absent); projections: OutputProjectionConfig per
+                         (vicuna_v0 when absent); system: the system message that opens
+                         every prompt (none when absent); projections: OutputProjectionConfig per
                          modality; decoders: diffusers-layout folders; decoder_kwargs per modality
     delta.safetensors    the delta, in the official names
 
@@ -175,13 +176,16 @@ def write_folder(folder, model: NextGPT, delta: dict, *, encoder_dir, llm_dir, d
             "decoder_kwargs": dict(decoder_kwargs or {})}
     if lora:
         meta.update(lora_r=lora["r"], lora_alpha=lora["alpha"])
+    if model.system:
+        meta["system"] = model.system
     with atomic_write(meta_path, overwrite) as tmp:
         tmp.write_text(json.dumps(meta, indent=2) + "\n")
     return folder
 
 
 REQUIRED = {"encoder": str, "llm": str, "delta": str, "enc_dim": int, "projections": dict}
-OPTIONAL = {"decoders": dict, "decoder_kwargs": dict, "lora_r": int, "lora_alpha": (int, float), "template": str}
+OPTIONAL = {"decoders": dict, "decoder_kwargs": dict, "lora_r": int, "lora_alpha": (int, float), "template": str,
+            "system": str}
 
 
 def read_meta(folder) -> dict:
@@ -236,7 +240,8 @@ def load_folder(folder, dtype=None, device=None) -> NextGPT:
     template = meta.get("template", VICUNA_V0.name)
     if template not in TEMPLATES:
         raise WeightsError(f"{folder / 'nextgpt.json'} names the chat template {template!r}; known: {', '.join(TEMPLATES)}")
-    model = NextGPT(encoder, llm, tok, projections, loaders, enc_dim=meta["enc_dim"], template=TEMPLATES[template])
+    model = NextGPT(encoder, llm, tok, projections, loaders, enc_dim=meta["enc_dim"], template=TEMPLATES[template],
+                    system=meta.get("system", ""))
     load_projections(model, rest, dtype=dtype, device=device)
     return model.eval()
 

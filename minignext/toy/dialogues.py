@@ -169,9 +169,11 @@ NAMED = {"object_sound": ("image", "audio", "answer_sounds_like"),       # "what
 # drawn uniformly) beside the new make-requests: with it at 33%, media made where none was asked went
 # 6% -> 13% of turns. And a clip's direction is the attribute the LLM reads least well from the soft
 # token (a linear probe reads it perfectly there, so the token carries it).
+# Drawing a sound counts twice: asked to draw a sound they were given, models answered by describing
+# it (one audio-input first turn in four asked for anything to be made).
 FIRST_KINDS = {"chat": 1, "describe_image": 2, "describe_audio": 2, "describe_video": 2, "show_image": 1,
                "show_audio": 1, "show_video": 1, "make_image": 1, "make_audio": 1, "make_video": 1,
-               "image_to_audio": 1, "audio_to_image": 1, "video_to_audio": 1, "image_to_video": 1, "make_two": 2,
+               "image_to_audio": 1, "audio_to_image": 2, "video_to_audio": 1, "image_to_video": 1, "make_two": 2,
                "object_sound": 2, "sound_picture": 1}
 FOLLOW_UPS = ("follow_move", "follow_recolour", "follow_sound", "ask_first_colour", "ask_first_shape",
               "ask_last_attr")
