@@ -90,9 +90,9 @@ RECIPES = {
     # 3 at most, the demo's seventh turn ("what colour was the first one?") named the latest colour
     "nextgpt": Recipe("nextgpt", None, VICUNA_V0, STAGES, mosit=0.0, max_turns=8),
     "smol": Recipe("smol", SMOL_BASE, CHATML, {1: dict(steps=150, batch=16, lr=3e-3),
-                                              2: dict(steps=300, batch=16, lr=3e-3),
-                                              3: dict(steps=200, batch=8, lr=1e-3)},
-                   mosit=0.85, bf16=True, compact_rows=True, max_tokens=1024, replay=8, quiet=0.25, system=SYSTEM),
+                                              2: dict(steps=200, batch=16, lr=3e-3),
+                                              3: dict(steps=280, batch=8, lr=1e-3)},
+                   mosit=0.85, bf16=True, compact_rows=True, max_tokens=1024, replay=8, quiet=0.25),
 }
 PROJECTION_LR_SCALE = 4.0                   # stage 3: both projections learn faster than the LoRA factors
 BANK_PER_KEY = 8                            # rendered samples per (modality, object[, direction])
