@@ -79,7 +79,8 @@ def test_the_system_message_opens_training_and_inference_prompts_alike(smol, tmp
         conv.turns[0].soft.append(torch.zeros(1, model.llama_model.config.hidden_size))  # no encoder pass
         prompt = model.build_prompt(conv)
         assert [0 if i == -1 else i for i in prompt.ids] == ex["ids"][:len(prompt.ids)]
-        assert model.tokenizer.decode(prompt.ids[:60]).startswith(f"<|im_start|>system\n{train_nextgpt.SYSTEM}")
+        before_audio = model.tokenizer.decode(prompt.ids[:prompt.soft_positions[0]])
+        assert before_audio.startswith(f"<|im_start|>system\n{train_nextgpt.SYSTEM}<|im_end|>\n<|im_start|>user\n")
         folder = tmp_path / "saved"
         write_folder(folder, model, {}, encoder_dir=tmp_path, llm_dir=tmp_path)
         assert json.loads((folder / "nextgpt.json").read_text())["system"] == train_nextgpt.SYSTEM
