@@ -20,8 +20,6 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from minignext.toy import world
 
 BANK = Path(__file__).parent / "data" / "phrasings.json"
@@ -215,11 +213,6 @@ def _attr(m: world.Media, attr):
     return values.get(attr)
 
 
-def first_kind(rng) -> str:
-    kinds, weights = zip(*FIRST_KINDS.items())
-    return kinds[rng.choice(len(kinds), p=np.array(weights) / sum(weights))]
-
-
 def sample_conversation(rng, split="train", phrasing="train", turns=None) -> list[Exchange]:
     """2-8 exchanges (or `turns`); after media have appeared, each later turn refers back with p = 0.5."""
     n = int(rng.integers(2, 9)) if turns is None else turns
@@ -229,7 +222,7 @@ def sample_conversation(rng, split="train", phrasing="train", turns=None) -> lis
         if seen and rng.random() < 0.5:
             turn = follow_up(FOLLOW_UPS[rng.integers(len(FOLLOW_UPS))], rng, seen, phrasing)
         if turn is None:
-            turn = first_turn(first_kind(rng), rng, split, phrasing)
+            turn = first_turn(world.weighted_pick(rng, FIRST_KINDS), rng, split, phrasing)
         seen += [m for m in (turn.user_media, *turn.made) if m is not None]
         out.append(turn)
     return out

@@ -274,9 +274,7 @@ def encode_turn(tokenizer: Tokenizer, turn: world.Turn, user_span=None, answer_s
 
 
 def training_turn(rng) -> world.Turn:
-    kinds = list(KINDS)
-    return world.turn(kinds[rng.choice(len(kinds), p=np.array(list(KINDS.values())) / sum(KINDS.values()))],
-                      rng, "train", "train")
+    return world.turn(world.weighted_pick(rng, KINDS), rng, "train", "train")
 
 
 def training_example(tokenizer, bank, rng):

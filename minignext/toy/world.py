@@ -116,6 +116,12 @@ def make_rng(seed_or_rng=None) -> np.random.Generator:
     return np.random.default_rng(seed_or_rng)
 
 
+def weighted_pick(rng, weights: dict):
+    """A key of `weights` drawn with probability proportional to its value."""
+    keys, values = list(weights), np.array(list(weights.values()), dtype=float)
+    return keys[rng.choice(len(keys), p=values / values.sum())]
+
+
 def sample_object(rng, split="train") -> Obj:
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of {tuple(SPLITS)}")
