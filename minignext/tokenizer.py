@@ -142,7 +142,7 @@ class ChatTemplate:
 
     def system_block(self, system: str) -> str:
         """A system message as the prompt's first piece, in this template's layout."""
-        return self.system + system + self.sep
+        return self.render([{"role": "system", "content": system}], add_generation_prompt=False)
 
     def cut(self, text: str) -> str:
         """The generated text up to the first stop string, stripped."""

@@ -60,14 +60,14 @@ def encode_dialogue(model, turns, soft, target, max_tokens=None) -> dict:
     stop_in_sep = template.stop[0] in template.sep       # ChatML's <|im_end|>; Vicuna's "###" opens the next turn
     user = tok.encode(template.user, add_bos=False)
     ids, labels = ([tok.bos_id], [-100]) if tok.adds_bos else ([], [])
-    if model.system:                                      # one piece, as NextGPT.prompt_segments gives it
-        ids += tok.encode(template.system_block(model.system), add_bos=False)
-        labels += [-100] * (len(ids) - len(labels))
     slots, runs = [], []
 
     def add(tokens, train):
         ids.extend(tokens)
         labels.extend(tokens if train else [-100] * len(tokens))
+
+    if model.system:                                      # one piece, as NextGPT.prompt_segments gives it
+        add(tok.encode(template.system_block(model.system), add_bos=False), False)
 
     for i, t in enumerate(turns):
         if stop_in_sep:
