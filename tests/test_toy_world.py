@@ -270,7 +270,6 @@ def test_cross_modal_turns_use_the_mapping():
                                             "contour": t.user_media.obj.contour}).ok
 
 
-
 def test_mosit_turns_that_name_a_medium_make_it_in_the_other_modality():
     """dialogues.py: "what does a red circle sound like?" makes the red circle's sound, a named tone
     makes its object's picture, a recoloured clip keeps its direction, and the weighted first kinds
@@ -311,6 +310,7 @@ def test_mosit_turns_that_name_a_medium_make_it_in_the_other_modality():
             seen += [m for m in (t.user_media, *t.made) if m is not None]
     assert clips
     assert dialogues.templates("object_sound", "test") and dialogues.templates("sound_picture", "test")
+
 
 def test_dialogue_text_uses_the_vicuna_template():
     turns = [w.Turn("describe_image", "what is in this picture?", "a red circle.", w.Media("image", w.Obj("red", "circle"))),
