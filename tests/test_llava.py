@@ -143,6 +143,17 @@ def test_chat_prompt_and_answer(pair):
     reply = ours.chat(conv, max_new_tokens=8, progress=False)
     assert reply.token_ids == want.tolist()
     assert conv.turns[-1].role == "assistant" and conv.turns[-1].text == reply.text
+
+
+def test_a_conversations_system_message_stands_before_the_first_turn(pair):
+    """chat(system=...) first, then the conversation's own system message, then LLaVA-1.5's."""
+    _, ours, _ = pair
+    said = lambda conv, system=None: ours.tokenizer.decode(ours.prompt(conv, system)[0][0], skip_special=True)  # noqa: E731
+    asked = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi?"}]
+    assert said(Conversation.from_messages(asked)) == "Be brief. USER: Hi? ASSISTANT:"
+    assert said(Conversation.from_messages(asked), "Be kind.") == "Be kind. USER: Hi? ASSISTANT:"
+    assert said(Conversation().user("Hi?")) == f"{SYSTEM} USER: Hi? ASSISTANT:"
+    assert said(Conversation(system="").user("Hi?")) == "USER: Hi? ASSISTANT:"
     with pytest.raises(ValueError, match="LLaVA reads images only"):
         ours.chat([{"role": "user", "content": "hi", "audio": "x.wav"}], progress=False)
 

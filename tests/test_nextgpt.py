@@ -419,3 +419,24 @@ def test_zero_guidance_is_a_value_and_nan_options_are_errors(model):
                 dict(top_p=0.0), dict(max_new_tokens=0)):
         with pytest.raises(ValueError, match=f"{next(iter(bad))} must be"):
             model.chat("Draw.", **{**FAST, **bad})
+
+
+def test_a_conversation_may_bring_its_own_system_message(model):
+    """A first message of role "system" opens the prompt as model.system would, in its place; ""
+    turns the model's off; a system message anywhere else, or with media, is refused."""
+    asked = [{"role": "system", "content": "Answer in one word."}, {"role": "user", "content": "hi"}]
+    own = model.build_prompt(Conversation.from_messages(asked)).ids
+    plain = model.build_prompt(Conversation().user("hi")).ids
+    before = model.system
+    try:
+        model.system = "Answer in one word."
+        assert model.build_prompt(Conversation().user("hi")).ids == own != plain
+        assert model.build_prompt(Conversation(system="").user("hi")).ids == plain
+    finally:
+        model.system = before
+    with pytest.raises(ValueError, match="system message comes first"):
+        Conversation.from_messages([{"role": "user", "content": "hi"}, asked[0]])
+    with pytest.raises(ValueError, match="system message comes first"):
+        Conversation.from_messages([{**asked[0], "image": np.zeros((8, 8, 3), np.uint8)}, asked[1]])
+    with pytest.raises(ValueError, match="role must be 'system', 'user' or 'assistant'"):
+        Conversation.from_messages([{"role": "tool", "content": "hi"}])

@@ -211,7 +211,8 @@ class Llava(nn.Module):
         if self.tokenizer is None:
             raise ValueError("this Llava has no tokenizer; load a folder with tokenizer.json or set model.tokenizer")
         ids, _, images = encode_conversation(self.tokenizer, conversation, self.config.image_token_index,
-                                             self.config.image_tokens, system=self.system if system is None else system)
+                                             self.config.image_tokens, system=first_set(system, conversation.system,
+                                                                                       self.system))
         size = self.config.vision_config.image_size
         pixels = torch.stack([preprocess_image(img, size) for img in images]) if images else None
         return torch.tensor([ids], device=self.language_model.lm_head.weight.device), pixels
@@ -219,8 +220,9 @@ class Llava(nn.Module):
     def chat(self, messages, *, max_new_tokens=128, temperature=0.0, top_p=1.0, seed=0, system=None,
              progress=True) -> Reply:
         """Answer the last user turn of `messages` (a string, message dicts with "image", or a
-        Conversation, which gets the answer appended). `system`: the sentence before the first turn,
-        model.system (LLaVA-1.5's) when None, none when ""."""
+        Conversation, which gets the answer appended). `system`: the sentence before the first turn;
+        when None, the conversation's own (a first message of role "system"), else model.system
+        (LLaVA-1.5's); none when ""."""
         conv = messages if isinstance(messages, Conversation) else Conversation.from_messages(messages)
         ids, pixels = self.prompt(conv, system)
         if pixels is not None:
@@ -268,6 +270,11 @@ def preprocess_image(img, size=336) -> torch.Tensor:
 # LLaVA's "vicuna_v1" conversation: SYSTEM USER: <image>\n{question} ASSISTANT: {answer}</s>USER: ...
 SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
           "The assistant gives helpful, detailed, and polite answers to the human's questions.")
+
+
+def first_set(*values):
+    """The first of `values` that is not None."""
+    return next((v for v in values if v is not None), None)
 
 
 def render_conversation(conversation: Conversation, image_token="<image>", eos_token="</s>", system=None):

@@ -165,10 +165,15 @@ class UserText(str):
 
 
 class Conversation:
-    """A multi-turn chat. Media attached to earlier turns stay in the prompt of later ones."""
+    """A multi-turn chat. Media attached to earlier turns stay in the prompt of later ones.
+    `system`: a system message of this conversation's own ("" for none), in place of the model's
+    (model.system) when not None."""
 
-    def __init__(self):
+    def __init__(self, system: str | None = None):
+        if system is not None and not isinstance(system, str):
+            raise ValueError(f"a system message is a string; got {type(system).__name__}")
         self.turns: list[Message] = []
+        self.system = system
 
     def user(self, text, image=None, audio=None, video=None, depth=None, thermal=None, imu=None) -> "Conversation":
         if not isinstance(text, str):
@@ -190,22 +195,27 @@ class Conversation:
 
     @classmethod
     def from_messages(cls, messages) -> "Conversation":
-        """A string, or dicts {"role": "user"|"assistant", "content": str, "image"/"audio"/"video"/...: ...}."""
+        """A string, or dicts {"role": "user"|"assistant", "content": str, "image"/"audio"/"video"/...: ...};
+        the first may be {"role": "system", "content": str}, the conversation's system message."""
         conv = cls()
         if isinstance(messages, str):
             return conv.user(messages)
-        for m in messages:
+        for i, m in enumerate(messages):
             unknown = sorted(set(m) - {"role", "content", *INPUTS}) if isinstance(m, dict) else None
             if unknown is None or unknown:
                 raise ValueError(f"a message is a dict of role, content and inputs ({', '.join(INPUTS)}: one, or a "
                                  f"list); got {unknown or type(m).__name__}")
             role, text = m.get("role", "user"), m.get("content", "")
-            if role == "user":
+            if role == "system":
+                if i or set(m) - {"role", "content"} or not isinstance(text, str):
+                    raise ValueError("a system message comes first, and holds only its text (role and content)")
+                conv.system = text
+            elif role == "user":
                 conv.user(text, **{modality: m.get(modality) for modality in INPUTS})
             elif role == "assistant":
                 conv.assistant(text)
             else:
-                raise ValueError(f"message role must be 'user' or 'assistant', got {role!r}")
+                raise ValueError(f"message role must be 'system', 'user' or 'assistant', got {role!r}")
         return conv
 
     def segments(self, template: ChatTemplate = VICUNA_V0, system: str = ""):
@@ -357,7 +367,7 @@ class NextGPT(nn.Module):
 
     def prompt_segments(self, conversation: Conversation) -> list:
         """What build_prompt encodes: the conversation's segments, each text piece on its own."""
-        return conversation.segments(self.template, self.system)
+        return conversation.segments(self.template, self.system if conversation.system is None else conversation.system)
 
     def _text_ids(self, seg) -> list:
         if type(seg) is str and seg in (SPLICE_OPEN, SPLICE_CLOSE):
