@@ -51,6 +51,8 @@ def add_generation_args(p):
     p.add_argument("--guidance", type=number(float, 0), default=None,
                    help="classifier-free guidance scale, 0 or 1 for none (default: the preset's, 7.5 for nextgpt-7b)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--system", default=None, help="a system message that opens every prompt "
+                   "(default: the preset's own, none for most; '' for none)")
 
 
 def generation_kwargs(args):
@@ -61,10 +63,13 @@ def generation_kwargs(args):
     return kw
 
 
-def load_model(name) -> NextGPT:
+def load_model(name, system=None) -> NextGPT:
+    """The preset `name` (default: default_preset()), with `system` as its system message unless None."""
     chosen, name = name, name or default_preset()
     print(f"loading preset {name!r} ...", file=sys.stderr)
     model = NextGPT.from_preset(name)
+    if system is not None:
+        model.system = system
     if name == "tiny-random":
         why = "" if chosen else f"the default, as the toy weights ({TOY_DIR / 'nextgpt'}) are not there: "
         print(f"note: {why}the tiny-random preset has random weights; its text, images, sounds and videos "
@@ -157,7 +162,7 @@ def run_main(argv=None):
     check_inputs(attachments)
     out = claim_output(args.out, args.overwrite, "reply")
     try:
-        model = load_model(args.preset)
+        model = load_model(args.preset, args.system)
         conv = Conversation().user(args.prompt, image=args.image, audio=args.audio, video=args.video)
         reply = model.chat(conv, force_response=args.force_response, **generation_kwargs(args))
         saved = save_reply(reply, out, "reply", overwrite=args.overwrite)
@@ -190,7 +195,7 @@ def chat_main(argv=None):
     args = p.parse_args(argv)
     out = fresh_folder(Path("out") / "chat") if args.out is None else claim_output(args.out, args.overwrite, "turn")
     try:
-        model = load_model(args.preset)
+        model = load_model(args.preset, args.system)
     except BaseException:
         release(out)
         raise

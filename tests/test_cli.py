@@ -86,3 +86,17 @@ def test_demo_writes_a_fresh_folder_and_keeps_earlier_runs(tmp_path):
     assert page.count("data:image/png;base64,") >= 2 and "data:audio/wav;base64," in page \
         and "data:image/gif;base64," in page
     assert str(out / "index.html") in r.stdout
+
+
+def test_system_option_becomes_the_models_system_message(monkeypatch, tmp_path):
+    """run, chat and serve share --system: the loaded model's system message, the preset's own without it."""
+    import argparse
+
+    from minignext.chat import add_generation_args, load_model
+
+    monkeypatch.setenv("MINIGNEXT_WEIGHTS", str(tmp_path))
+    p = argparse.ArgumentParser()
+    add_generation_args(p)
+    args = p.parse_args(["--preset", "tiny-random", "--system", "Answer in one word."])
+    assert load_model(args.preset, args.system).system == "Answer in one word."
+    assert load_model("tiny-random").system == ""
