@@ -102,14 +102,12 @@ def image_tokenizer_config() -> VQModelConfig:
                          mid_block_add_attention=False)
 
 
-def rendered(modality, n, rng, labels=False):
-    """n training media as the tokenizers take them: images (n, 3, 32, 32) in [-1, 1], sounds (n, 1, 16000);
-    labels=True: also each medium's object as (colour index, shape index), (n, 2)."""
+def rendered(modality, n, rng):
+    """n training media as the tokenizers take them, and each one's object as (colour index, shape
+    index), (n, 2): images (n, 3, 32, 32) in [-1, 1], sounds (n, 1, 16000)."""
     media = world.sample_media(modality, n, rng)
     x = world.render_batch(media, rng)
     x = latent_diffusion.to_pixels(x) if modality == "image" else torch.from_numpy(x)[:, None]
-    if not labels:
-        return x
     return x, torch.tensor([[world.COLOURS.index(m.obj.colour), world.SHAPES.index(m.obj.shape)] for m in media])
 
 
@@ -141,8 +139,8 @@ def train_image_tokenizer(args: RunArgs):
     (vq.vq_loss) and SEMANTIC_WEIGHT x semantic_loss, whose linear head trains alongside and is not
     shipped. The codebook starts at encoder outputs of the first batch."""
     s = SCHEDULE["image_tokenizer"]
-    images, labels = rendered("image", args.count(s["media"], least=s["batch"]),
-                              args.rng("anygpt_image_tokenizer/dataset"), labels=True)
+    n = args.count(s["media"], least=s["batch"])
+    images, labels = rendered("image", n, args.rng("anygpt_image_tokenizer/dataset"))
     torch.manual_seed(args.seed_of("anygpt_image_tokenizer/init"))
     vq = VQModel(image_tokenizer_config())
     head = torch.nn.Linear(vq.config.latent_channels, len(world.COLOURS) + len(world.SHAPES))
@@ -196,7 +194,7 @@ def train_audio_tokenizer(args: RunArgs):
     s = SCHEDULE["audio_tokenizer"]
     torch.manual_seed(args.seed_of("anygpt_audio_tokenizer/init"))
     codec = new_audio_tokenizer()
-    sounds = rendered("audio", args.count(s["media"], least=s["batch"]), args.rng("anygpt_audio_tokenizer/dataset"))
+    sounds, _ = rendered("audio", args.count(s["media"], least=s["batch"]), args.rng("anygpt_audio_tokenizer/dataset"))
     mels = codec.log_mel(sounds[:, 0])
     opt = torch.optim.Adam(codec.parameters(), lr=s["lr"], betas=ADAM_BETAS)
     run = Run.start("anygpt_audio_tokenizer", args, {"codec": codec}, opt, s["steps"], s["lr"], warmup=30)
