@@ -446,8 +446,8 @@ def main(argv=None):
         raise ValueError(f"--max-upload-mb must be positive; got {args.max_upload_mb}")
     preset = args.preset or default_preset()
     server = make_server(args.host, args.port)          # first, so a taken port is said before the model loads
-    server.RequestHandlerClass.app = App(load_model(preset, args.system), args.out, preset, int(args.max_upload_mb * 1e6),
-                                         generation_kwargs(args))
+    server.RequestHandlerClass.app = App(load_model(preset, args.system), args.out, preset,
+                                         int(args.max_upload_mb * 1e6), generation_kwargs(args))
     host, port = server.server_address[:2]
     print(f"minignext serve: http://{host}:{port}/ (preset {preset}; conversations in {args.out}; Ctrl-C stops)",
           flush=True)

@@ -143,6 +143,8 @@ def test_chat_prompt_and_answer(pair):
     reply = ours.chat(conv, max_new_tokens=8, progress=False)
     assert reply.token_ids == want.tolist()
     assert conv.turns[-1].role == "assistant" and conv.turns[-1].text == reply.text
+    with pytest.raises(ValueError, match="LLaVA reads images only"):
+        ours.chat([{"role": "user", "content": "hi", "audio": "x.wav"}], progress=False)
 
 
 def test_a_conversations_system_message_stands_before_the_first_turn(pair):
@@ -154,8 +156,6 @@ def test_a_conversations_system_message_stands_before_the_first_turn(pair):
     assert said(Conversation.from_messages(asked), "Be kind.") == "Be kind. USER: Hi? ASSISTANT:"
     assert said(Conversation().user("Hi?")) == f"{SYSTEM} USER: Hi? ASSISTANT:"
     assert said(Conversation(system="").user("Hi?")) == "USER: Hi? ASSISTANT:"
-    with pytest.raises(ValueError, match="LLaVA reads images only"):
-        ours.chat([{"role": "user", "content": "hi", "audio": "x.wav"}], progress=False)
 
 
 def test_supervised_tokens_per_turn_are_the_answers():

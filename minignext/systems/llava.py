@@ -210,9 +210,9 @@ class Llava(nn.Module):
         """(input_ids (1, T), pixel_values (N, 3, S, S) or None) for the conversation's next answer."""
         if self.tokenizer is None:
             raise ValueError("this Llava has no tokenizer; load a folder with tokenizer.json or set model.tokenizer")
+        system = conversation.system_or(self.system) if system is None else system
         ids, _, images = encode_conversation(self.tokenizer, conversation, self.config.image_token_index,
-                                             self.config.image_tokens, system=first_set(system, conversation.system,
-                                                                                       self.system))
+                                             self.config.image_tokens, system=system)
         size = self.config.vision_config.image_size
         pixels = torch.stack([preprocess_image(img, size) for img in images]) if images else None
         return torch.tensor([ids], device=self.language_model.lm_head.weight.device), pixels
@@ -270,11 +270,6 @@ def preprocess_image(img, size=336) -> torch.Tensor:
 # LLaVA's "vicuna_v1" conversation: SYSTEM USER: <image>\n{question} ASSISTANT: {answer}</s>USER: ...
 SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
           "The assistant gives helpful, detailed, and polite answers to the human's questions.")
-
-
-def first_set(*values):
-    """The first of `values` that is not None."""
-    return next((v for v in values if v is not None), None)
 
 
 def render_conversation(conversation: Conversation, image_token="<image>", eos_token="</s>", system=None):

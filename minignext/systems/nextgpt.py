@@ -218,6 +218,10 @@ class Conversation:
                 raise ValueError(f"message role must be 'system', 'user' or 'assistant', got {role!r}")
         return conv
 
+    def system_or(self, default: str) -> str:
+        """This conversation's own system message, or `default` (a model's) when it has none."""
+        return default if self.system is None else self.system
+
     def segments(self, template: ChatTemplate = VICUNA_V0, system: str = ""):
         """The prompt as text pieces and soft-token slots (turn index, media index). In NExT-GPT's
         Vicuna-v0 template: ### Human: <Img>[soft]</Img> instruction\\n### Assistant: answer\\n### Human: ...
@@ -367,7 +371,7 @@ class NextGPT(nn.Module):
 
     def prompt_segments(self, conversation: Conversation) -> list:
         """What build_prompt encodes: the conversation's segments, each text piece on its own."""
-        return conversation.segments(self.template, self.system if conversation.system is None else conversation.system)
+        return conversation.segments(self.template, conversation.system_or(self.system))
 
     def _text_ids(self, seg) -> list:
         if type(seg) is str and seg in (SPLICE_OPEN, SPLICE_CLOSE):
