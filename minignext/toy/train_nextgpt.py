@@ -91,7 +91,7 @@ RECIPES = {
     "nextgpt": Recipe("nextgpt", None, VICUNA_V0, STAGES, mosit=0.0, max_turns=8),
     "smol": Recipe("smol", SMOL_BASE, CHATML, {1: dict(steps=150, batch=16, lr=3e-3),
                                               2: dict(steps=200, batch=16, lr=3e-3),
-                                              3: dict(steps=280, batch=8, lr=1e-3)},
+                                              3: dict(steps=500, batch=8, lr=1e-3)},
                    mosit=0.85, bf16=True, compact_rows=True, max_tokens=1024, replay=8, quiet=0.25),
 }
 PROJECTION_LR_SCALE = 4.0                   # stage 3: both projections learn faster than the LoRA factors
