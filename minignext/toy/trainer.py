@@ -167,9 +167,34 @@ class RunStopped(Exception):
     """A run stopped after RunArgs.stop_after of its steps, checkpointed; the same command resumes it."""
 
 
+def keep_freed_memory() -> bool:
+    """Ask glibc's malloc to keep the memory a training step frees for the next step's tensors.
+
+    By default every buffer above a few MB is mapped fresh from the kernel and unmapped when freed,
+    so each step of an LLM on the CPU touches hundreds of MB of new pages: on two cores a fifth of a
+    step went to the kernel, zeroing pages (7 million page faults in 16 steps of the smol recipe's
+    stage 3, 1.7 million with this, and the steps 9% faster). The memory a run reaches once stays
+    with the process until it ends. False, doing nothing, where the C library is not glibc."""
+    import ctypes
+    import ctypes.util
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    return bool(mallopt(M_MMAP_THRESHOLD, 1 << 30)) and bool(mallopt(M_TRIM_THRESHOLD, 1 << 31))
+
+
 def launched(args: RunArgs, fn, *fn_args, **fn_kwargs):
     """fn(...) as one of the processes torchrun started (or alone): the process group joined before and
-    left after. A run stopped by stop_after ends it quietly, rank 0 saying so, and gives None."""
+    left after, with freed memory kept for reuse (keep_freed_memory). A run stopped by stop_after ends
+    it quietly, rank 0 saying so, and gives None."""
+    keep_freed_memory()
     distributed.setup(args.device)
     try:
         return fn(*fn_args, **fn_kwargs)
